@@ -1,0 +1,52 @@
+"""`python -m defense.evaluate`: score a network on clean and poisoned data, like the Lab 3 `eval.py`.
+
+    python -m defense.evaluate model=lab3 model.path=../shared/data/csaw/lab3_bd_weights.h5 \
+        dataset=csaw_extract dataset.root=../shared/data/csaw split=all
+
+prints `Clean Classification accuracy: 99.00 %` and one `Attack Success Rate` line per poisoned set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from defense.errors import exit_on_user_error
+
+log = logging.getLogger("defense.evaluate")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score `cfg.model` on `cfg.split` of `cfg.dataset`; returns {'clean_acc': .., 'asr/<trigger>': ..}."""
+    from defense import datasets, metrics, models
+
+    split = datasets.load_split(cfg.dataset, cfg.model, cfg.split)
+    model = models.load_model(cfg.model, datasets.resolve_model_path(cfg.model, cfg.dataset))
+    scores = {"clean_acc": metrics.accuracy(models.predict_labels(model, split.clean.x, cfg.model), split.clean.y)}
+    for name, images in split.poisoned.items():
+        pred = models.predict_labels(model, images.x, cfg.model)
+        scores[f"asr/{name}"] = metrics.attack_success_rate(pred, images.y)
+    return scores
+
+
+def format_scores(scores: dict[str, float]) -> list[str]:
+    lines = [f"Clean Classification accuracy: {scores['clean_acc']:.2f} %"]
+    asr = {k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith("asr/")}
+    for name, value in asr.items():
+        label = "Attack Success Rate" if len(asr) == 1 else f"Attack Success Rate ({name})"
+        lines.append(f"{label}: {value:.2f} %")
+    return lines
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    for line in format_scores(evaluate(cfg)):
+        print(line)
+        log.info(line)
+
+
+if __name__ == "__main__":
+    main()

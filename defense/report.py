@@ -1,0 +1,77 @@
+"""Result files of a run: `curves.csv`, `summary.csv` and the printed table of G(B, B')."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+SUMMARY_COLUMNS = ["drop", "channels_pruned", "fraction_pruned", "valid_acc", "valid_asr", "test_acc", "test_asr"]
+
+
+def write_csv(path: str | Path, rows: list[dict], first: list[str] | None = None) -> Path:
+    """Rows -> csv; columns `first` lead, then every other key in the order it first appears."""
+    columns = list(first or [])
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(v) for k, v in row.items()})
+    return path
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    with Path(path).open() as f:
+        return list(csv.DictReader(f))
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}" if abs(value) < 1 else f"{value:.4f}"
+    return value
+
+
+def summary_rows(thresholds: list[dict]) -> list[dict]:
+    """Percentages everywhere: fraction_pruned as % of the layer's channels."""
+    rows = []
+    for t in thresholds:
+        row = dict(t)
+        row["fraction_pruned"] = t["fraction_pruned"] * 100.0
+        rows.append(row)
+    return rows
+
+
+def _cell(value, width: int) -> str:
+    if isinstance(value, float):
+        text = "-" if math.isnan(value) else f"{value:.2f}"
+    else:
+        text = str(value)
+    return text.rjust(width)
+
+
+def results_table(summary: list[dict], title: str, extra: list[tuple[str, str]] | None = None) -> str:
+    """A Markdown table like the Lab 3 README's GoodNet table (one row per threshold)."""
+    columns = [
+        ("channels_pruned", "channels pruned"),
+        ("fraction_pruned", "% pruned"),
+        ("valid_acc", "valid acc"),
+        ("valid_asr", "valid ASR"),
+        ("test_acc", "G clean test acc"),
+        ("test_asr", "G test ASR"),
+        *(extra or []),
+    ]
+    head = ["G(B, B')"] + [label for _, label in columns]
+    widths = [max(14, len(h)) for h in head]
+    lines = [title, "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in summary:
+        name = f"acc_drop_{row['drop']:g}%"
+        if not row.get("reached", True):
+            cells = [name.ljust(widths[0])] + ["not reached".rjust(widths[1])] + [" " * w for w in widths[2:]]
+        else:
+            cells = [name.ljust(widths[0])] + [_cell(row.get(key, float("nan")), w) for (key, _), w in zip(columns, widths[1:])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""`python -m defense.run`: the pruning defense end to end (DEVELOPERS.md steps 1-5).
+
+    python -m defense.run prune.criterion=activation prune.drops=[2,4,10,30]
+    python -m defense.run -m prune.criterion=activation,l1          # a sweep: one parent MLflow run
+
+Writes to the run folder (Hydra's output dir): curves.csv, summary.csv, prune_result.png,
+models/model_B_{drop}.h5, config.yaml and run.log; logs the same to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from defense.errors import exit_on_user_error
+
+log = logging.getLogger("defense.run")
+
+
+def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
+    """Run the defense described by `cfg`, writing into `out_dir`; returns the result summary."""
+    from defense import datasets, models, plots, report, sweep, tracking
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sweep.check_prune_config(cfg)
+    tracker = tracking.make_tracker(
+        cfg, {"model": cfg.model.name, "criterion": cfg.prune.criterion, "dataset": cfg.dataset.get("kind"),
+              "dataset_name": cfg.dataset.get("name", cfg.dataset.get("kind")), "layer": cfg.prune.layer}
+    )
+    status = "FAILED"
+    try:
+        started = time.perf_counter()
+        model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
+        model = models.load_model(cfg.model, model_path)
+        sweep.check_layers(cfg, model)
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+        valid = datasets.load_split(cfg.dataset, cfg.model, "valid")
+        test = datasets.load_split(cfg.dataset, cfg.model, "test")
+        log.info(
+            "model %s (%s); %d clean + %s poisoned validation images, %d clean + %s poisoned test images",
+            cfg.model.name, model_path, len(valid.clean), [len(v) for v in valid.poisoned.values()],
+            len(test.clean), [len(v) for v in test.poisoned.values()],
+        )
+        result = sweep.run_sweep(cfg, model, valid, test, progress=bool(cfg.get("progress", True)))
+        log.info("sweep of %d steps in %.1f s (%s)", result.steps, sum(result.seconds.values()),
+                 ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+        report.write_csv(out_dir / "curves.csv", result.curves)
+        tracker.log_metrics(result.curves, step_key="channels_pruned")
+
+        models_dir = out_dir / "models"
+        summary = report.summary_rows(result.thresholds)
+        for row in summary:
+            row["model_path"] = ""
+            if not row["reached"]:
+                continue
+            pruned = result.order[: row["channels_pruned"]]
+            b_prime = models.pruned_copy(model, cfg.prune.layer, pruned)
+            path = models.save_model(b_prime, models_dir / f"model_B_{sweep.drop_name(row['drop'])}.h5")
+            row["model_path"] = str(path)
+        finetune_extra = _finetune(cfg, model, result, summary, valid, test, out_dir, tracker)
+
+        report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)
+        with open(out_dir / "pruning_order.txt", "w") as f:
+            f.write(" ".join(str(int(c)) for c in result.order) + "\n")
+        title = (f"Pruning {cfg.prune.layer} of {cfg.model.name} by {cfg.prune.criterion} "
+                 f"({len(valid.clean)} valid / {len(test.clean)} test images)")
+        plots.plot_prune_result(result.curves, result.thresholds, out_dir / "prune_result.png", title,
+                                extra_points=finetune_extra.get("points"))
+        table = report.results_table(summary, title, extra=finetune_extra.get("columns"))
+        base = result.curves[0]
+        header = (f"Unpruned B: clean valid accuracy {base['valid_acc']:.2f} %, valid ASR {base['valid_asr']:.2f} %, "
+                  f"clean test accuracy {base['pruned_test_acc']:.2f} %, test ASR {base['pruned_test_asr']:.2f} %")
+        (out_dir / "results.md").write_text(header + "\n\n" + table + "\n")
+        log.info("%s\n%s", header, table)
+        log.info("results in %s (%.1f s)", out_dir, time.perf_counter() - started)
+
+        for name in ("curves.csv", "summary.csv", "prune_result.png", "config.yaml", "results.md", "pruning_order.txt"):
+            tracker.log_artifact(out_dir / name)
+        if cfg.tracking.get("log_models", True) and models_dir.is_dir():
+            tracker.log_artifact(models_dir, "models")
+        status = "FINISHED"
+        return {"curves": result.curves, "summary": summary, "order": result.order, "run_id": tracker.run_id,
+                "out_dir": out_dir, "result": result}
+    finally:
+        for log_file in out_dir.glob("*.log"):
+            tracker.log_artifact(log_file)
+        tracker.end(status)
+
+
+def _finetune(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
+    """Fine-pruning hook (finetune group); `none` adds nothing."""
+    kind = cfg.get("finetune", {}).get("kind", "none")
+    if kind == "none":
+        return {}
+    from defense.finetune import finetune_thresholds
+
+    return finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_defense(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

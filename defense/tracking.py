@@ -1,0 +1,225 @@
+"""Experiment tracking: MLflow (a sqlite store by default) or none.
+
+One run per defense job: params = the flattened config, one metric per curve column logged with
+`step=channels_pruned`, artifacts = plot, csvs, resolved config and the B' models, tags = model,
+criterion, dataset. A multirun (`-m`) groups its jobs under one parent run, created by the Hydra
+callback `MultirunParentRun` before the first job starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from defense.errors import DefenseError
+
+log = logging.getLogger("defense.tracking")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PARENT_ENV = "DEFENSE_MLFLOW_PARENT_RUN_ID"
+PARENT_FILE = "mlflow_parent_run_id.txt"
+
+
+def default_uri() -> str:
+    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI: `tracking.uri`, or the sqlite store at the project root."""
+    uri = str(uri) if uri else default_uri()
+    if "://" not in uri:
+        raise DefenseError(
+            f"tracking.uri={uri!r} is a plain path: MLflow 3's file store is not used here; give "
+            f"sqlite:///<absolute path>/mlflow.db or an http(s):// tracking server"
+        )
+    if uri.startswith("file:"):
+        raise DefenseError(f"tracking.uri={uri!r}: the MLflow file store is refused; use sqlite:///<abs path>/mlflow.db")
+    return uri
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, str]:
+    """Config -> {'prune.criterion': 'activation', ...} with list values as their YAML-ish text."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, str] = {}
+
+    def walk(node, key):
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            flat[key] = str(node)
+
+    walk(container, prefix)
+    return flat
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # artifacts beside the store, not relative to wherever the command was started
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001 - created concurrently by a parallel job
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class Tracker:
+    """No tracking (tracking=none): every call does nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, rows: list[dict], step_key: str, prefix: str = "") -> None:
+        pass
+
+    def log_metric(self, key: str, value: float, step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker(Tracker):
+    """One MLflow run, written through MlflowClient (no global active-run state)."""
+
+    def __init__(self, cfg: DictConfig, tags: dict, parent_run_id: str | None = None):
+        from mlflow.entities import Param
+
+        self.uri = resolve_uri(cfg.tracking.get("uri"))
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self.client = _client(self.uri)
+        exp_id = _experiment_id(self.client, cfg.tracking.experiment, self.uri)
+        tags = {k: str(v) for k, v in tags.items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(exp_id, run_name=cfg.tracking.get("run_name") or None, tags=tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, cfg.tracking.experiment, self.uri)
+
+    def log_metrics(self, rows: list[dict], step_key: str, prefix: str = "") -> None:
+        """Each numeric column of `rows` as a metric, one point per row at step=row[step_key]."""
+        import math
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = []
+        for row in rows:
+            step = int(row[step_key])
+            for key, value in row.items():
+                if key == step_key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                if not math.isfinite(float(value)):
+                    continue
+                metrics.append(Metric(prefix + key, float(value), now, step))
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
+
+    def log_metric(self, key: str, value: float, step: int = 0) -> None:
+        self.client.log_metric(self.run_id, key, float(value), step=int(step))
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        self.client.log_artifact(self.run_id, os.fspath(path), artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def parent_run_id() -> str | None:
+    """The parent run of the current multirun job, if this job is part of one."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        sweep_dir = hc.sweep.dir
+    except Exception:  # noqa: BLE001 - no Hydra context (tests composing configs, library use)
+        return None
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    marker = Path(sweep_dir) / PARENT_FILE
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def make_tracker(cfg: DictConfig, tags: dict) -> Tracker:
+    kind = cfg.tracking.get("kind", "mlflow")
+    if kind == "none":
+        return Tracker()
+    if kind != "mlflow":
+        raise DefenseError(f"tracking.kind={kind!r} is not known; use tracking=mlflow or tracking=none")
+    return MlflowTracker(cfg, tags, parent_run_id())
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra < 1.1
+    Callback = object
+
+
+class MultirunParentRun(Callback):
+    """Hydra callback: one MLflow parent run per multirun sweep; the jobs become its children."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("tracking", {}).get("kind") != "mlflow":
+            return
+        uri = resolve_uri(config.tracking.get("uri"))
+        if uri.startswith("sqlite:///"):
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        client = _client(uri)
+        exp_id = _experiment_id(client, config.tracking.experiment, uri)
+        sweep_dir = str(config.hydra.sweep.dir)
+        overrides = " ".join(config.hydra.overrides.task)
+        run = client.create_run(
+            exp_id,
+            run_name=f"sweep {Path(sweep_dir).name}",
+            tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true"},
+        )
+        os.environ[PARENT_ENV] = run.info.run_id
+        Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+        (Path(sweep_dir) / PARENT_FILE).write_text(run.info.run_id)
+        self._run = (client, run.info.run_id)
+        log.info("MLflow parent run %s for the sweep in %s", run.info.run_id, sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        run = getattr(self, "_run", None)
+        if run is None:
+            return
+        client, run_id = run
+        children = client.search_runs(
+            [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+        )
+        failed = any(child.info.status != "FINISHED" for child in children)
+        client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        os.environ.pop(PARENT_ENV, None)
