@@ -124,8 +124,19 @@ class MaskedSweep:
         self._plan = self._build_plan()
         statics = [t for t in self._static_inputs]
         self.bottom = keras.Model(model.inputs, [self.layer.output, *statics])
-        self._bottom_fn = tf.function(lambda x: self.bottom(x, training=False), reduce_retracing=True)
-        self._top_fn = tf.function(self._top, reduce_retracing=True)
+        spec = lambda t: tf.TensorSpec([None, *t.shape[1:]], tf.float32)  # noqa: E731 - batch size varies
+        self._bottom_fn = tf.function(
+            lambda x: self.bottom(x, training=False), input_signature=[spec(model.inputs[0])]
+        )
+        self._top_fn = tf.function(
+            self._top,
+            input_signature=[
+                spec(self.layer.output),
+                [spec(t) for t in self._static_inputs],
+                tf.TensorSpec([self.channels], tf.int64),
+                tf.TensorSpec([], tf.int64),
+            ],
+        )
 
     # ---- graph analysis ------------------------------------------------------------------------
     def _build_plan(self):
@@ -203,8 +214,8 @@ class MaskedSweep:
                 k_out = tf.reshape(layer(tf.reshape(sep.k, [1] * (rank - 1) + [-1]), training=False), [-1])
                 return [_Sep(layer(sep.t, training=False), k_out)]
             if kind == "Flatten" and getattr(layer, "data_format", "channels_last") == "channels_last":
-                shape = tf.shape(sep.t)
-                return [_Sep(tf.reshape(sep.t, [shape[0], -1, shape[-1]]), sep.k, flat=True)]
+                positions = int(np.prod(sep.t.shape[1:-1]))
+                return [_Sep(tf.reshape(sep.t, [-1, positions, sep.t.shape[-1]]), sep.k, flat=True)]
             if kind == "Conv2D" and layer.data_format == "channels_last" and layer.groups == 1:
                 return [self._linear_conv(layer, sep, ctx)]
         if len(ins) == 1 and isinstance(ins[0], _Sep) and ins[0].flat and kind == "Dense":

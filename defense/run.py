@@ -27,17 +27,20 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # input checks first: a bad option fails here, before any data is read or any run is logged
     sweep.check_prune_config(cfg)
+    if cfg.tracking.get("kind") == "mlflow":
+        tracking.resolve_uri(cfg.tracking.get("uri"))
+    model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
+    model = models.load_model(cfg.model, model_path)
+    sweep.check_layers(cfg, model)
     tracker = tracking.make_tracker(
         cfg, {"model": cfg.model.name, "criterion": cfg.prune.criterion, "dataset": cfg.dataset.get("kind"),
-              "dataset_name": cfg.dataset.get("name", cfg.dataset.get("kind")), "layer": cfg.prune.layer}
+              "layer": cfg.prune.layer, "finetune": cfg.get("finetune", {}).get("kind", "none")}
     )
     status = "FAILED"
     try:
-        started = time.perf_counter()
-        model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
-        model = models.load_model(cfg.model, model_path)
-        sweep.check_layers(cfg, model)
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
         valid = datasets.load_split(cfg.dataset, cfg.model, "valid")
         test = datasets.load_split(cfg.dataset, cfg.model, "test")
@@ -62,6 +65,10 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             b_prime = models.pruned_copy(model, cfg.prune.layer, pruned)
             path = models.save_model(b_prime, models_dir / f"model_B_{sweep.drop_name(row['drop'])}.h5")
             row["model_path"] = str(path)
+            if cfg.get("compact", True):  # issue 7: also save B' without its pruned channels (defense/compact.py)
+                from defense.compact import compact_path, export_compact
+                export_compact(b_prime, cfg.prune.layer, pruned, compact_path(path), tracker,
+                               x=models.scale_inputs(test.clean.x, cfg.model))
         finetune_extra = _finetune(cfg, model, result, summary, valid, test, out_dir, tracker)
 
         report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)

@@ -145,7 +145,11 @@ class MlflowTracker(Tracker):
         self.client.log_metric(self.run_id, key, float(value), step=int(step))
 
     def log_artifact(self, path, artifact_path=None) -> None:
-        self.client.log_artifact(self.run_id, os.fspath(path), artifact_path)
+        """A file, or every file of a folder, under `artifact_path` (default: the artifact root)."""
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, os.fspath(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, os.fspath(path), artifact_path)
 
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
@@ -167,10 +171,14 @@ def parent_run_id() -> str | None:
         sweep_dir = hc.sweep.dir
     except Exception:  # noqa: BLE001 - no Hydra context (tests composing configs, library use)
         return None
-    if os.environ.get(PARENT_ENV):
-        return os.environ[PARENT_ENV]
+    # The sweep folder's marker first: the callback rewrites it for every sweep, whereas the
+    # environment variable is frozen in worker processes when they start, and joblib/loky keeps
+    # its workers for the next multirun of the same Python process (whose jobs would otherwise
+    # join the previous sweep's parent). The variable serves where the folder is not shared.
     marker = Path(sweep_dir) / PARENT_FILE
-    return marker.read_text().strip() if marker.is_file() else None
+    if marker.is_file() and marker.read_text().strip():
+        return marker.read_text().strip()
+    return os.environ.get(PARENT_ENV) or None
 
 
 def make_tracker(cfg: DictConfig, tags: dict) -> Tracker:
