@@ -247,28 +247,43 @@ class MaskedSweep:
         return _Rows(v)
 
     def _kept_sum(self, contrib, base, layer, ctx):
-        """contrib (B, C, ...) per input channel -> layer output on every row (reverse cumsum over order)."""
-        ordered = tf.gather(contrib, ctx["order_full"], axis=1)
-        kept = tf.cumsum(ordered, axis=1, reverse=True)  # kept[:, s] = channels order_full[s:] still kept
-        kept = tf.concat([kept, tf.zeros_like(kept[:, :1])], axis=1)  # all C pruned
-        pre = tf.gather_nd(kept, ctx["pairs"]) + base
+        """contrib (B, C, ...) per input channel, in pruning order -> layer output on every row.
+
+        Row (b, s) keeps channels order_full[s:], so its pre-activation is the bias plus a reverse
+        cumulative sum over the ordered contributions. The sum is unrolled (adding from the last
+        channel to the first): TensorFlow's cumsum over a middle axis is several times slower on CPU.
+        """
+        shape = tf.shape(contrib)
+        flat = tf.reshape(contrib, [shape[0], self.channels, -1])
+        if self.channels <= 1024:
+            running = tf.zeros_like(flat[:, 0])
+            kept = [running]  # s = C: every channel pruned
+            for j in range(self.channels - 1, -1, -1):
+                running = running + flat[:, j]
+                kept.append(running)
+            kept = tf.stack(kept[::-1], axis=1)  # (B, C+1, F)
+        else:
+            kept = tf.concat([tf.cumsum(flat, axis=1, reverse=True), tf.zeros_like(flat[:, :1])], axis=1)
+        pre = tf.gather_nd(kept, ctx["pairs"])
+        pre = tf.reshape(pre, tf.concat([tf.shape(pre)[:1], tf.shape(contrib)[2:]], axis=0)) + base
         return _Rows(layer.activation(pre))
 
     def _linear_conv(self, layer, sep: _Sep, ctx) -> _Rows:
-        kernel = layer.kernel  # (kh, kw, C, F)
-        kh, kw, c, f = kernel.shape
+        order = ctx["order_full"]
+        kernel = tf.gather(layer.kernel, order, axis=2)  # (kh, kw, C, F), input channels in pruning order
+        c, f = kernel.shape[2], kernel.shape[3]
         strides = [1, *layer.strides, 1]
         padding = layer.padding.upper()
         dil = list(layer.dilation_rate)
-        x = sep.t - sep.k
         if dil != [1, 1] and strides != [1, 1, 1, 1]:
             raise DefenseError(f"layer {layer.name}: dilated strided convolutions are not supported after the pruned layer")
+        x = tf.gather(sep.t - sep.k, order, axis=-1)
         per_channel = tf.nn.depthwise_conv2d(x, kernel, strides, padding, dilations=dil)  # (B, H, W, C*F)
         shape = tf.shape(per_channel)
         contrib = tf.reshape(per_channel, [shape[0], shape[1], shape[2], c, f])
         contrib = tf.transpose(contrib, [0, 3, 1, 2, 4])  # (B, C, H, W, F)
         const = tf.ones_like(sep.t[:1]) * sep.k
-        base = tf.nn.conv2d(const, kernel, strides, padding, dilations=dil)[0]
+        base = tf.nn.conv2d(const, layer.kernel, strides, padding, dilations=dil)[0]
         if layer.use_bias:
             base = base + layer.bias
         return self._kept_sum(contrib, base, layer, ctx)
@@ -276,7 +291,8 @@ class MaskedSweep:
     def _linear_dense(self, layer, sep: _Sep, ctx) -> _Rows:
         positions, c = sep.t.shape[1], sep.t.shape[2]
         kernel = tf.reshape(layer.kernel, [positions, c, -1])  # flatten order: position-major, channel-minor
-        contrib = tf.einsum("bpc,pcf->bcf", sep.t - sep.k, kernel)
+        order = ctx["order_full"]
+        contrib = tf.einsum("bpc,pcf->bcf", tf.gather(sep.t - sep.k, order, axis=-1), tf.gather(kernel, order, axis=1))
         base = tf.einsum("c,pcf->f", sep.k, kernel)
         if layer.use_bias:
             base = base + layer.bias
