@@ -44,7 +44,6 @@ def format_scores(scores: dict[str, float]) -> list[str]:
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     for line in format_scores(evaluate(cfg)):
-        print(line)
         log.info(line)
 
 
