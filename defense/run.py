@@ -94,8 +94,11 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         return {"curves": result.curves, "summary": summary, "order": result.order, "run_id": tracker.run_id,
                 "out_dir": out_dir, "result": result}
     finally:
-        for log_file in out_dir.glob("*.log"):
-            tracker.log_artifact(log_file)
+        kept = list(out_dir.glob("*.log"))
+        if status == "FAILED":  # keep in MLflow what the failed run had written
+            kept += [out_dir / name for name in ("config.yaml", "curves.csv") if (out_dir / name).is_file()]
+        for path in kept:
+            tracker.log_artifact(path)
         tracker.end(status)
 
 

@@ -190,3 +190,25 @@ def test_multirun_groups_two_jobs_under_one_parent(csaw_dir, tmp_path):
     assert all(r.info.status == "FINISHED" for r in children)
     for job in ("0", "1"):
         assert len(read_rows(tmp_path / "sweep" / job / "summary.csv")) == 4
+
+
+def test_a_failing_run_is_marked_failed_and_keeps_what_it_wrote(csaw_dir, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from defense import plots
+    from defense.run import run_defense
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots, "plot_prune_result", broken_plot)
+    db = tmp_path / "mlflow.db"
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_defense(compose(lab3_overrides(f"tracking.uri=sqlite:///{db}")), tmp_path / "run")
+    assert len(read_rows(tmp_path / "run" / "curves.csv")) == 61
+    assert (tmp_path / "run" / "models" / "model_B_10.h5").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("backdoor-prune").experiment_id])
+    assert run.info.status == "FAILED"
+    assert len(client.get_metric_history(run.info.run_id, "valid_acc")) == 61
+    assert {"curves.csv", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
