@@ -1,0 +1,180 @@
+"""A 2-job joblib multirun lands as 2 children of one MLflow parent run; `defense.compare` reports on it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+CSAW = (REPO.parent / "shared" / "data" / "csaw").resolve()
+LAB3_WEIGHTS = CSAW / "lab3_bd_weights.h5"
+DROPS = [2, 4, 10, 30]
+
+
+def cli(module: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("DEFENSE_MLFLOW_PARENT_RUN_ID", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def compose_compare(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="compare", overrides=overrides)
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """`python -m defense.run -m hydra/launcher=joblib hydra.launcher.n_jobs=2 prune.criterion=activation,l1`."""
+    assert (CSAW / "clean_test.h5").is_file(), f"the real CSAW-HackML extracts are missing at {CSAW}"
+    tmp = tmp_path_factory.mktemp("joblib")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    proc = cli("defense.run", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "prune.criterion=activation,l1",
+               "model=lab3", f"model.path={LAB3_WEIGHTS}", "dataset=csaw_extract", f"dataset.root={CSAW}",
+               f"tracking.uri={uri}", "tracking.log_models=false", f"hydra.sweep.dir={tmp / 'sweep'}", "progress=false")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return {"tmp": tmp, "uri": uri, "sweep_dir": tmp / "sweep"}
+
+
+def test_joblib_jobs_are_two_children_of_one_parent_run(sweep):
+    c = client(sweep["uri"])
+    exp = c.get_experiment_by_name("backdoor-prune")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("defense.parent") == "true"]
+    assert len(parents) == 1 and len(runs) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert (sweep["sweep_dir"] / "mlflow_parent_run_id.txt").read_text().strip() == parent.info.run_id
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert sorted(r.data.params["prune.criterion"] for r in children) == ["activation", "l1"]
+    # the two jobs ran at the same time, in two loky worker processes
+    a, b = sorted(children, key=lambda r: r.info.start_time)
+    assert b.info.start_time < a.info.end_time, "the joblib jobs did not overlap in time"
+
+
+def test_report_over_the_sweep(sweep):
+    out = sweep["tmp"] / "compare"
+    proc = cli("defense.compare", f"tracking.uri={sweep['uri']}", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    c = client(sweep["uri"])
+    parent_id = (sweep["sweep_dir"] / "mlflow_parent_run_id.txt").read_text().strip()
+    children = {r.info.run_id: r for r in c.search_runs(
+        [c.get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}
+
+    rows = read_rows(out / "comparison.csv")
+    assert len(rows) == 2 and {r["run_id"] for r in rows} == set(children)
+    assert sorted(r["criterion"] for r in rows) == ["activation", "l1"]
+    assert all(r["network"] == "lab3" and r["layer"] == "conv_3" and r["finetune"] == "none" for r in rows)
+    from defense.metrics import defense_effectiveness_rating
+
+    for row in rows:
+        path = c.download_artifacts(row["run_id"], "summary.csv", str(_mkdir(sweep["tmp"] / "dl" / row["run_id"])))
+        summary = {float(s["drop"]): s for s in read_rows(Path(path))}
+        base_acc, base_asr = float(row["base_test_acc"]), float(row["base_test_asr"])
+        assert (base_acc, base_asr) == (98.0, 100.0)  # the unpruned Lab 3 network on the 50 test faces
+        for drop in DROPS:
+            s = summary[drop]
+            assert int(row[f"drop{drop}_channels_pruned"]) == int(s["channels_pruned"])
+            assert float(row[f"drop{drop}_test_acc"]) == pytest.approx(float(s["test_acc"]))
+            assert float(row[f"drop{drop}_test_asr"]) == pytest.approx(float(s["test_asr"]))
+            der = defense_effectiveness_rating(base_acc, float(s["test_acc"]), base_asr, float(s["test_asr"]))
+            assert float(row[f"drop{drop}_der"]) == pytest.approx(der, abs=1e-4)
+    activation = next(r for r in rows if r["criterion"] == "activation")
+    assert int(activation["drop30_channels_pruned"]) == 54 and float(activation["drop30_der"]) == pytest.approx(0.73)
+
+    table = (out / "comparison.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 3  # header + 2 runs
+    png = (out / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    logged = {a.path for a in c.list_artifacts(parent_id, "comparison")}
+    assert logged == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"}
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_report_selects_by_parent_or_by_experiment(sweep, tmp_path):
+    from defense.compare import compare
+
+    parent_id = (sweep["sweep_dir"] / "mlflow_parent_run_id.txt").read_text().strip()
+    by_parent = compare(compose_compare([f"tracking.uri={sweep['uri']}", f"compare.parent={parent_id}"]), tmp_path / "p")
+    by_experiment = compare(compose_compare([f"tracking.uri={sweep['uri']}", "compare.experiment=backdoor-prune",
+                                             "compare.x=channels_pruned"]), tmp_path / "e")
+    assert by_parent["parent"] == parent_id and by_experiment["parent"] is None
+    assert {r["run_id"] for r in by_parent["rows"]} == {r["run_id"] for r in by_experiment["rows"]}
+    assert len(by_parent["rows"]) == 2 and by_parent["drops"] == DROPS
+    assert (tmp_path / "e" / "comparison.png").is_file()
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def test_report_on_an_empty_or_missing_experiment_says_so(tmp_path):
+    from defense.tracking import _experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # no store at all: refused, and not created
+    _one_line_error(cli("defense.compare", f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'c0'}"),
+                    "no MLflow store", "nothing to compare")
+    assert not (tmp_path / "mlflow.db").exists()
+
+    _experiment_id(client(uri), "empty", uri)
+    _one_line_error(cli("defense.compare", f"tracking.uri={uri}", "compare.experiment=empty", f"hydra.run.dir={tmp_path / 'c1'}"),
+                    "'empty'", "has no runs")
+    _one_line_error(cli("defense.compare", f"tracking.uri={uri}", "compare.experiment=missing", f"hydra.run.dir={tmp_path / 'c2'}"),
+                    "no MLflow experiment 'missing'")
+    _one_line_error(cli("defense.compare", f"tracking.uri={uri}", "tracking.experiment=empty", f"hydra.run.dir={tmp_path / 'c3'}"),
+                    "no sweep", "'empty'")
+    assert not any((tmp_path / f"c{i}" / "comparison.csv").exists() for i in range(4))
+
+
+def test_parent_lookup_prefers_the_sweep_folder_over_a_stale_environment(tmp_path, monkeypatch):
+    """joblib/loky keeps its workers (and their environment) for the next multirun of a process."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from defense import tracking
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}"],
+                      return_hydra_config=True)
+    saved = HydraConfig.instance().cfg
+    try:
+        HydraConfig.instance().set_config(cfg)
+        monkeypatch.setenv(tracking.PARENT_ENV, "stale-parent-of-the-last-sweep")
+        assert tracking.parent_run_id() == "stale-parent-of-the-last-sweep"  # no marker: the environment
+        (tmp_path / tracking.PARENT_FILE).write_text("this-sweeps-parent\n")
+        assert tracking.parent_run_id() == "this-sweeps-parent"
+    finally:
+        HydraConfig.instance().cfg = saved
