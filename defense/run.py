@@ -30,6 +30,10 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     started = time.perf_counter()
     # input checks first: a bad option fails here, before any data is read or any run is logged
     sweep.check_prune_config(cfg)
+    if cfg.get("finetune", {}).get("kind", "none") != "none":
+        from defense.finetune import finetune_settings
+
+        finetune_settings(cfg.finetune)
     if cfg.tracking.get("kind") == "mlflow":
         tracking.resolve_uri(cfg.tracking.get("uri"))
     model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
