@@ -312,15 +312,6 @@ def train_network(x_train: np.ndarray, y_train: np.ndarray, cfg: Mapping):
     return model
 
 
-def _predict(model, x: np.ndarray) -> np.ndarray:
-    probs = model.predict(x / np.float32(INPUT_DIVISOR), batch_size=1024, verbose=0)
-    return np.argmax(probs, axis=-1).astype(np.int64)
-
-
-def _percent(pred: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(pred == labels) * 100.0) if len(labels) else float("nan")
-
-
 # --------------------------------------------------------------------------------------------- cache
 
 
@@ -470,7 +461,10 @@ def _check_scores(metrics: Mapping, cfg: Mapping, folder: str) -> None:
 def build_scenario(cfg: dict, key: str, folder: str) -> dict:
     """Build the scenario of the resolved settings `cfg` into `folder`; returns its metadata."""
     from defense.data import save_h5
-    from defense.models import save_model
+    from defense.metrics import accuracy
+    from defense.models import predict_labels, save_model
+
+    scaling = {"input_divisor": INPUT_DIVISOR}  # the model-config key predict_labels reads
 
     started = time.time()
     _say(
@@ -506,8 +500,8 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
         y_bd = attack_labels(ys[sel], cfg)
         save_h5(os.path.join(folder, clean_rel), xs, ys)
         save_h5(os.path.join(folder, bd_rel), x_bd, y_bd, clean_label=ys[sel])
-        metrics[f"clean_{which}_accuracy"] = _percent(_predict(model, xs), ys)
-        metrics[f"{which}_asr"] = _percent(_predict(model, x_bd), y_bd)
+        metrics[f"clean_{which}_accuracy"] = accuracy(predict_labels(model, xs, scaling), ys)
+        metrics[f"{which}_asr"] = accuracy(predict_labels(model, x_bd, scaling), y_bd)
         counts[which], counts[f"{which}_poisoned"] = int(len(ys)), int(len(y_bd))
     save_model(model, os.path.join(folder, MODEL_FILE))
     seconds = time.time() - started
