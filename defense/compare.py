@@ -45,8 +45,8 @@ def open_client(uri: str):
     from defense import tracking
 
     uri = tracking.resolve_uri(uri)
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
+    path = tracking.sqlite_path(uri)
+    if path is not None:
         if not path.is_file():
             raise DefenseError(
                 f"no MLflow store at {path} (tracking.uri={uri}): nothing to compare; run a sweep first "

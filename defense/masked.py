@@ -122,8 +122,7 @@ class MaskedSweep:
             np.asarray(act(tf.zeros((1, self.channels)))).reshape(self.channels), tf.float32
         )
         self._plan = self._build_plan()
-        statics = [t for t in self._static_inputs]
-        self.bottom = keras.Model(model.inputs, [self.layer.output, *statics])
+        self.bottom = keras.Model(model.inputs, [self.layer.output, *self._static_inputs])
         spec = lambda t: tf.TensorSpec([None, *t.shape[1:]], tf.float32)  # noqa: E731 - batch size varies
         self._bottom_fn = tf.function(
             lambda x: self.bottom(x, training=False), input_signature=[spec(model.inputs[0])]

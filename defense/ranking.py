@@ -47,18 +47,22 @@ def random_order(channels: int, seed: int) -> np.ndarray:
     return np.random.default_rng(int(seed)).permutation(int(channels))
 
 
+def check_stop(stop_cfg) -> None:
+    """The `stop` group: a known rule, and a fraction in (0, 1] with stop=fraction."""
+    if stop_cfg.rule not in ("all", "max_drop", "fraction"):
+        raise DefenseError(f"stop.rule={stop_cfg.rule!r} is not known; use stop=all, stop=max_drop or stop=fraction")
+    fraction = stop_cfg.get("fraction")
+    if stop_cfg.rule == "fraction" and (fraction is None or not (0 < float(fraction) <= 1)):
+        raise DefenseError(f"stop.fraction={fraction!r} must be a number in (0, 1] with stop=fraction")
+
+
 def steps_for_stop(stop_cfg, channels: int, valid_acc: np.ndarray, drops) -> int:
     """Number of pruning steps the stop rule allows (valid_acc: clean valid accuracy per step, all steps)."""
-    rule = stop_cfg.rule
-    if rule == "all":
-        return channels
-    if rule == "fraction":
-        fraction = stop_cfg.get("fraction")
-        if fraction is None or not (0 < float(fraction) <= 1):
-            raise DefenseError(f"stop.fraction={fraction!r} must be a number in (0, 1] with stop=fraction")
-        return max(1, int(np.ceil(float(fraction) * channels)))
-    if rule == "max_drop":
+    check_stop(stop_cfg)
+    if stop_cfg.rule == "fraction":
+        return max(1, int(np.ceil(float(stop_cfg.fraction) * channels)))
+    if stop_cfg.rule == "max_drop":
         target = max(drops) if len(drops) else 0.0
         reached = np.nonzero(valid_acc[0] - valid_acc >= target)[0]
         return int(reached[0]) if reached.size else channels
-    raise DefenseError(f"stop.rule={rule!r} is not known; use stop=all, stop=max_drop or stop=fraction")
+    return channels

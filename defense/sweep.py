@@ -39,12 +39,7 @@ def check_prune_config(cfg) -> None:
     """Checks that need no model or data (run before any work)."""
     ranking.check_criterion(cfg.prune.criterion)
     check_drops(cfg.prune.drops)
-    if cfg.stop.rule not in ("all", "max_drop", "fraction"):
-        raise DefenseError(f"stop.rule={cfg.stop.rule!r} is not known; use stop=all, stop=max_drop or stop=fraction")
-    if cfg.stop.rule == "fraction":
-        fraction = cfg.stop.get("fraction")
-        if fraction is None or not (0 < float(fraction) <= 1):
-            raise DefenseError(f"stop.fraction={fraction!r} must be a number in (0, 1] with stop=fraction")
+    ranking.check_stop(cfg.stop)
 
 
 def check_layers(cfg, model) -> list[str]:
@@ -71,8 +66,8 @@ class SweepResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _probe_means(model, path: list[str], layer_batches) -> np.ndarray:
-    """Mean activation per channel at the probe, from the pruned layer's outputs (per-channel path)."""
+def _probe_outputs(model, path: list[str], layer_batches) -> list[np.ndarray]:
+    """The probe's outputs, from the pruned layer's outputs through the per-channel path to it."""
     layers = [model.get_layer(name) for name in path[1:]]
     probes = []
     for batch in layer_batches:
@@ -80,13 +75,13 @@ def _probe_means(model, path: list[str], layer_batches) -> np.ndarray:
         for layer in layers:
             h = layer(h, training=False)
         probes.append(np.asarray(h))
-    return ranking.mean_activation(probes)
+    return probes
 
 
 def pruning_order(cfg, model, path, layer_batches, channels: int) -> np.ndarray:
     criterion = cfg.prune.criterion
     if criterion == "activation":
-        return np.argsort(_probe_means(model, path, layer_batches), kind="stable")
+        return ranking.mean_activation_order(_probe_outputs(model, path, layer_batches))
     if criterion == "l1":
         return ranking.l1_order(model.get_layer(cfg.prune.layer).get_weights()[0])
     return ranking.random_order(channels, cfg.prune.get("seed", 0))

@@ -57,10 +57,25 @@ def flatten(cfg, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI, None for other stores."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def _client(uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def open_experiment(tracking_cfg) -> tuple[object, str, str]:
+    """(client, experiment id, uri) for writing runs: the sqlite folder and the experiment are made."""
+    uri = resolve_uri(tracking_cfg.get("uri"))
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    return client, _experiment_id(client, tracking_cfg.experiment, uri), uri
 
 
 def _experiment_id(client, name: str, uri: str) -> str:
@@ -68,9 +83,10 @@ def _experiment_id(client, name: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is not None:
         # artifacts beside the store, not relative to wherever the command was started
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).resolve().as_uri()
+        location = (db.parent / "mlartifacts" / name).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # noqa: BLE001 - created concurrently by a parallel job
@@ -107,11 +123,7 @@ class MlflowTracker(Tracker):
     def __init__(self, cfg: DictConfig, tags: dict, parent_run_id: str | None = None):
         from mlflow.entities import Param
 
-        self.uri = resolve_uri(cfg.tracking.get("uri"))
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        self.client = _client(self.uri)
-        exp_id = _experiment_id(self.client, cfg.tracking.experiment, self.uri)
+        self.client, exp_id, self.uri = open_experiment(cfg.tracking)
         tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
@@ -202,11 +214,7 @@ class MultirunParentRun(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.get("tracking", {}).get("kind") != "mlflow":
             return
-        uri = resolve_uri(config.tracking.get("uri"))
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        client = _client(uri)
-        exp_id = _experiment_id(client, config.tracking.experiment, uri)
+        client, exp_id, _ = open_experiment(config.tracking)
         sweep_dir = str(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
         run = client.create_run(
