@@ -1,4 +1,4 @@
-"""Compact export: a B' with its pruned channels removed, not only zeroed (issue 7).
+"""Compact export: a B' with its pruned channels removed, not only zeroed.
 
 A B' made by `defense.models.pruned_copy` keeps the full architecture with the kernel and bias of the
 pruned output channels of the pruned Conv2D layer set to zero. `compact_model` rebuilds the network

@@ -1,4 +1,4 @@
-"""`python -m defense.run`: the pruning defense end to end (DEVELOPERS.md steps 1-5).
+"""`python -m defense.run`: the pruning defense end to end (Fine-Pruning, Liu et al. 2018; CSAW-HackML Lab 3).
 
     python -m defense.run prune.criterion=activation prune.drops=[2,4,10,30]
     python -m defense.run -m prune.criterion=activation,l1          # a sweep: one parent MLflow run
@@ -69,7 +69,7 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             b_prime = models.pruned_copy(model, cfg.prune.layer, pruned)
             path = models.save_model(b_prime, models_dir / f"model_B_{sweep.drop_name(row['drop'])}.h5")
             row["model_path"] = str(path)
-            if cfg.get("compact", True):  # issue 7: also save B' without its pruned channels (defense/compact.py)
+            if cfg.get("compact", True):  # also save B' without its pruned channels (defense/compact.py)
                 from defense.compact import compact_path, export_compact
                 export_compact(b_prime, cfg.prune.layer, pruned, compact_path(path), tracker,
                                x=models.scale_inputs(test.clean.x, cfg.model))

@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Scenario builds (the embedded default) go to a cache of this test session, never the user's
+# ~/.cache/backdoor-prune: set before any config is composed, inherited by every subprocess.
+os.environ["BACKDOOR_PRUNE_CACHE"] = tempfile.mkdtemp(prefix="backdoor-prune-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -52,3 +57,10 @@ def run_cli(module: str, *args: str, cwd: Path = REPO, timeout: int = 600) -> su
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove this session's scenario cache (built scenarios are ~2 MB each)."""
+    import shutil
+
+    shutil.rmtree(os.environ["BACKDOOR_PRUNE_CACHE"], ignore_errors=True)

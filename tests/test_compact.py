@@ -1,4 +1,4 @@
-"""Compact export (issue 7): the pruned channels are removed, the predictions stay those of the masked B'.
+"""Compact export (defense/compact.py): the pruned channels are removed, the predictions stay those of the masked B'.
 
 Runs on the real CSAW-HackML data in ../shared/data/csaw (no skipping: missing data is a failure).
 """
@@ -19,6 +19,11 @@ from defense.errors import DefenseError
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "csaw"
 LAYER = "conv_3"
+# Parameters of the Lab 3 DeepID network (architecture.py of the CSAW-HackML Lab 3), counted by hand:
+# conv_1 4*4*3*20+20, conv_2 3*3*20*40+40, conv_3 3*3*40*60+60, conv_4 2*2*60*80+80,
+# fc_1 (5*4*60)*160+160 on pool_3, fc_2 (4*3*80)*160+160 on conv_4, output 160*1283+1283.
+LAB3_PARAMS = (4 * 4 * 3 * 20 + 20) + (3 * 3 * 20 * 40 + 40) + (3 * 3 * 40 * 60 + 60) + (2 * 2 * 60 * 80 + 80) \
+    + (5 * 4 * 60 * 160 + 160) + (4 * 3 * 80 * 160 + 160) + (160 * 1283 + 1283)
 
 
 def _images(name: str) -> np.ndarray:
@@ -75,8 +80,8 @@ def test_compact_shapes_and_parameter_count(model_b, order):
     assert small.get_layer("fc_1").get_weights()[0].shape == (5 * 4 * 10, 160)
     # conv_3: 3*3*40 + 1 per filter; conv_4: 2*2*80 per input channel; fc_1: 5*4 positions * 160 per channel
     per_channel = (3 * 3 * 40 + 1) + 2 * 2 * 80 + 5 * 4 * 160
-    assert b_prime.count_params() == model_b.count_params() == 601643
-    assert small.count_params() == 601643 - 50 * per_channel < b_prime.count_params()
+    assert b_prime.count_params() == model_b.count_params() == LAB3_PARAMS
+    assert small.count_params() == LAB3_PARAMS - 50 * per_channel < b_prime.count_params()
     # the kept weights are B's own: conv_4 kernel[:, :, kept, :], fc_1 rows position*60 + kept channel
     def kernel(m, name):
         return m.get_layer(name).get_weights()[0]
@@ -127,9 +132,8 @@ def test_export_compact_saves_and_logs(model_b, model_cfg, extracts, order, tmp_
     assert set(tracker.metrics) == {f"compact/drop_10/{k}" for k in
                                     ("compact_params", "full_params", "compact_predict_s", "full_predict_s")}
     assert all(step == 50 for _, step in tracker.metrics.values())
-    assert tracker.metrics["compact/drop_10/full_params"][0] == 601643
+    assert tracker.metrics["compact/drop_10/full_params"][0] == LAB3_PARAMS
     assert stats["compact_params"] == tracker.metrics["compact/drop_10/compact_params"][0] < stats["full_params"]
-    assert stats["full_predict_s"] > 0 and stats["compact_predict_s"] > 0
     assert stats["agree"] == 1.0 and stats["max_abs_diff"] < 1e-5
     # a fine-tuned B'' is saved as model_B_10_ft.h5: its compact copy logs under drop_10_ft
     ft = compact.export_compact(b_prime, LAYER, order[:50], tmp_path / "model_B_10_ft_compact.h5", tracker)

@@ -87,22 +87,36 @@ def test_report_over_the_sweep(sweep):
     assert len(rows) == 2 and {r["run_id"] for r in rows} == set(children)
     assert sorted(r["criterion"] for r in rows) == ["activation", "l1"]
     assert all(r["network"] == "lab3" and r["layer"] == "conv_3" and r["finetune"] == "none" for r in rows)
-    from defense.metrics import defense_effectiveness_rating
+    # the unpruned network's scores, by a plain Keras predict on the test half of the extracts
+    import h5py
+    import numpy as np
+
+    from defense.architecture import build_deepid
+
+    net = build_deepid()
+    net.load_weights(LAB3_WEIGHTS)
+    expected_base = []
+    for name, key in (("clean_test.h5", "label"), ("sunglasses_test.h5", "label")):
+        with h5py.File(CSAW / name, "r") as f:
+            x = np.transpose(f["data"][50:], (0, 2, 3, 1)).astype(np.float32)
+            y = f[key][50:].astype(np.int64)
+        expected_base.append(100.0 * float(np.mean(np.argmax(net.predict(x, verbose=0), -1) == y)))
+
+    def der(acc_before, acc_after, asr_before, asr_after):  # BackdoorBench's DER, on fractions
+        return (max(0.0, (asr_before - asr_after) / 100) - max(0.0, (acc_before - acc_after) / 100) + 1) / 2
 
     for row in rows:
         path = c.download_artifacts(row["run_id"], "summary.csv", str(_mkdir(sweep["tmp"] / "dl" / row["run_id"])))
         summary = {float(s["drop"]): s for s in read_rows(Path(path))}
         base_acc, base_asr = float(row["base_test_acc"]), float(row["base_test_asr"])
-        assert (base_acc, base_asr) == (98.0, 100.0)  # the unpruned Lab 3 network on the 50 test faces
+        assert [base_acc, base_asr] == pytest.approx(expected_base)
         for drop in DROPS:
             s = summary[drop]
             assert int(row[f"drop{drop}_channels_pruned"]) == int(s["channels_pruned"])
             assert float(row[f"drop{drop}_test_acc"]) == pytest.approx(float(s["test_acc"]))
             assert float(row[f"drop{drop}_test_asr"]) == pytest.approx(float(s["test_asr"]))
-            der = defense_effectiveness_rating(base_acc, float(s["test_acc"]), base_asr, float(s["test_asr"]))
-            assert float(row[f"drop{drop}_der"]) == pytest.approx(der, abs=1e-4)
-    activation = next(r for r in rows if r["criterion"] == "activation")
-    assert int(activation["drop30_channels_pruned"]) == 54 and float(activation["drop30_der"]) == pytest.approx(0.73)
+            expected_der = der(base_acc, float(s["test_acc"]), base_asr, float(s["test_asr"]))
+            assert float(row[f"drop{drop}_der"]) == pytest.approx(expected_der, abs=1e-4)
 
     table = (out / "comparison.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 3  # header + 2 runs

@@ -246,5 +246,8 @@ def test_fine_pruning_preset_runs_end_to_end(tmp_path):
     result = run_defense(cfg, tmp_path)
     row = result["summary"][0]
     assert row["reached"] and (tmp_path / "models" / "model_B_10_ft.h5").is_file()
-    assert 0.0 <= row["ft_der"] <= 1.0 and not math.isnan(row["ft_test_acc"])
+    # the row's DER is BackdoorBench's formula on the row's own scores (on fractions, d = before - after)
+    expected_der = (max(0.0, row["base_test_asr"] - row["ft_test_asr"]) - max(0.0, row["base_test_acc"] - row["ft_test_acc"])
+                    + 100.0) / 200.0
+    assert row["ft_der"] == pytest.approx(expected_der) and not math.isnan(row["ft_test_acc"])
     assert (tmp_path / "prune_result.png").is_file()

@@ -1,4 +1,4 @@
-"""The masked sweep predicts exactly what the seed's loop (zero weights with set_weights, predict) does."""
+"""The masked sweep predicts exactly what the Lab 3 loop (zero weights with set_weights, predict) does."""
 
 from __future__ import annotations
 

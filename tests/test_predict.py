@@ -1,4 +1,4 @@
-"""`python -m defense.predict` (issue 7) on PNG files of the real CSAW-HackML faces, with the Lab 3
+"""`python -m defense.predict` on PNG files of the real CSAW-HackML faces, with the Lab 3
 network B and its B' from the 10-point accuracy-drop threshold of a real `defense.run` run.
 
 Runs on ../shared/data/csaw (no skipping: missing data is a failure).

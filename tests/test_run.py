@@ -45,25 +45,54 @@ def test_activation_run_reproduces_the_known_shape(activation_run):
     result, out = activation_run
     curves = read_rows(out / "run" / "curves.csv")
     assert len(curves) == 61 and [int(r["channels_pruned"]) for r in curves] == list(range(61))
+    # ../shared/data/csaw/README.md: pruning conv_3 by mean pool_3 activation keeps the attack success
+    # at 100% up to about 50 of 60 channels and below 80% from about 51-52 channels
     for row in curves:
         if int(row["channels_pruned"]) <= 40:
             assert float(row["valid_asr"]) == 100.0 and float(row["test_asr"]) == 100.0
+    assert float(curves[52]["test_asr"]) < 100.0 and float(curves[52]["valid_asr"]) < 80.0
     summary = read_rows(out / "run" / "summary.csv")
     assert [float(r["drop"]) for r in summary] == [2, 4, 10, 30]
     assert list(summary[0])[:7] == ["drop", "channels_pruned", "fraction_pruned", "valid_acc", "valid_asr", "test_acc", "test_asr"]
-    by_drop = {float(r["drop"]): r for r in summary}
-    # on these 50 validation faces the 10-point drop is reached at step 50, one channel before the
-    # backdoor breaks (../shared/data/csaw/README.md: below 80% at about 51-52 channels)
-    assert int(by_drop[10]["channels_pruned"]) == 50
-    assert float(curves[52]["test_asr"]) < 100.0 and float(curves[52]["valid_asr"]) < 80.0
-    assert float(by_drop[30]["test_asr"]) < 100.0 and float(by_drop[30]["valid_asr"]) < 10.0
-    base = float(curves[0]["valid_acc"])
-    for drop, row in by_drop.items():
-        step = int(row["channels_pruned"])
-        assert base - float(curves[step]["valid_acc"]) >= drop
-        assert all(base - float(c["valid_acc"]) < drop for c in curves[:step])
+    assert float(summary[-1]["test_asr"]) < 100.0 and float(summary[-1]["valid_asr"]) < 10.0
     assert (out / "run" / "prune_result.png").stat().st_size > 10_000
     assert (out / "run" / "config.yaml").is_file() and "G(B, B')" in (out / "run" / "results.md").read_text()
+
+
+def test_activation_run_equals_the_lab3_loop(activation_run):
+    """Ranking, every curve point and the thresholds against the plain Keras Lab 3 procedure (tests/oracles.py)."""
+    from oracles import accuracy_per_step, probe_ranking, seed_style_predictions, threshold_steps
+
+    from defense import models
+    from defense.datasets import load_split
+
+    result, out = activation_run
+    cfg = compose(lab3_overrides())
+    valid = load_split(cfg.dataset, cfg.model, "valid")
+    test = load_split(cfg.dataset, cfg.model, "test")
+    model = models.load_model(cfg.model)
+    order = probe_ranking(model, "pool_3", valid.clean.x)
+    assert list(order) == [int(c) for c in result["order"]]
+    assert (out / "run" / "pruning_order.txt").read_text().split() == [str(c) for c in order]
+
+    curves = read_rows(out / "run" / "curves.csv")
+    columns = {  # curve column -> (images, scored as G(B, B') rather than B')
+        "valid_acc": (valid.clean, False),
+        "valid_asr": (valid.poisoned["sunglasses"], False),
+        "test_acc": (test.clean, True),
+        "test_asr": (test.poisoned["sunglasses"], True),
+        "pruned_test_acc": (test.clean, False),
+    }
+    for key, (images, repaired) in columns.items():
+        labels = seed_style_predictions(model, "conv_3", images.x, order)
+        if repaired:  # G(B, B'): B's label where B and B' agree, 1283 where they differ (numpy, by hand)
+            labels = np.where(labels == labels[:, :1], labels[:, :1], 1283)
+        expected = accuracy_per_step(labels, images.y)
+        np.testing.assert_allclose([float(r[key]) for r in curves], expected, atol=1e-3, err_msg=key)
+        if key == "valid_acc":
+            steps = threshold_steps(expected, [2, 4, 10, 30])
+    summary = {float(r["drop"]): r for r in read_rows(out / "run" / "summary.csv")}
+    assert {d: int(r["channels_pruned"]) for d, r in summary.items()} == steps
 
 
 def test_saved_b_prime_matches_its_curve_point(activation_run, csaw_dir):

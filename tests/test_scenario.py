@@ -123,7 +123,6 @@ def test_default_scenario_is_a_strong_backdoor(built):
     assert set(meta["files"]) == set(scenario.DATA_FILES)
     for rel, record in meta["files"].items():
         assert os.path.getsize(os.path.join(folder, rel)) == record["size"]
-    assert meta["build_seconds"] < 150  # ~30 s on 2 idle CPU cores
 
 
 def test_built_files_load_and_reproduce_the_reported_scores(built):
