@@ -88,6 +88,12 @@ def load_h5(path: str, name: str | None = None, hint: str = LAB3_DATA_HINT) -> L
             clean = np.asarray(f["clean_label"][()]) if "clean_label" in f else None
     except OSError as err:
         raise DefenseError(f"{path}: not a readable h5 file ({err}); give a Lab 3 h5 data file") from None
+    return labeled_images(path, name, data, label, clean)
+
+
+def labeled_images(path: str, name: str, data: np.ndarray, label: np.ndarray,
+                   clean: np.ndarray | None = None) -> LabeledImages:
+    """Check images and labels read from `path` (any layout) and make them a LabeledImages (NHWC)."""
     if data.shape[0] == 0 or label.size == 0:
         raise DefenseError(f"{path}: the file holds no images; give a data file with at least one image")
     x = to_nhwc(data, path)

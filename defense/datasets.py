@@ -4,7 +4,11 @@
 - `lab3`: the Lab 3 files under `dataset.root` (cl/valid.h5, bd/bd_valid.h5, cl/test.h5, bd/bd_test.h5);
 - `csaw_extract`: the real extracts of ../shared/data/csaw; one file per set, the first half of every
   file is validation data and the second half test data, so clean/poisoned pairs stay aligned;
-- `scenario`: a backdoor scenario built offline by `defense.scenario` (Lab 3 layout in its cache folder).
+- `scenario`: a backdoor scenario built offline by `defense.scenario` (Lab 3 layout in its cache folder);
+- `files`: the defender's own files (`defense.data_files`): `clean_valid` and `clean_test` (required),
+  `poisoned_valid` / `poisoned_test` (optional, trigger name -> file whose labels are the attack's
+  targets), each an h5 file, an npz file or a folder of class subfolders, relative to `root` when set.
+  Without poisoned sets the defense runs on clean data alone and the ASR columns stay blank.
 
 Poisoned sets are named after the model's triggers (`model.triggers`: trigger name -> target label).
 """
@@ -41,6 +45,8 @@ def scenario_root(dataset_cfg) -> str:
 def dataset_root(dataset_cfg) -> str:
     if dataset_cfg.kind == "scenario":
         return dataset_cfg.get("root") or scenario_root(dataset_cfg)
+    if dataset_cfg.kind == "files":
+        return os.fspath(dataset_cfg.get("root") or "")
     return os.fspath(dataset_cfg.root)
 
 
@@ -52,6 +58,17 @@ def resolve_model_path(model_cfg, dataset_cfg) -> str:
     if dataset_cfg.kind == "scenario":
         return os.path.join(dataset_root(dataset_cfg), "bd_net.h5")
     raise DefenseError(f"model.path is not set for model={model_cfg.get('name')}; give model.path=<file.h5>")
+
+
+def _split_of(part, split: str) -> Split:
+    """`part(which)` for `valid` / `test`; for `all` both parts concatenated, set by set."""
+    if split != "all":
+        return part(split)
+    valid, test = part("valid"), part("test")
+    return Split(
+        LabeledImages.concat([valid.clean, test.clean]),
+        {k: LabeledImages.concat([valid.poisoned[k], test.poisoned[k]]) for k in valid.poisoned},
+    )
 
 
 def _lab3_poisoned_name(model_cfg) -> str:
@@ -75,13 +92,7 @@ def _load_lab3_layout(root: str, dataset_cfg, model_cfg, split: str) -> Split:
             poisoned[name] = load_h5(os.path.join(root, dataset_cfg[f"poisoned_{which}"]), name, hint=hint)
         return Split(clean, poisoned)
 
-    if split != "all":
-        return part(split)
-    valid, test = part("valid"), part("test")
-    return Split(
-        LabeledImages.concat([valid.clean, test.clean]),
-        {k: LabeledImages.concat([valid.poisoned[k], test.poisoned[k]]) for k in valid.poisoned},
-    )
+    return _split_of(part, split)
 
 
 def _load_csaw_extract(root: str, dataset_cfg, model_cfg, split: str) -> Split:
@@ -115,6 +126,31 @@ def _load_csaw_extract(root: str, dataset_cfg, model_cfg, split: str) -> Split:
     return Split(clean, poisoned)
 
 
+def _load_files(root: str, dataset_cfg, model_cfg, split: str) -> Split:
+    from defense.data_files import load_images
+
+    hint = "dataset=files reads the files named by dataset.clean_valid, dataset.clean_test, dataset.poisoned_valid, " \
+           "dataset.poisoned_test (relative to dataset.root when it is set)"
+    for key in ("clean_valid", "clean_test"):
+        if not dataset_cfg.get(key):
+            raise DefenseError(f"dataset.{key} is not set; dataset=files needs dataset.clean_valid=<file> and "
+                               "dataset.clean_test=<file> (h5, npz or a folder of class subfolders)")
+    triggers = {which: dict(dataset_cfg.get(f"poisoned_{which}") or {}) for which in ("valid", "test")}
+    if set(triggers["valid"]) != set(triggers["test"]):
+        raise DefenseError(
+            f"dataset.poisoned_valid names the triggers {sorted(triggers['valid'])} and dataset.poisoned_test "
+            f"{sorted(triggers['test'])}; give the same triggers for both (trigger name -> file), or neither"
+        )
+
+    def part(which: str) -> Split:
+        clean = load_images(os.path.join(root, dataset_cfg[f"clean_{which}"]), "clean", model_cfg.input_shape, hint)
+        poisoned = {trig: load_images(os.path.join(root, f), trig, model_cfg.input_shape, hint)
+                    for trig, f in triggers[which].items()}
+        return Split(clean, poisoned)
+
+    return _split_of(part, split)
+
+
 def load_split(dataset_cfg, model_cfg, split: str) -> Split:
     """Load one split (`valid`, `test` or `all`) and check it fits the model."""
     if split not in SPLITS:
@@ -125,8 +161,10 @@ def load_split(dataset_cfg, model_cfg, split: str) -> Split:
         result = _load_lab3_layout(root, dataset_cfg, model_cfg, split)
     elif kind == "csaw_extract":
         result = _load_csaw_extract(root, dataset_cfg, model_cfg, split)
+    elif kind == "files":
+        result = _load_files(root, dataset_cfg, model_cfg, split)
     else:
-        raise DefenseError(f"dataset.kind={kind!r} is not known; use one of lab3, csaw_extract, scenario")
+        raise DefenseError(f"dataset.kind={kind!r} is not known; use one of lab3, csaw_extract, scenario, files")
     for images in result.all_sets():
         check_fits(images, model_cfg.input_shape, int(model_cfg.num_classes), f"model={model_cfg.get('name')}")
     return result

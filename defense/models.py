@@ -40,7 +40,13 @@ def build_architecture(model_cfg):
     """The network named by `model_cfg.architecture`, with the config's input shape and classes."""
     from defense.architecture import build_deepid
 
-    arch = model_cfg.get("architecture", "deepid")
+    arch = model_cfg.get("architecture") or "deepid"
+    if model_cfg.get("input_shape") is None or model_cfg.get("num_classes") is None:
+        raise DefenseError(
+            "a weights-only .h5 holds no architecture: give model.architecture=deepid with model.input_shape and "
+            "model.num_classes (or model=lab3 / csaw2020_*), or a full Keras model file (model=auto reads those "
+            "from it)"
+        )
     if arch != "deepid":
         raise DefenseError(
             f"model.architecture={arch!r} is not known; the weights-only loader builds 'deepid' "
@@ -81,14 +87,39 @@ def load_model(model_cfg, path: str | None = None):
                 f"{model_cfg.num_classes} classes): {err}; choose the model= option these weights belong to"
             ) from None
     check_model_matches(model, model_cfg, path)
-    return model
+    return as_functional(model)
+
+
+def as_functional(model):
+    """A Sequential as the functional model of the same layers (weights shared), other models as they are.
+
+    The sweep (defense.masked), compact export and the layer defaults walk the layer graph of a
+    functional model; a Sequential's is that of its functional twin.
+    """
+    import keras
+
+    if not isinstance(model, keras.Sequential):
+        return model
+    # copies of the layers called once each (a Sequential's layers carry one node per call Keras made
+    # while building it, so `layer.output` would not name the tensor of this graph), then B's weights
+    inputs = keras.Input(shape=tuple(model.input_shape[1:]), dtype=model.inputs[0].dtype, name="input")
+    x = inputs
+    for layer in model.layers:
+        x = type(layer).from_config(layer.get_config())(x)
+    functional = keras.Model(inputs, x, name=model.name)
+    functional.set_weights(model.get_weights())
+    return functional
 
 
 def check_model_matches(model, model_cfg, path: str) -> None:
     """The loaded network must take the configured input shape and give the configured classes."""
     in_shape = tuple(int(s) for s in model.input_shape[1:])
     out_classes = int(model.output_shape[-1])
-    if in_shape != tuple(int(s) for s in model_cfg.input_shape) or out_classes != int(model_cfg.num_classes):
+    if model_cfg.get("input_shape") is None and model_cfg.get("num_classes") is None:
+        return  # model=auto: read from the model (defense.autodetect.complete_model_config)
+    want_shape = tuple(int(s) for s in model_cfg.input_shape) if model_cfg.get("input_shape") is not None else in_shape
+    want_classes = int(model_cfg.num_classes) if model_cfg.get("num_classes") is not None else out_classes
+    if in_shape != want_shape or out_classes != want_classes:
         raise DefenseError(
             f"{path}: the model takes {in_shape} and gives {out_classes} classes, but model="
             f"{model_cfg.get('name', '?')} says input {tuple(model_cfg.input_shape)} and "

@@ -23,7 +23,7 @@ log = logging.getLogger("defense.run")
 
 def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run the defense described by `cfg`, writing into `out_dir`; returns the result summary."""
-    from defense import datasets, models, plots, report, sweep, tracking
+    from defense import autodetect, datasets, models, plots, report, sweep, tracking
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,7 +38,8 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         tracking.resolve_uri(cfg.tracking.get("uri"))
     model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
     model = models.load_model(cfg.model, model_path)
-    sweep.check_layers(cfg, model)
+    autodetect.complete_model_config(cfg.model, model, model_path)
+    sweep.check_layers(cfg, model)  # also fills prune.layer / prune.probe where null
     tracker = tracking.make_tracker(
         cfg, {"model": cfg.model.name, "criterion": cfg.prune.criterion, "dataset": cfg.dataset.get("kind"),
               "layer": cfg.prune.layer, "finetune": cfg.get("finetune", {}).get("kind", "none")}
@@ -47,6 +48,10 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     try:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
         valid = datasets.load_split(cfg.dataset, cfg.model, "valid")
+        if cfg.model.get("input_divisor") is None:
+            divisor = autodetect.choose_input_divisor(cfg.model, model, valid.clean, int(cfg.get("batch_size", 512)))
+            tracker.set_tags({"input_divisor": f"{divisor:g}"})
+            OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
         test = datasets.load_split(cfg.dataset, cfg.model, "test")
         log.info(
             "model %s (%s); %d clean + %s poisoned validation images, %d clean + %s poisoned test images",
@@ -84,8 +89,12 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
                                 extra_points=finetune_extra.get("points"))
         table = report.results_table(summary, title, extra=finetune_extra.get("columns"))
         base = result.curves[0]
-        header = (f"Unpruned B: clean valid accuracy {base['valid_acc']:.2f} %, valid ASR {base['valid_asr']:.2f} %, "
-                  f"clean test accuracy {base['pruned_test_acc']:.2f} %, test ASR {base['pruned_test_asr']:.2f} %")
+        if valid.poisoned:
+            header = (f"Unpruned B: clean valid accuracy {base['valid_acc']:.2f} %, valid ASR {base['valid_asr']:.2f} %, "
+                      f"clean test accuracy {base['pruned_test_acc']:.2f} %, test ASR {base['pruned_test_asr']:.2f} %")
+        else:
+            header = (f"Unpruned B: clean valid accuracy {base['valid_acc']:.2f} %, clean test accuracy "
+                      f"{base['pruned_test_acc']:.2f} % (no poisoned data: no attack success rate)")
         (out_dir / "results.md").write_text(header + "\n\n" + table + "\n")
         log.info("%s\n%s", header, table)
         log.info("results in %s (%.1f s)", out_dir, time.perf_counter() - started)

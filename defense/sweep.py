@@ -43,7 +43,13 @@ def check_prune_config(cfg) -> None:
 
 
 def check_layers(cfg, model) -> list[str]:
-    """prune.layer must be a conv layer; prune.probe must follow it through per-channel layers."""
+    """prune.layer must be a conv layer; prune.probe must follow it through per-channel layers.
+
+    Null ones are found first (defense.autodetect: DeepID -> conv_3 / pool_3).
+    """
+    from defense.autodetect import complete_prune_config
+
+    complete_prune_config(cfg.prune, model)
     conv_layer(model, cfg.prune.layer)
     if cfg.prune.criterion == "activation":
         return channel_path(model, cfg.prune.layer, cfg.prune.get("probe") or cfg.prune.layer)
