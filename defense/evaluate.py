@@ -21,9 +21,11 @@ log = logging.getLogger("defense.evaluate")
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score `cfg.model` on `cfg.split` of `cfg.dataset`; returns {'clean_acc': .., 'asr/<trigger>': ..}."""
     from defense import datasets, metrics, models
+    from defense.safe_files import Limits
 
-    split = datasets.load_split(cfg.dataset, cfg.model, cfg.split)
-    model = models.load_model(cfg.model, datasets.resolve_model_path(cfg.model, cfg.dataset))
+    limits = Limits.from_cfg(cfg)
+    split = datasets.load_split(cfg.dataset, cfg.model, cfg.split, limits)
+    model = models.load_model(cfg.model, datasets.resolve_model_path(cfg.model, cfg.dataset), limits)
     scores = {"clean_acc": metrics.accuracy(models.predict_labels(model, split.clean.x, cfg.model), split.clean.y)}
     for name, images in split.poisoned.items():
         pred = models.predict_labels(model, images.x, cfg.model)
