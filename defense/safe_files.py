@@ -171,7 +171,7 @@ def check_h5(path: str, limits: Limits | None = None) -> None:
                     _check_dataset(obj, name, path, budget)
                 if obj is not None:
                     _check_attrs(obj, repr(name), path, budget)
-    except OSError as err:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:  # h5py's errors on malformed files
         raise DefenseError(f"{path}: not a readable h5 file ({err}); give an HDF5 (.h5) file") from None
     except RecursionError:
         raise DefenseError(f"{path}: the h5 file is nested too deeply to check; refused") from None
@@ -195,7 +195,7 @@ def read_model_config(path: str) -> dict | None:
             if attr.dtype.itemsize > MAX_MODEL_CONFIG_BYTES:
                 raise DefenseError(f"{path}: the model_config attribute declares {_gib(attr.dtype.itemsize)}; refused")
             raw = f.attrs["model_config"]
-    except OSError as err:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:  # h5py's errors on malformed files
         raise DefenseError(f"{path}: not a readable h5 file ({err}); give a Keras .h5 model file") from None
     if not isinstance(raw, (str, bytes)):
         raw = raw.reshape(-1)[0] if hasattr(raw, "reshape") else raw
