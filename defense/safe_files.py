@@ -52,7 +52,7 @@ MODEL_CLASSES = frozenset({"Sequential", "Functional", "Model"})
 # config keys whose value is one layer, or a list of layers (wrappers, RNNs, nested models)
 LAYER_KEYS = ("layer", "forward_layer", "backward_layer", "cell")
 LAYER_LIST_KEYS = ("layers", "cells")
-LIMITS_HINT = "or raise limits.max_array_gib if the file is trusted and memory allows"
+LIMITS_HINT = "raise limits.max_array_gib if the file is trusted and memory allows"
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def _check_attrs(obj, where: str, path: str, budget: int) -> None:
         if nbytes > budget:
             raise DefenseError(
                 f"{path}: attribute {name!r} of {where} declares {_gib(nbytes)}, over limits.max_array_gib="
-                f"{budget / 2**30:g}; refused (an untrusted file must not make the loader allocate that), {LIMITS_HINT}"
+                f"{budget / 2**30:g}; refused (an untrusted file must not make the loader allocate that); {LIMITS_HINT}"
             )
 
 
@@ -137,7 +137,7 @@ def _check_dataset(ds, name: str, path: str, budget: int) -> None:
     if nbytes > budget:
         raise DefenseError(
             f"{path}: dataset {name!r} declares shape {tuple(ds.shape)} x {ds.dtype.itemsize} bytes = {_gib(nbytes)}, "
-            f"over limits.max_array_gib={budget / 2**30:g}; refused before reading it, {LIMITS_HINT}"
+            f"over limits.max_array_gib={budget / 2**30:g}; refused before reading it; {LIMITS_HINT}"
         )
 
 
@@ -316,7 +316,7 @@ def check_image_pixels(width: int, height: int, path: str, limits: Limits | None
     if int(width) * int(height) > cap:
         raise DefenseError(
             f"{path}: the image declares {width}x{height} = {int(width) * int(height)} pixels, over "
-            f"limits.max_image_pixels={cap}; refused before decoding (a decompression bomb), raise "
+            f"limits.max_image_pixels={cap}; refused before decoding (a decompression bomb); raise "
             "limits.max_image_pixels if the image is trusted"
         )
 
