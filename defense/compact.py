@@ -458,7 +458,7 @@ def main(argv=None) -> int:
 
         if models.h5_kind(args.model) != "model":
             raise DefenseError(f"{args.model}: a weights-only file; give a full .h5 model (a saved B')")
-        model = _load_full(args.model)
+        model = models.load_full_model(args.model)
         x = None
         if args.data:
             x = load_h5(args.data).x / np.float32(args.divisor)
@@ -469,19 +469,6 @@ def main(argv=None) -> int:
         return 2
     print(format_stats(stats, os.fspath(out)))
     return 0
-
-
-def _load_full(path: str):
-    import warnings
-
-    import keras
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return keras.models.load_model(path, compile=False)
-    except Exception as err:  # noqa: BLE001
-        raise DefenseError(f"{path}: the Keras model in this file could not be loaded ({err})") from None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from defense import safe_files
 from defense.errors import DefenseError
+from defense.safe_files import Limits
 
 LAB3_DATA_HINT = (
     "the Lab 3 data (cl/valid.h5, cl/test.h5, bd/bd_valid.h5, bd/bd_test.h5) is downloaded from the "
@@ -69,12 +71,17 @@ def to_nhwc(data: np.ndarray, path: str = "") -> np.ndarray:
     return data
 
 
-def load_h5(path: str, name: str | None = None, hint: str = LAB3_DATA_HINT) -> LabeledImages:
-    """Load and check one Lab 3 h5 file; every problem is a DefenseError naming the file and the fix."""
+def load_h5(path: str, name: str | None = None, hint: str = LAB3_DATA_HINT, limits: Limits | None = None) -> LabeledImages:
+    """Load and check one Lab 3 h5 file; every problem is a DefenseError naming the file and the fix.
+
+    The file is untrusted: `safe_files.check_h5` (links, external storage, declared sizes against
+    `limits`, the defaults when None) runs before any dataset is read.
+    """
     path = os.fspath(path)
     name = name or os.path.splitext(os.path.basename(path))[0]
     if not os.path.isfile(path):
         raise DefenseError(f"data file not found: {path} ({hint})")
+    safe_files.check_h5(path, limits)
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("data", "label") if k not in f]

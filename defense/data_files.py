@@ -4,10 +4,10 @@
   `clean_label`), read by `defense.data.load_h5`;
 - `.npz`: arrays `x` (images, channels first or last, or (N, H, W) for grey) and `y` (labels), optional
   `clean_label`; read with `allow_pickle=False`, so a file can hold arrays only, never code, and each
-  array's declared size is checked before it is read;
+  array's declared size is checked against `limits.max_array_gib` before it is read;
 - a folder with one subfolder per class label (`0/`, `1/`, ...; the subfolder name is the label) of
   PNG/JPEG images, read as the model's input (grey for one channel, RGB for three) by
-  `defense.predict.load_image`, which refuses an image of the wrong size.
+  `defense.predict.load_image`, which refuses an image of the wrong size or over `limits.max_image_pixels`.
 
 Pixels stay raw (e.g. 0..255); the model's input scaling is applied later (`model.input_divisor`).
 """
@@ -20,26 +20,27 @@ from pathlib import Path
 
 import numpy as np
 
+from defense import safe_files
 from defense.data import LabeledImages, labeled_images, load_h5
 from defense.errors import DefenseError
+from defense.safe_files import Limits
 
 H5_SUFFIXES = (".h5", ".hdf5")
-NPZ_MAX_BYTES = 4 * 2**30  # one array of an .npz; larger declared arrays are refused before reading
 
 
-def load_images(path, name: str, input_shape, hint: str = "") -> LabeledImages:
+def load_images(path, name: str, input_shape, hint: str = "", limits: Limits | None = None) -> LabeledImages:
     """One set from an h5 file, an npz file or a folder of class subfolders (see the module docstring)."""
     path = Path(os.fspath(path))
     where = f" ({hint})" if hint else ""
     if path.is_dir():
-        return load_folder(path, name, input_shape)
+        return load_folder(path, name, input_shape, limits)
     if not path.is_file():
         raise DefenseError(f"data file or folder not found: {path}{where}")
     suffix = path.suffix.lower()
     if suffix in H5_SUFFIXES:
-        return load_h5(str(path), name, hint=hint or "give an h5 file with 'data' and 'label'")
+        return load_h5(str(path), name, hint=hint or "give an h5 file with 'data' and 'label'", limits=limits)
     if suffix == ".npz":
-        return load_npz(path, name)
+        return load_npz(path, name, limits)
     raise DefenseError(
         f"{path}: unknown data format {suffix or '(no suffix)'!r}; give an .h5 file (Lab 3 layout: data, label), "
         "an .npz file (arrays x, y) or a folder with one subfolder of images per class label"
@@ -59,8 +60,9 @@ def _npz_member_bytes(archive: zipfile.ZipFile, member: str) -> tuple[tuple[int,
     return tuple(shape), int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
 
-def load_npz(path: Path, name: str, max_bytes: int = NPZ_MAX_BYTES) -> LabeledImages:
+def load_npz(path: Path, name: str, limits: Limits | None = None) -> LabeledImages:
     """Arrays `x`, `y` (and `clean_label`) of an npz file, checked before and after reading."""
+    max_bytes = safe_files.resolve(limits).max_array_bytes
     try:
         with zipfile.ZipFile(path) as archive:
             members = {Path(m).stem: m for m in archive.namelist() if m.endswith(".npy")}
@@ -76,7 +78,8 @@ def load_npz(path: Path, name: str, max_bytes: int = NPZ_MAX_BYTES) -> LabeledIm
                     if size > max_bytes:
                         raise DefenseError(
                             f"{path}: array {key!r} declares shape {shape} ({size / 2**30:.1f} GiB), more than the "
-                            f"{max_bytes / 2**30:.1f} GiB allowed for one array; split the data into smaller files"
+                            f"{max_bytes / 2**30:.1f} GiB allowed for one array (limits.max_array_gib); split the "
+                            "data into smaller files or raise the limit"
                         )
         with np.load(path, allow_pickle=False) as arrays:
             x = np.asarray(arrays["x"], np.float32)
@@ -87,7 +90,7 @@ def load_npz(path: Path, name: str, max_bytes: int = NPZ_MAX_BYTES) -> LabeledIm
     return labeled_images(str(path), name, x, y, clean)
 
 
-def load_folder(path: Path, name: str, input_shape) -> LabeledImages:
+def load_folder(path: Path, name: str, input_shape, limits: Limits | None = None) -> LabeledImages:
     """Images of every class subfolder of `path` (subfolder name = integer label), sorted by file name."""
     from defense.predict import ImageError, load_image
 
@@ -102,7 +105,7 @@ def load_folder(path: Path, name: str, input_shape) -> LabeledImages:
     for sub in subfolders:
         for file in sorted(p for p in sub.iterdir() if p.is_file() and not p.name.startswith(".")):
             try:
-                images.append(load_image(file, input_shape, resize=False))
+                images.append(load_image(file, input_shape, resize=False, limits=limits))
             except ImageError as err:
                 raise DefenseError(str(err)) from None
             labels.append(int(sub.name))

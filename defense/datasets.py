@@ -76,7 +76,7 @@ def _lab3_poisoned_name(model_cfg) -> str:
     return triggers[0] if len(triggers) == 1 else "poisoned"
 
 
-def _load_lab3_layout(root: str, dataset_cfg, model_cfg, split: str) -> Split:
+def _load_lab3_layout(root: str, dataset_cfg, model_cfg, split: str, limits=None) -> Split:
     hint = (
         f"dataset.root={root} must hold the Lab 3 files cl/valid.h5, cl/test.h5, bd/bd_valid.h5, bd/bd_test.h5 "
         "(download them from the CSAW-HackML Lab 3 README's data link), or run on the embedded default "
@@ -86,16 +86,16 @@ def _load_lab3_layout(root: str, dataset_cfg, model_cfg, split: str) -> Split:
     has_triggers = bool(model_cfg.get("triggers"))
 
     def part(which: str) -> Split:
-        clean = load_h5(os.path.join(root, dataset_cfg[f"clean_{which}"]), "clean", hint=hint)
+        clean = load_h5(os.path.join(root, dataset_cfg[f"clean_{which}"]), "clean", hint=hint, limits=limits)
         poisoned = {}
         if has_triggers:
-            poisoned[name] = load_h5(os.path.join(root, dataset_cfg[f"poisoned_{which}"]), name, hint=hint)
+            poisoned[name] = load_h5(os.path.join(root, dataset_cfg[f"poisoned_{which}"]), name, hint=hint, limits=limits)
         return Split(clean, poisoned)
 
     return _split_of(part, split)
 
 
-def _load_csaw_extract(root: str, dataset_cfg, model_cfg, split: str) -> Split:
+def _load_csaw_extract(root: str, dataset_cfg, model_cfg, split: str, limits=None) -> Split:
     hint = f"dataset.root={root} must be the folder of the real extracts (../shared/data/csaw from the project root)"
     model_name = model_cfg.get("name")
     by_model = dataset_cfg.get("poisoned") or {}
@@ -121,12 +121,12 @@ def _load_csaw_extract(root: str, dataset_cfg, model_cfg, split: str) -> Split:
             return images.subset(slice(n // 2, n))
         return images
 
-    clean = halve(load_h5(os.path.join(root, dataset_cfg.clean), "clean", hint=hint))
-    poisoned = {trig: halve(load_h5(os.path.join(root, f), trig, hint=hint)) for trig, f in files.items()}
+    clean = halve(load_h5(os.path.join(root, dataset_cfg.clean), "clean", hint=hint, limits=limits))
+    poisoned = {trig: halve(load_h5(os.path.join(root, f), trig, hint=hint, limits=limits)) for trig, f in files.items()}
     return Split(clean, poisoned)
 
 
-def _load_files(root: str, dataset_cfg, model_cfg, split: str) -> Split:
+def _load_files(root: str, dataset_cfg, model_cfg, split: str, limits=None) -> Split:
     from defense.data_files import load_images
 
     hint = "dataset=files reads the files named by dataset.clean_valid, dataset.clean_test, dataset.poisoned_valid, " \
@@ -143,26 +143,30 @@ def _load_files(root: str, dataset_cfg, model_cfg, split: str) -> Split:
         )
 
     def part(which: str) -> Split:
-        clean = load_images(os.path.join(root, dataset_cfg[f"clean_{which}"]), "clean", model_cfg.input_shape, hint)
-        poisoned = {trig: load_images(os.path.join(root, f), trig, model_cfg.input_shape, hint)
+        clean = load_images(os.path.join(root, dataset_cfg[f"clean_{which}"]), "clean", model_cfg.input_shape, hint,
+                            limits)
+        poisoned = {trig: load_images(os.path.join(root, f), trig, model_cfg.input_shape, hint, limits)
                     for trig, f in triggers[which].items()}
         return Split(clean, poisoned)
 
     return _split_of(part, split)
 
 
-def load_split(dataset_cfg, model_cfg, split: str) -> Split:
-    """Load one split (`valid`, `test` or `all`) and check it fits the model."""
+def load_split(dataset_cfg, model_cfg, split: str, limits=None) -> Split:
+    """Load one split (`valid`, `test` or `all`) and check it fits the model.
+
+    `limits`: a `defense.safe_files.Limits` for the untrusted h5 files (the defaults when None).
+    """
     if split not in SPLITS:
         raise DefenseError(f"split={split!r} is not one of {list(SPLITS)}")
     kind = dataset_cfg.get("kind")
     root = dataset_root(dataset_cfg)
     if kind in ("lab3", "scenario"):
-        result = _load_lab3_layout(root, dataset_cfg, model_cfg, split)
+        result = _load_lab3_layout(root, dataset_cfg, model_cfg, split, limits)
     elif kind == "csaw_extract":
-        result = _load_csaw_extract(root, dataset_cfg, model_cfg, split)
+        result = _load_csaw_extract(root, dataset_cfg, model_cfg, split, limits)
     elif kind == "files":
-        result = _load_files(root, dataset_cfg, model_cfg, split)
+        result = _load_files(root, dataset_cfg, model_cfg, split, limits)
     else:
         raise DefenseError(f"dataset.kind={kind!r} is not known; use one of lab3, csaw_extract, scenario, files")
     for images in result.all_sets():

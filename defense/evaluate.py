@@ -21,14 +21,16 @@ log = logging.getLogger("defense.evaluate")
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score `cfg.model` on `cfg.split` of `cfg.dataset`; returns {'clean_acc': .., 'asr/<trigger>': ..}."""
     from defense import autodetect, datasets, metrics, models
+    from defense.safe_files import Limits
 
+    limits = Limits.from_cfg(cfg)
     model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
-    model = models.load_model(cfg.model, model_path)
+    model = models.load_model(cfg.model, model_path, limits)
     autodetect.complete_model_config(cfg.model, model, model_path)
-    split = datasets.load_split(cfg.dataset, cfg.model, cfg.split)
+    split = datasets.load_split(cfg.dataset, cfg.model, cfg.split, limits)
     if cfg.model.get("input_divisor") is None:
         # clean validation data chooses the scaling, whatever split is scored
-        valid = split if cfg.split == "valid" else datasets.load_split(cfg.dataset, cfg.model, "valid")
+        valid = split if cfg.split == "valid" else datasets.load_split(cfg.dataset, cfg.model, "valid", limits)
         autodetect.choose_input_divisor(cfg.model, model, valid.clean, int(cfg.get("batch_size", 1024)))
     scores = {"clean_acc": metrics.accuracy(models.predict_labels(model, split.clean.x, cfg.model), split.clean.y)}
     for name, images in split.poisoned.items():

@@ -7,13 +7,16 @@ model config (the DeepID network of `defense.architecture`). The file's content 
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
 import h5py
 import numpy as np
 
+from defense import safe_files
 from defense.errors import DefenseError
+from defense.safe_files import Limits
 
 MODEL_HINT = (
     "give model.path=<file.h5>: a full Keras .h5 model (e.g. the Lab 3 models/bd_net.h5) or a "
@@ -21,10 +24,11 @@ MODEL_HINT = (
 )
 
 
-def h5_kind(path: str) -> str:
-    """'model' for a full Keras model file, 'weights' for a weights-only file."""
+def h5_kind(path: str, limits: Limits | None = None) -> str:
+    """'model' for a full Keras model file, 'weights' for a weights-only file (after `check_h5`)."""
     if not os.path.isfile(path):
         raise DefenseError(f"model file not found: {path}; {MODEL_HINT}")
+    safe_files.check_h5(path, limits)
     try:
         with h5py.File(path, "r") as f:
             if "model_config" in f.attrs:
@@ -61,21 +65,18 @@ def build_architecture(model_cfg):
     return build_deepid(tuple(model_cfg.input_shape), int(model_cfg.num_classes), **kwargs)
 
 
-def load_model(model_cfg, path: str | None = None):
-    """Load the model described by `model_cfg` from `path` (default `model_cfg.path`)."""
-    import keras
+def load_model(model_cfg, path: str | None = None, limits: Limits | None = None):
+    """Load the model described by `model_cfg` from `path` (default `model_cfg.path`).
 
+    The file is checked by `defense.safe_files` first (`limits`: the `limits` config group,
+    defaults when None); a full model goes through `load_full_model`.
+    """
     path = os.fspath(path or model_cfg.get("path") or "")
     if not path:
         raise DefenseError(f"model.path is not set; {MODEL_HINT}")
-    kind = h5_kind(path)
+    kind = h5_kind(path, limits)
     if kind == "model":
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = keras.models.load_model(path, compile=False)
-        except Exception as err:  # noqa: BLE001 - any failure to rebuild the model is the file's
-            raise DefenseError(f"{path}: the Keras model in this file could not be loaded ({err})") from None
+        model = load_full_model(path, limits)
     else:
         model = build_architecture(model_cfg)
         try:
@@ -109,6 +110,85 @@ def as_functional(model):
     functional = keras.Model(inputs, x, name=model.name)
     functional.set_weights(model.get_weights())
     return functional
+
+
+def load_full_model(path: str, limits: Limits | None = None):
+    """The one loader of full-model .h5 files (B, a saved B'): checked, then built without running code.
+
+    `safe_files.check_model_file` refuses links to other files, oversized datasets and any layer or
+    object that is not a Keras built-in (Lambda, custom classes, serialized functions) before Keras
+    opens the file. A Keras 2 Sequential whose first layer declares `batch_input_shape` is repaired
+    (`repair_legacy_sequential`) and built from the repaired config; everything else is loaded by
+    `keras.models.load_model(path, compile=False, safe_mode=True)`.
+    """
+    import keras
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DefenseError(f"model file not found: {path}; {MODEL_HINT}")
+    config = safe_files.check_model_file(path, limits)
+    repaired = repair_legacy_sequential(config, _keras_version(path))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if repaired is None:
+                return keras.models.load_model(path, compile=False, safe_mode=True)
+            return _build_legacy_h5(path, repaired)
+    except DefenseError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure to rebuild the model is the file's
+        raise DefenseError(f"{path}: the Keras model in this file could not be loaded ({err})") from None
+
+
+def _keras_version(path: str) -> str:
+    with h5py.File(path, "r") as f:  # a short string attribute; the file passed check_h5
+        version = f.attrs.get("keras_version", "")
+    return version.decode("utf-8", "replace") if isinstance(version, bytes) else str(version)
+
+
+def repair_legacy_sequential(config: dict, keras_version: str) -> dict | None:
+    """The Keras 3 form of a Keras 2 Sequential config whose first layer declares `batch_input_shape`.
+
+    Keras 2 (e.g. 2.3.1) saved a Sequential model's input as `batch_input_shape` on its first layer;
+    Keras 3's legacy h5 loader turns that into an input whose batch axis is doubled, so the first
+    Conv2D fails ("Kernel shape must have the same length as input ... input of shape (None, None,
+    28, 28, 1)"). The repair moves the shape onto an explicit first `InputLayer` (`batch_shape`, the
+    way Keras 3 writes a Sequential) and removes it from the layer; nothing else changes, so the
+    layers and their weight order are those of the file. Returns None (load unchanged) for anything
+    else: not Keras 1/2, not a Sequential, no layers, or the first layer is already an InputLayer.
+    """
+    if not str(keras_version).startswith(("1.", "2.")) or config.get("class_name") != "Sequential":
+        return None
+    inner = config.get("config")
+    layers = inner.get("layers") if isinstance(inner, dict) else inner if isinstance(inner, list) else None
+    if not layers or not isinstance(layers[0], dict) or layers[0].get("class_name") == "InputLayer":
+        return None
+    first = layers[0].get("config")
+    if not isinstance(first, dict) or "batch_input_shape" not in first:
+        return None
+    repaired = copy.deepcopy(config)
+    if isinstance(repaired["config"], list):  # Keras 1 / early Keras 2: the config is the layer list
+        repaired["config"] = {"name": "sequential", "layers": repaired["config"]}
+    layers = repaired["config"]["layers"]
+    first = layers[0]["config"]
+    shape = first.pop("batch_input_shape")
+    input_config = {"batch_shape": shape, "name": f"{first.get('name', 'layer')}_input"}
+    if isinstance(first.get("dtype"), str):
+        input_config["dtype"] = first["dtype"]
+    layers.insert(0, {"class_name": "InputLayer", "config": input_config})
+    return repaired
+
+
+def _build_legacy_h5(path: str, config: dict):
+    """Build `config` as Keras's legacy h5 loader does (safe mode on) and load `path`'s weights by topology."""
+    from keras.src.legacy.saving import legacy_h5_format, saving_options, saving_utils
+    from keras.src.saving import serialization_lib
+
+    with saving_options.keras_option_scope(use_legacy_config=True), serialization_lib.SafeModeScope(True):
+        model = saving_utils.model_from_config(config, custom_objects={})
+    with h5py.File(path, "r") as f:
+        legacy_h5_format.load_weights_from_hdf5_group(f["model_weights"], model)
+    return model
 
 
 def check_model_matches(model, model_cfg, path: str) -> None:

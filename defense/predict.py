@@ -12,8 +12,9 @@ CSAW-HackML-2020 rule).
 
 Images are read with Pillow as RGB (grey, L, for one-channel models), must have the model's input
 size unless resize=true, and get the model's input scaling (model.input_divisor). A file that is not
-a readable image or has the wrong size is reported on stderr and the others are still classified;
-the exit status is then 1. Option errors (no image, empty folder, missing B') are one line, exit 2.
+a readable image, has the wrong size or declares more than `limits.max_image_pixels` pixels
+(checked from the header, before decoding) is reported on stderr and the others are still
+classified; the exit status is then 1. Option errors (no image, empty folder, missing B') are one line, exit 2.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import math
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from defense import safe_files
 from defense.errors import DefenseError, exit_on_user_error
+from defense.safe_files import Limits
 
 log = logging.getLogger("defense.predict")
 
@@ -108,16 +112,31 @@ def resolve_repaired(repaired) -> str:
     return os.fspath(file)
 
 
-def load_image(path: Path, input_shape, resize: bool) -> np.ndarray:
-    """One image as an HWC float32 array of raw pixels (0..255), checked against the model's input."""
+def load_image(path: Path, input_shape, resize: bool, limits: Limits | None = None) -> np.ndarray:
+    """One image as an HWC float32 array of raw pixels (0..255), checked against the model's input.
+
+    The header's width x height is checked against `limits.max_image_pixels` (Pillow's own
+    MAX_IMAGE_PIXELS is set to the same cap) before any pixel is decoded.
+    """
     from PIL import Image
 
     height, width, channels = (int(s) for s in input_shape)
     mode = {1: "L", 3: "RGB"}[channels]
+    cap = safe_files.resolve(limits).max_image_pixels
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = img.convert(mode)
+        with safe_files.pil_pixel_cap(limits), warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our own check
+            with Image.open(path) as img:  # reads the header only
+                safe_files.check_image_pixels(img.size[0], img.size[1], str(path), limits)
+                img.load()
+                img = img.convert(mode)
+    except DefenseError as err:
+        raise ImageError(str(err)) from None
+    except Image.DecompressionBombError as err:  # Pillow's cap (2 x ours) hit in Image.open
+        raise ImageError(
+            f"{path}: {err} (limits.max_image_pixels={cap}); refused before decoding, raise limits.max_image_pixels "
+            "if the image is trusted"
+        ) from None
     except Exception as err:  # noqa: BLE001 - any failure to decode is this file's problem
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ImageError(f"{path}: not a readable image ({reason}); give PNG or JPEG files") from None
@@ -136,6 +155,7 @@ def predict(cfg: DictConfig) -> tuple[list[tuple[str, int]], list[str]]:
     """Classify `cfg.image`: ([(file name, class), ...], [error line per failed file])."""
     from defense import metrics, models
 
+    limits = safe_files.Limits.from_cfg(cfg)
     files = list_images(cfg.get("image"))
     b_prime_path = resolve_repaired(cfg.get("repaired") or {})
     shape = tuple(int(s) for s in cfg.model.input_shape)
@@ -146,15 +166,15 @@ def predict(cfg: DictConfig) -> tuple[list[tuple[str, int]], list[str]]:
     images, names, errors = [], [], []
     for path in files:
         try:
-            images.append(load_image(path, shape, bool(cfg.get("resize", False))))
+            images.append(load_image(path, shape, bool(cfg.get("resize", False)), limits))
             names.append(path.name)
         except ImageError as err:
             errors.append(str(err))
             print(f"error: {err}", file=sys.stderr, flush=True)
     if not images:
         return [], errors
-    model_b = models.load_model(cfg.model, cfg.model.get("path"))
-    model_bp = models.load_model(cfg.model, b_prime_path)
+    model_b = models.load_model(cfg.model, cfg.model.get("path"), limits)
+    model_bp = models.load_model(cfg.model, b_prime_path, limits)
     x = np.stack(images)
     batch = int(cfg.get("batch_size", 256))
     pred_b = models.predict_labels(model_b, x, cfg.model, batch)

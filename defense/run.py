@@ -24,6 +24,7 @@ log = logging.getLogger("defense.run")
 def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run the defense described by `cfg`, writing into `out_dir`; returns the result summary."""
     from defense import autodetect, datasets, models, plots, report, sweep, tracking
+    from defense.safe_files import Limits
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,8 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     if cfg.tracking.get("kind") == "mlflow":
         tracking.resolve_uri(cfg.tracking.get("uri"))
     model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
-    model = models.load_model(cfg.model, model_path)
+    limits = Limits.from_cfg(cfg)
+    model = models.load_model(cfg.model, model_path, limits)
     autodetect.complete_model_config(cfg.model, model, model_path)
     sweep.check_layers(cfg, model)  # also fills prune.layer / prune.probe where null
     tracker = tracking.make_tracker(
@@ -47,12 +49,12 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     status = "FAILED"
     try:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-        valid = datasets.load_split(cfg.dataset, cfg.model, "valid")
+        valid = datasets.load_split(cfg.dataset, cfg.model, "valid", limits)
         if cfg.model.get("input_divisor") is None:
             divisor = autodetect.choose_input_divisor(cfg.model, model, valid.clean, int(cfg.get("batch_size", 512)))
             tracker.set_tags({"input_divisor": f"{divisor:g}"})
             OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-        test = datasets.load_split(cfg.dataset, cfg.model, "test")
+        test = datasets.load_split(cfg.dataset, cfg.model, "test", limits)
         log.info(
             "model %s (%s); %d clean + %s poisoned validation images, %d clean + %s poisoned test images",
             cfg.model.name, model_path, len(valid.clean), [len(v) for v in valid.poisoned.values()],
