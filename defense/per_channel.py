@@ -192,7 +192,9 @@ def channel_rule(layer, rank: int, axis: int = -1) -> ChannelRule:
         shared = set(_axes(layer.shared_axes or [], rank))
         if shared >= set(range(1, rank)) - {axis}:
             return rule(MAP, "PReLU with one slope per channel")
-        return mixing(f"PReLU with slopes that vary along axes other than the channels (shared_axes={layer.shared_axes})")
+        return mixing(
+            f"PReLU with slopes that vary along other axes than the channels (shared_axes={layer.shared_axes})"
+        )
     if kind == "Rescaling":
         if np.ndim(layer.scale) == 0 and np.ndim(layer.offset) == 0:
             return rule(MAP, "Rescaling by scalars")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 from oracles import set_weights_predictions
+
+L = keras.layers
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,6 @@ def test_other_conv_layers_match_too(lab3, layer):
 
 def test_generic_layers_after_the_pruned_one(lab3):
     """A model with layers the fast paths do not know (BatchNorm on Rows, a sigmoid conv) still matches."""
-    import keras
-
     from defense.masked import MaskedSweep
 
     keras.utils.set_random_seed(0)
@@ -88,8 +89,6 @@ def test_bad_layers_are_refused(lab3):
 
 def _random_weights(model, seed=0):
     """Seeded random weights; batch norms get statistics far from (0, 1) so that they matter."""
-    import keras
-
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         weights = layer.get_weights()
@@ -104,50 +103,41 @@ def _random_weights(model, seed=0):
 
 def _tiny(activation, middle, head="conv", seed=0):
     """Conv2D 'pruned' (6 channels, `activation`) -> `middle` layers -> a pooled conv + dense head or GAP + dense."""
-    import keras
-
-    layers = keras.layers
     inp = keras.Input((10, 9, 3))
-    h = layers.Conv2D(6, 3, activation=activation, name="pruned")(inp)  # (8, 7, 6)
+    h = L.Conv2D(6, 3, activation=activation, name="pruned")(inp)  # (8, 7, 6)
     for layer in middle():
         h = layer(h)
     if head == "conv":
-        h = layers.MaxPooling2D(name="pool")(h)
-        h = layers.Conv2D(4, 2, activation="relu", name="conv_b")(h)
-        h = layers.Flatten(name="flat")(h)
+        h = L.MaxPooling2D(name="pool")(h)
+        h = L.Conv2D(4, 2, activation="relu", name="conv_b")(h)
+        h = L.Flatten(name="flat")(h)
     else:
-        h = layers.GlobalAveragePooling2D(name="gap")(h)
-    out = layers.Dense(5, activation="softmax", name="out")(h)
+        h = L.GlobalAveragePooling2D(name="gap")(h)
+    out = L.Dense(5, activation="softmax", name="out")(h)
     return _random_weights(keras.Model(inp, out), seed)
-
-
-def _layers():
-    import keras
-
-    return keras.layers
 
 
 ROW, CHANNEL = "per row", "per-channel"
 # (activation of the pruned conv, layers after it, head, expected route of some layers)
 TINY_CASES = {
     # channel-mixing layers right after the pruned conv: the exact per-row path, never the fast one
-    "activation_softmax": ("relu", lambda: [_layers().Activation("softmax", name="mix")], "conv",
+    "activation_softmax": ("relu", lambda: [L.Activation("softmax", name="mix")], "conv",
                            {"mix": ROW, "pool": ROW, "conv_b": ROW}),
-    "softmax_layer": ("relu", lambda: [_layers().Softmax(name="mix")], "conv", {"mix": ROW, "conv_b": ROW}),
-    "softmax_layer_over_height": ("relu", lambda: [_layers().Softmax(axis=1, name="mix")], "conv", {"mix": ROW}),
-    "bn_axis_1": ("sigmoid", lambda: [_layers().BatchNormalization(axis=1, name="mix")], "conv", {"mix": ROW}),
-    "bn_axis_2": ("sigmoid", lambda: [_layers().BatchNormalization(axis=2, name="mix")], "conv", {"mix": ROW}),
-    "layer_norm": ("relu", lambda: [_layers().LayerNormalization(name="mix")], "conv", {"mix": ROW}),
-    "zero_padding_of_sigmoid": ("sigmoid", lambda: [_layers().ZeroPadding2D(1, name="mix")], "conv", {"mix": ROW}),
+    "softmax_layer": ("relu", lambda: [L.Softmax(name="mix")], "conv", {"mix": ROW, "conv_b": ROW}),
+    "softmax_layer_over_height": ("relu", lambda: [L.Softmax(axis=1, name="mix")], "conv", {"mix": ROW}),
+    "bn_axis_1": ("sigmoid", lambda: [L.BatchNormalization(axis=1, name="mix")], "conv", {"mix": ROW}),
+    "bn_axis_2": ("sigmoid", lambda: [L.BatchNormalization(axis=2, name="mix")], "conv", {"mix": ROW}),
+    "layer_norm": ("relu", lambda: [L.LayerNormalization(name="mix")], "conv", {"mix": ROW}),
+    "zero_padding_of_sigmoid": ("sigmoid", lambda: [L.ZeroPadding2D(1, name="mix")], "conv", {"mix": ROW}),
     # per-channel layers with non-zero constants: the fast path
-    "bn_channels_leaky_relu": (None, lambda: [_layers().BatchNormalization(name="bn"), _layers().LeakyReLU(0.2, name="leaky")],
+    "bn_channels_leaky_relu": (None, lambda: [L.BatchNormalization(name="bn"), L.LeakyReLU(0.2, name="leaky")],
                                "conv", {"bn": CHANNEL, "leaky": CHANNEL, "pool": CHANNEL, "flat": ROW,
                                         "conv_b": "split conv", "out": ROW}),
-    "sigmoid_bn_axis_3": ("sigmoid", lambda: [_layers().BatchNormalization(axis=3, name="bn")], "conv",
+    "sigmoid_bn_axis_3": ("sigmoid", lambda: [L.BatchNormalization(axis=3, name="bn")], "conv",
                           {"bn": CHANNEL, "conv_b": "split conv"}),
-    "zero_padding_of_relu": ("relu", lambda: [_layers().ZeroPadding2D(1, name="pad")], "conv", {"pad": CHANNEL}),
-    "elu_gap_dense": ("sigmoid", lambda: [_layers().ELU(name="elu")], "gap", {"elu": CHANNEL, "gap": CHANNEL,
-                                                                               "out": "split dense"}),
+    "zero_padding_of_relu": ("relu", lambda: [L.ZeroPadding2D(1, name="pad")], "conv", {"pad": CHANNEL}),
+    "elu_gap_dense": ("sigmoid", lambda: [L.ELU(name="elu")], "gap",
+                      {"elu": CHANNEL, "gap": CHANNEL, "out": "split dense"}),
 }
 
 
@@ -169,30 +159,39 @@ def test_tiny_networks_match_the_set_weights_loop_at_every_step(case):
 
 
 def test_sequential_network_matches_too():
-    import keras
-
     from defense.masked import MaskedSweep
 
-    layers = keras.layers
     model = _random_weights(keras.Sequential([
-        keras.Input((9, 9, 2)), layers.Conv2D(5, 3, activation="sigmoid", name="pruned"),
-        layers.BatchNormalization(name="bn"), layers.Activation("softmax", name="mix"), layers.Flatten(),
-        layers.Dense(4, activation="softmax"),
+        keras.Input((9, 9, 2)), L.Conv2D(5, 3, activation="sigmoid", name="pruned"),
+        L.BatchNormalization(name="bn"), L.Activation("softmax", name="mix"), L.Flatten(),
+        L.Dense(4, activation="softmax"),
     ]), seed=3)
     x = np.random.default_rng(2).normal(size=(30, 9, 9, 2)).astype(np.float32)
     sweep = MaskedSweep(model, "pruned")
     assert dict(sweep.routes)["bn"] == CHANNEL and dict(sweep.routes)["mix"] == ROW
-    np.testing.assert_array_equal(sweep.predict(x, [2, 0, 4]), set_weights_predictions(model, "pruned", x, [2, 0, 4]))
+    plain = set_weights_predictions(model, "pruned", x, [2, 0, 4])
+    np.testing.assert_array_equal(sweep.predict(x, [2, 0, 4]), plain)
+    assert (plain != plain[:, :1]).any()
+
+
+def test_probe_path_follows_per_channel_layers_only():
+    from defense.errors import DefenseError
+    from defense.masked import channel_path
+
+    model = _tiny("relu", lambda: [L.BatchNormalization(name="bn"), L.LeakyReLU(name="leaky")])
+    assert channel_path(model, "pruned", "pool") == ["pruned", "bn", "leaky", "pool"]
+    for mixing in (L.BatchNormalization(axis=1, name="mix"), L.Activation("softmax", name="mix")):
+        model = _tiny("relu", lambda: [mixing])
+        with pytest.raises(DefenseError, match="prune.probe='pool' is not downstream"):
+            channel_path(model, "pruned", "pool")
 
 
 def test_pruned_conv_with_a_channel_mixing_activation_is_refused():
-    import keras
-
     from defense.errors import DefenseError
     from defense.masked import MaskedSweep, conv_layer
 
     inp = keras.Input((6, 6, 1))
-    out = keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Conv2D(3, 3, activation="softmax", name="c")(inp)))
+    out = L.Dense(2)(L.Flatten()(L.Conv2D(3, 3, activation="softmax", name="c")(inp)))
     model = keras.Model(inp, out)
     with pytest.raises(DefenseError, match="prune.layer='c' uses the activation softmax, which is not element-wise"):
         MaskedSweep(model, "c")
