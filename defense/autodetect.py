@@ -14,7 +14,7 @@ can be found instead:
   pool_3 feeds both interpretation branches; conv_4 is one branch); a network with no conv layer
   followed by pooling gets its last Conv2D;
 - `prune.probe` null: the end of the chain of per-channel layers (pooling, activation) right after
-  `prune.layer`, where the Lab 3 reads the activations (DeepID: pool_3).
+  `prune.layer` (defense/per_channel.py's rule), where the Lab 3 reads the activations (DeepID: pool_3).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 from omegaconf import open_dict
 
 from defense.errors import DefenseError
+from defense.masked import per_channel_chain
 
 log = logging.getLogger("defense.autodetect")
 
@@ -54,34 +55,6 @@ def _conv_layers(model) -> list:
 
     return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
             and not isinstance(layer, keras.layers.Conv2DTranspose)]
-
-
-def consumers_of(model, layer) -> list:
-    """The layers of `model` that read `layer`'s output, each once (a layer called in several models,
-    e.g. a Sequential and its functional twin, has an outbound node per call)."""
-    graph_nodes = {id(node) for nodes in model._nodes_by_depth.values() for node in nodes}
-    found: dict[int, object] = {}
-    for node in layer._outbound_nodes:
-        if id(node) in graph_nodes and node.operation in model.layers:
-            found.setdefault(id(node.operation), node.operation)
-    return list(found.values())
-
-
-def per_channel_chain(model, layer_name: str) -> list[str]:
-    """`layer_name` and the per-channel layers that follow it one after the other (its only such consumer)."""
-    from defense.masked import _PER_CHANNEL
-
-    def is_per_channel(layer) -> bool:
-        return type(layer).__name__ in _PER_CHANNEL
-
-    chain = [layer_name]
-    layer = model.get_layer(layer_name)
-    while True:
-        consumers = consumers_of(model, layer)
-        if len(consumers) != 1 or not is_per_channel(consumers[0]):
-            return chain
-        layer = consumers[0]
-        chain.append(layer.name)
 
 
 def default_layer(model) -> str:

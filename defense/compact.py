@@ -4,9 +4,10 @@ A B' made by `defense.models.pruned_copy` keeps the full architecture with the k
 pruned output channels of the pruned Conv2D layer set to zero. `compact_model` rebuilds the network
 with fewer filters in that layer and slices every layer that reads those channels:
 
-- layers that act on each channel alone (pooling, cropping, up-sampling, activations, dropout,
-  batch norm, global pooling) pass the channels through; batch norm keeps only the kept channels'
-  statistics;
+- layers that act on each channel alone and keep a constant channel constant (pooling, global
+  pooling, cropping, up-sampling, element-wise activations, dropout, batch norm over the channels: the
+  rule of `defense.per_channel`) pass the channels through; batch norm and PReLU keep only the kept
+  channels' weights;
 - a Conv2D that reads them loses the matching input channels of its kernel (DeepID `conv_4`:
   kernel[:, :, kept, :]);
 - a Flatten (channels last) followed by a Dense: the Dense loses the matching kernel rows, flattened
@@ -22,8 +23,10 @@ contribution is folded into the consumer's bias (a Dense or a `valid`-padded Con
 position sees the whole kernel window, so the contribution is the same everywhere; a consumer without
 bias gets one). The one case that cannot be folded, a non-zero constant read by a `same`-padded
 Conv2D with a kernel larger than 1x1 (the zero padding makes the contribution differ at the borders),
-raises a DefenseError, as does any other layer reading the pruned channels directly (Add,
-Concatenate, Reshape, ...: slicing them would need the other inputs changed too).
+raises a DefenseError, as does a layer that mixes the channels (a softmax over them, a batch norm over
+another axis, zero padding of a non-zero constant, any layer `defense.per_channel` does not know) and
+any other layer reading the pruned channels directly (Add, Concatenate, Reshape, ...: slicing them
+would need the other inputs changed too).
 
     compact = compact_model(model, "conv_3", pruned)       # pruned: channel indices
     compact = compact_from_pruned(b_prime, "conv_3")         # the channels whose kernel and bias are 0
@@ -45,24 +48,13 @@ from pathlib import Path
 import numpy as np
 
 from defense.errors import DefenseError
+from defense.per_channel import channel_rule
 
 log = logging.getLogger("defense.compact")
 
-# Per-channel layers whose output equals their input on a constant channel (value unchanged).
-_PASS_THROUGH = (
-    "MaxPooling2D", "AveragePooling2D", "Cropping2D", "UpSampling2D", "Dropout", "SpatialDropout2D",
-    "GaussianNoise", "GaussianDropout", "AlphaDropout", "Identity", "ActivityRegularization",
-)
-# Global pooling: the spatial axes go, the channel axis stays the last one.
-_GLOBAL_POOL = ("GlobalAveragePooling2D", "GlobalMaxPooling2D")
-# Element-wise or per-channel layers that map the constant to another constant (evaluated on it).
-_MAP = ("Activation", "ReLU", "LeakyReLU", "ELU", "BatchNormalization")
-# Activations that mix the channels: the pruned channels' values would not stay constant.
-_CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
-
 _HINT = (
-    "compact export supports, after the pruned layer, per-channel layers (pooling, activation, dropout, "
-    "batch norm, global pooling), Flatten, and Conv2D / Dense consumers"
+    "compact export supports, after the pruned layer, per-channel layers (pooling, element-wise activation, "
+    "dropout, batch norm over the channels, global pooling), Flatten, and Conv2D / Dense consumers"
 )
 
 
@@ -77,10 +69,6 @@ class _Track:
         self.k = k
         self.rank = rank
         self.flat = flat
-
-
-def _activation_name(activation) -> str:
-    return getattr(activation, "__name__", str(activation))
 
 
 def _layer_config(config: dict, name: str) -> dict:
@@ -117,25 +105,13 @@ def _graph(model):
     return graph
 
 
-def _constant(layer, track: _Track) -> np.ndarray:
-    """The constant of each channel after `layer` (evaluated on the layer with its original weights)."""
-    import tensorflow as tf
-
-    k = track.k
-    shape = [1] * (track.rank - 1) + [-1]
-    out = layer(tf.constant(k.reshape(shape), tf.float32), training=False)
-    return np.asarray(out, np.float64).reshape(k.shape)
-
-
 def _plan(model, layer, pruned: list[int]):
     """Walk the layers after the pruned one: {layer name: edit} for the layers whose weights change."""
     import keras
 
     channels = int(layer.filters)
     kept = [c for c in range(channels) if c not in set(pruned)]
-    act_name = _activation_name(layer.activation)
-    if act_name in _CHANNEL_MIXING_ACTIVATIONS:
-        raise DefenseError(f"layer {layer.name!r} uses a {act_name} activation across channels; it cannot be compacted")
+    # the activation is element-wise (`defense.masked.conv_layer` refuses the others), so a pruned channel is act(0)
     k0 = np.asarray(layer.activation(np.zeros((1, channels), np.float32)), np.float64).reshape(channels)
 
     graph = _graph(model)
@@ -180,22 +156,7 @@ def _plan(model, layer, pruned: list[int]):
         out_tensor = node.output_tensors[0]
         pruned_k = track.k[..., pruned]
         needs_fold = bool(np.any(pruned_k != 0))
-        if kind in _PASS_THROUGH:
-            tracked[id(out_tensor)] = _Track(track.k, len(out_tensor.shape), track.flat)
-        elif kind in _GLOBAL_POOL and not track.flat:
-            if getattr(op, "data_format", "channels_last") != "channels_last":
-                raise DefenseError(f"layer {op.name!r} is channels-first; {_HINT}")
-            tracked[id(out_tensor)] = _Track(track.k, len(out_tensor.shape))
-        elif kind in _MAP:
-            if kind == "Activation" and _activation_name(op.activation) in _CHANNEL_MIXING_ACTIVATIONS:
-                raise DefenseError(f"layer {op.name!r} applies a softmax across the pruned channels; {_HINT}")
-            if kind == "BatchNormalization":
-                axis = op.axis if isinstance(op.axis, int) else (list(op.axis)[0] if len(op.axis) == 1 else None)
-                if axis is None or axis % track.rank != track.rank - 1:
-                    raise DefenseError(f"layer {op.name!r} normalises axis {op.axis}, not the channel axis; {_HINT}")
-                add_edit(op, {"op": "bn", "positions": track.k.shape[0] if track.flat else None})
-            tracked[id(out_tensor)] = _Track(_constant(op, track), track.rank, track.flat)
-        elif kind == "Flatten":
+        if kind == "Flatten":
             if getattr(op, "data_format", "channels_last") != "channels_last":
                 raise DefenseError(f"layer {op.name!r} flattens channels-first; {_HINT}")
             if track.flat:
@@ -222,9 +183,7 @@ def _plan(model, layer, pruned: list[int]):
             else:
                 add_edit(op, {"op": "dense", "k": pruned_k, "fold": needs_fold})
         else:
-            raise DefenseError(
-                f"layer {op.name!r} ({kind}) reads the channels of the pruned layer {layer.name!r}; {_HINT}"
-            )
+            tracked[id(out_tensor)] = _per_channel(op, track, len(out_tensor.shape), layer, pruned, add_edit)
     if not found:
         raise DefenseError(f"layer {layer.name!r} is not part of the model's graph")
     for name, count in calls.items():
@@ -242,16 +201,44 @@ def _plan(model, layer, pruned: list[int]):
     return edits, kept, channels
 
 
+def _per_channel(op, track: _Track, out_rank: int, layer, pruned: list[int], add_edit) -> _Track:
+    """The track after a layer that must be per-channel (`defense.per_channel`); a DefenseError otherwise."""
+    kind = type(op).__name__
+    rule = channel_rule(op, track.rank, track.rank - 1)
+    if not rule.per_channel or rule.out_axis != out_rank - 1:
+        raise DefenseError(
+            f"layer {op.name!r} ({kind}) reads the channels of the pruned layer {layer.name!r} but does not keep "
+            f"them separate: {rule.what}; so this model cannot be compacted; {_HINT}"
+        )
+    k = rule.constants(op, track.k)
+    if k is None:
+        pruned_k = track.k[..., pruned]
+        raise DefenseError(
+            f"layer {op.name!r} ({kind}): {rule.what}; the pruned channels of {layer.name!r} reach it as the non-zero "
+            f"constant {float(pruned_k.flat[np.argmax(np.abs(pruned_k))]):g}, so this model cannot be compacted"
+        )
+    weights = op.get_weights()
+    if weights:  # batch norm, PReLU: one weight per channel along the last axis
+        size = track.k.size
+        if any(w.shape[-1] != size for w in weights):
+            raise DefenseError(
+                f"layer {op.name!r} ({kind}) has weights of shapes {[w.shape for w in weights]}, not one per channel "
+                f"of {layer.name!r} ({size}); it cannot be sliced, so this model cannot be compacted"
+            )
+        add_edit(op, {"op": "channels", "positions": track.k.shape[0] if track.flat else None})
+    return _Track(k, out_rank, track.flat)
+
+
 def _new_weights(layer, edit: dict, kept: list[int], pruned: list[int], channels: int) -> list[np.ndarray]:
     weights = layer.get_weights()
     op = edit["op"]
     if op == "out":
         kernel, *rest = weights
         return [kernel[..., kept], *[w[kept] for w in rest]]
-    if op == "bn":
+    if op == "channels":  # a per-channel layer's weights, channels on the last axis
         positions = edit["positions"]
         index = kept if positions is None else (np.arange(positions)[:, None] * channels + np.asarray(kept)).ravel()
-        return [w[index] for w in weights]
+        return [w[..., index] for w in weights]
     kernel, *rest = weights
     if op == "conv":
         fold = np.einsum("ijpf,p->f", kernel[:, :, pruned, :].astype(np.float64), edit["k"])

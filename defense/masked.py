@@ -4,8 +4,10 @@ Pruning channel c of a conv layer L (zeroing its kernel and bias) makes L's outp
 constant act(0) (0 for ReLU). So the part of the network before L is run once per image, and the part
 after it is evaluated with the pruned channels masked, for every step of the sweep at once:
 
-- ops that act on each channel alone (pooling, activations, dropout, batch norm) keep the masking
-  exact: they are applied once to the unmasked tensor ("channel-separable" form);
+- layers that act on each channel alone and keep a constant channel constant (pooling, element-wise
+  activations, dropout, batch norm over the channels: the rule of `defense.per_channel`) keep the
+  masking exact: they are applied once to the unmasked tensor ("channel-separable" form), and the
+  pruned channels' constant follows them (e.g. BN(act(0)));
 - the linear layers that read a channel-separable tensor (Conv2D, Flatten + Dense: `conv_4` and
   `fc_1` in DeepID) are split into one contribution per input channel; the output at step s is the
   bias plus the sum of the contributions of the channels still kept, a reverse cumulative sum over
@@ -14,26 +16,24 @@ after it is evaluated with the pruned channels masked, for every step of the swe
   removing a channel that is all zero (inactive) for an image leaves that image's prediction as it
   was, so the step is not recomputed for it.
 
-Any other layer gets the masked tensor materialised per (image, step) row and is called as it is,
-so every functional Keras model whose pruned layer is a channels-last Conv2D works; the fast paths
-only make it cheaper.
+Any other layer (a softmax over the channels, a batch norm over another axis, anything unknown) gets
+the masked tensor materialised per (image, step) row and is called as it is, so every functional or
+Sequential Keras model whose pruned layer is a channels-last Conv2D with an element-wise activation
+works; the fast paths only make it cheaper. `MaskedSweep.routes` says which way each layer goes.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 from defense.errors import DefenseError
+from defense.per_channel import activation_name, channel_rule, is_elementwise_activation
 
-# Layers that act on each channel separately (the constant of a pruned channel stays a constant).
-_POOLING = ("MaxPooling2D", "AveragePooling2D", "MaxPooling1D", "AveragePooling1D")
-_PER_CHANNEL = _POOLING + (
-    "Activation", "ReLU", "LeakyReLU", "ELU", "Dropout", "SpatialDropout2D", "GaussianNoise",
-    "GaussianDropout", "BatchNormalization", "Identity",
-)
+log = logging.getLogger("defense.masked")
 
 
 def conv_layer(model, name: str):
@@ -50,7 +50,37 @@ def conv_layer(model, name: str):
             f"prune.layer={name!r} is a {type(layer).__name__}, not a channels-last Conv2D layer; "
             f"choose one of {convs}"
         )
+    if not is_elementwise_activation(layer.activation):
+        raise DefenseError(
+            f"prune.layer={name!r} uses the activation {activation_name(layer.activation)}, which is not element-wise: "
+            "pruning one of its channels changes the others, so its channels cannot be pruned one by one; choose a "
+            f"conv layer with an element-wise activation (relu, sigmoid, linear, ...) among {convs}"
+        )
     return layer
+
+
+def _per_channel_steps(model, layer, tensor) -> list:
+    """(layer, its output) for each per-channel layer of `model` reading `tensor` (`layer`'s output) alone."""
+    steps = []
+    for node in layer._outbound_nodes:
+        op = node.operation
+        if op not in model.layers or len(node.input_tensors) != 1 or node.input_tensors[0] is not tensor:
+            continue
+        out = node.output_tensors[0]
+        if _keeps_channels_last(op, len(tensor.shape), len(out.shape)) and all(op is not o for o, _ in steps):
+            steps.append((op, out))
+    return steps
+
+
+def per_channel_chain(model, layer_name: str) -> list[str]:
+    """`layer_name` and the per-channel layers that follow it one after the other (each its only reader)."""
+    chain = [layer_name]
+    layer = model.get_layer(layer_name)
+    tensor = layer.output
+    while len(steps := _per_channel_steps(model, layer, tensor)) == 1:
+        layer, tensor = steps[0]
+        chain.append(layer.name)
+    return chain
 
 
 def channel_path(model, layer_name: str, probe_name: str) -> list[str]:
@@ -62,15 +92,14 @@ def channel_path(model, layer_name: str, probe_name: str) -> list[str]:
         return [layer_name]
     path = [layer_name]
     layer = model.get_layer(layer_name)
+    tensor = layer.output
     while True:
-        consumers = [node.operation for node in layer._outbound_nodes if node.operation in model.layers]
-        per_channel = [c for c in consumers if type(c).__name__ in _PER_CHANNEL]
-        match = [c for c in per_channel if c.name == probe_name]
-        if match:
+        steps = _per_channel_steps(model, layer, tensor)
+        if any(op.name == probe_name for op, _ in steps):
             return path + [probe_name]
-        if len(per_channel) != 1:
+        if len(steps) != 1:
             break
-        layer = per_channel[0]
+        layer, tensor = steps[0]
         path.append(layer.name)
     names = [layer.name for layer in model.layers]
     hint = "" if probe_name in names else " (the model has no such layer)"
@@ -80,6 +109,14 @@ def channel_path(model, layer_name: str, probe_name: str) -> list[str]:
     )
 
 
+def _keeps_channels_last(layer, in_rank: int, out_rank: int):
+    """The per-channel rule of `layer` reading a channels-last tensor, when the channels stay last (else None)."""
+    rule = channel_rule(layer, in_rank, in_rank - 1)
+    if rule.per_channel and rule.out_axis == out_rank - 1:
+        return rule
+    return None
+
+
 @dataclass
 class _Sep:
     """Channel-separable value: at step s it equals t * keep_s + k * (1 - keep_s) (channels last)."""
@@ -87,6 +124,22 @@ class _Sep:
     t: tf.Tensor  # (B, ..., C)
     k: tf.Tensor  # (C,)
     flat: bool = False  # t is (B, positions, C), the channels-last Flatten of a spatial tensor
+
+
+# How each layer after the pruned one is evaluated (MaskedSweep.routes)
+PER_CHANNEL = "per-channel"  # on the separable tensor, once per image; the constants follow (defense.per_channel)
+FLATTEN = "flatten"  # channels-last Flatten of a separable tensor
+SPLIT_CONV = "split conv"  # Conv2D split into one contribution per input channel
+SPLIT_DENSE = "split dense"  # Dense on a flattened (or globally pooled) separable tensor, split likewise
+PER_ROW = "per row"  # the layer as it is, on the masked tensor materialised per (image, step) row
+
+
+@dataclass
+class _Route:
+    node: object
+    how: str
+    k: tf.Tensor | None = None  # PER_CHANNEL: the constant of each pruned channel after the layer (C,)
+    why: str = ""  # PER_ROW on a separable input: why the layer is not per-channel
 
 
 @dataclass
@@ -140,8 +193,9 @@ class MaskedSweep:
     # ---- graph analysis ------------------------------------------------------------------------
     def _build_plan(self):
         model = self.model
-        depth_keys = sorted(model._nodes_by_depth, reverse=True)
-        nodes = [n for d in depth_keys for n in model._nodes_by_depth[d] if n.operation and not n.is_input]
+        graph = getattr(model, "_functional", None) or model  # a Sequential keeps its graph there
+        depth_keys = sorted(graph._nodes_by_depth, reverse=True)
+        nodes = [n for d in depth_keys for n in graph._nodes_by_depth[d] if n.operation and not n.is_input]
         downstream = {id(self.layer.output)}
         top_nodes, statics = [], {}
         layer_seen = False
@@ -166,7 +220,49 @@ class MaskedSweep:
                 f"the model's single output must depend on prune.layer={self.layer.name!r}; it has "
                 f"{len(self._output_ids)} output(s)"
             )
-        return top_nodes
+        # the separable tensors: id -> (constant of each pruned channel, flat)
+        seps = {id(self.layer.output): (np.asarray(self.pruned_value, np.float64), False)}
+        plan = [self._route(node, seps) for node in top_nodes]
+        self.routes = [(route.node.operation.name, route.how) for route in plan]
+        for route in plan:
+            if route.how == PER_ROW and route.why:
+                log.debug("%s: evaluated per (image, step) row: %s", route.node.operation.name, route.why)
+        return plan
+
+    def _route(self, node, seps) -> _Route:
+        """How `node` is evaluated; records its output in `seps` when it stays channel-separable."""
+        import keras
+
+        op = node.operation
+        ins, outs = list(node.input_tensors), list(node.output_tensors)
+        if len(ins) != 1 or id(ins[0]) not in seps or len(outs) != 1:
+            return _Route(node, PER_ROW)
+        k, flat = seps[id(ins[0])]
+        rank, out = len(ins[0].shape), outs[0]
+        if flat:  # (B, positions * C): only a Dense is split per channel
+            if type(op) is keras.layers.Dense:
+                return _Route(node, SPLIT_DENSE)
+            return _Route(node, PER_ROW, why="reads a flattened tensor")
+        if type(op) is keras.layers.Flatten:
+            if op.data_format != "channels_last":
+                return _Route(node, PER_ROW, why="flattens channels first")
+            seps[id(out)] = (k, True)
+            return _Route(node, FLATTEN)
+        if type(op) is keras.layers.Conv2D and rank == 4:
+            dilated, strided = list(op.dilation_rate) != [1, 1], list(op.strides) != [1, 1]
+            if op.data_format == "channels_last" and op.groups == 1 and not (dilated and strided):
+                return _Route(node, SPLIT_CONV)
+            return _Route(node, PER_ROW, why="a channels-first, grouped or dilated strided Conv2D")
+        if type(op) is keras.layers.Dense and rank == 2:  # e.g. after global pooling: one position
+            return _Route(node, SPLIT_DENSE)
+        rule = channel_rule(op, rank, rank - 1)
+        if not rule.per_channel or rule.out_axis != len(out.shape) - 1:
+            return _Route(node, PER_ROW, why=rule.what)
+        k_out = rule.constants(op, k)
+        if k_out is None:
+            return _Route(node, PER_ROW, why=f"{rule.what}; the pruned channels' constants are {k.tolist()}")
+        seps[id(out)] = (k_out, False)
+        return _Route(node, PER_CHANNEL, tf.constant(k_out, tf.float32))
 
     # ---- evaluation of the part after the pruned layer ------------------------------------------
     def _top(self, t, statics, order_full, steps):
@@ -191,8 +287,9 @@ class MaskedSweep:
         values = {id(self.layer.output): _Sep(t, k)}
         for tensor, value in zip(self._static_inputs, statics):
             values[id(tensor)] = _Static(value)
-        for node in self._plan:
-            outputs = self._apply(node, [values[id(x)] for x in node.input_tensors], ctx)
+        for route in self._plan:
+            node = route.node
+            outputs = self._apply(route, [values[id(x)] for x in node.input_tensors], ctx)
             for x, y in zip(node.output_tensors, outputs):
                 values[id(x)] = y
         out = self._as_rows(values[self._output_ids[0]], ctx).v
@@ -201,36 +298,31 @@ class MaskedSweep:
         read = tf.reshape(tf.cumsum(tf.cast(tf.reshape(changed, [-1]), tf.int32)) - 1, [batch, -1])
         return tf.gather(labels, read)
 
-    def _apply(self, node, ins, ctx):
+    def _apply(self, route: _Route, ins, ctx):
+        node = route.node
         layer = node.operation
-        kind = type(layer).__name__
-        if len(ins) == 1 and isinstance(ins[0], _Sep) and not ins[0].flat:
+        if route.how == PER_CHANNEL:
+            return [_Sep(layer(ins[0].t, training=False), route.k)]
+        if route.how == FLATTEN:
             sep = ins[0]
-            if kind in _POOLING:
-                return [_Sep(layer(sep.t, training=False), sep.k)]
-            if kind in _PER_CHANNEL:
-                rank = len(sep.t.shape)
-                k_out = tf.reshape(layer(tf.reshape(sep.k, [1] * (rank - 1) + [-1]), training=False), [-1])
-                return [_Sep(layer(sep.t, training=False), k_out)]
-            if kind == "Flatten" and getattr(layer, "data_format", "channels_last") == "channels_last":
-                positions = int(np.prod(sep.t.shape[1:-1]))
-                return [_Sep(tf.reshape(sep.t, [-1, positions, sep.t.shape[-1]]), sep.k, flat=True)]
-            if kind == "Conv2D" and layer.data_format == "channels_last" and layer.groups == 1:
-                return [self._linear_conv(layer, sep, ctx)]
-        if len(ins) == 1 and isinstance(ins[0], _Sep) and ins[0].flat and kind == "Dense":
-            return [self._linear_dense(layer, ins[0], ctx)]
-        if all(isinstance(v, _Static) for v in ins):
-            tensors = {id(x): v.v for x, v in zip(node.input_tensors, ins)}
-        else:
-            tensors = {id(x): self._as_rows(v, ctx).v for x, v in zip(node.input_tensors, ins)}
+            positions = int(np.prod(sep.t.shape[1:-1]))
+            return [_Sep(tf.reshape(sep.t, [-1, positions, sep.t.shape[-1]]), sep.k, flat=True)]
+        if route.how == SPLIT_CONV:
+            return [self._linear_conv(layer, ins[0], ctx)]
+        if route.how == SPLIT_DENSE:
+            sep = ins[0]
+            if not sep.flat:  # (B, C): the flatten of one position
+                sep = _Sep(tf.reshape(sep.t, [-1, 1, sep.t.shape[-1]]), sep.k, flat=True)
+            return [self._linear_dense(layer, sep, ctx)]
+        # PER_ROW: the layer as it is, on the masked tensor materialised per (image, step) row
+        tensors = {id(x): self._as_rows(v, ctx).v for x, v in zip(node.input_tensors, ins)}
         args, kwargs = node.arguments.fill_in(tensors)
         kwargs = dict(kwargs)
         if getattr(layer, "_call_has_training_arg", False):
             kwargs.setdefault("training", False)
         out = layer(*args, **kwargs)
         out = out if isinstance(out, (list, tuple)) else [out]
-        wrap = _Static if all(isinstance(v, _Static) for v in ins) else _Rows
-        return [wrap(o) for o in out]
+        return [_Rows(o) for o in out]
 
     def _as_rows(self, value, ctx) -> _Rows:
         if isinstance(value, _Rows):
@@ -273,9 +365,7 @@ class MaskedSweep:
         c, f = kernel.shape[2], kernel.shape[3]
         strides = [1, *layer.strides, 1]
         padding = layer.padding.upper()
-        dil = list(layer.dilation_rate)
-        if dil != [1, 1] and strides != [1, 1, 1, 1]:
-            raise DefenseError(f"layer {layer.name}: dilated strided convolutions are not supported after the pruned layer")
+        dil = list(layer.dilation_rate)  # not both dilated and strided: those run per row (_route)
         x = tf.gather(sep.t - sep.k, order, axis=-1)
         per_channel = tf.nn.depthwise_conv2d(x, kernel, strides, padding, dilations=dil)  # (B, H, W, C*F)
         shape = tf.shape(per_channel)
@@ -326,24 +416,3 @@ class MaskedSweep:
             if progress is not None:
                 progress.update(int(outputs[0].shape[0]))
         return np.concatenate(parts) if parts else np.zeros((0, len(order) + 1), np.int32)
-
-
-def seed_style_predictions(model, layer_name: str, x: np.ndarray, order, batch_size: int = 1024) -> np.ndarray:
-    """The seed's way, for checking: zero each channel's kernel and bias with set_weights, then predict.
-
-    Modifies a clone, not `model`. Returns (N, len(order)+1) labels; column s = s channels pruned.
-    """
-    import keras
-
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    layer = clone.get_layer(layer_name)
-    kernel, *rest = layer.get_weights()
-    columns = [np.argmax(clone.predict(x, batch_size=batch_size, verbose=0), axis=-1)]
-    for channel in order:
-        kernel[..., channel] = 0
-        if rest:
-            rest[0][channel] = 0
-        layer.set_weights([kernel, *rest])
-        columns.append(np.argmax(clone.predict(x, batch_size=batch_size, verbose=0), axis=-1))
-    return np.stack(columns, axis=1)

@@ -1,6 +1,6 @@
 """Independent oracles for the tests: plain Keras and numpy, none of the package's sweep machinery.
 
-- `seed_style_predictions`: the CSAW-HackML Lab 3 loop (`lab3.py`): zero a channel's kernel and bias
+- `set_weights_predictions`: the CSAW-HackML Lab 3 loop (`lab3.py`): zero a channel's kernel and bias
   with `set_weights`, run `predict`, one channel after the other.
 - `probe_ranking`: the Lab 3 ranking: a Keras sub-model up to the probe layer (`pool_3`), the mean
   activation of each channel over the clean validation images, ascending.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def seed_style_predictions(model, layer_name: str, x: np.ndarray, order, batch_size: int = 1024) -> np.ndarray:
+def set_weights_predictions(model, layer_name: str, x: np.ndarray, order, batch_size: int = 1024) -> np.ndarray:
     """Top-1 labels (N, len(order)+1) with the first s channels of `order` zeroed; column s = s pruned.
 
     Works on a clone of `model` (the model itself is not changed).

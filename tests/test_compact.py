@@ -246,3 +246,79 @@ def test_sequential_model():
     np.testing.assert_allclose(small.predict(x, verbose=0), models.pruned_copy(model, "c1", [2]).predict(x, verbose=0),
                                rtol=0, atol=1e-5)
     assert small.get_layer("c2").get_weights()[0].shape == (2, 2, 4, 3)
+
+
+# ---- the per-channel rule (defense.per_channel) decides what may sit between the pruned conv and its consumers ----
+
+
+def _after_pruned(activation, middle, seed=0):
+    """Conv2D 'pruned' (6 channels) -> `middle` layers -> max pooling -> Conv2D -> Flatten -> Dense."""
+    layers = keras.layers
+    inp = keras.Input((12, 11, 3))
+    h = layers.Conv2D(6, 3, activation=activation, name="pruned")(inp)  # (10, 9, 6)
+    for layer in middle():
+        h = layer(h)
+    h = layers.MaxPooling2D(2, name="pool")(h)
+    h = layers.Conv2D(4, 2, name="conv_b")(h)
+    out = layers.Dense(5, activation="softmax", name="out")(layers.Flatten(name="flat")(h))
+    return _randomize(keras.Model(inp, out), seed)
+
+
+REFUSED = {  # layer after the pruned conv -> what the error says about it
+    "activation_softmax": ("relu", lambda: [keras.layers.Activation("softmax", name="mix")],
+                           r"'mix' \(Activation\).*does not keep them separate: activation softmax"),
+    "softmax_layer": ("relu", lambda: [keras.layers.Softmax(name="mix")],
+                      r"'mix' \(Softmax\).*softmax over the channel axis"),
+    "bn_axis_1": ("sigmoid", lambda: [keras.layers.BatchNormalization(axis=1, name="mix")],
+                  r"'mix' \(BatchNormalization\).*over axis 1, not the channel axis 3"),
+    "bn_axis_2": ("sigmoid", lambda: [keras.layers.BatchNormalization(axis=2, name="mix")],
+                  r"'mix' \(BatchNormalization\).*over axis 2, not the channel axis 3"),
+    "layer_norm": ("relu", lambda: [keras.layers.LayerNormalization(name="mix")], r"'mix' \(LayerNormalization\)"),
+    "zero_padding_of_sigmoid": ("sigmoid", lambda: [keras.layers.ZeroPadding2D(1, name="mix")],
+                                r"'mix' \(ZeroPadding2D\).*non-zero constant 0.5"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_layers_that_mix_the_pruned_channels_are_refused(case):
+    activation, middle, message = REFUSED[case]
+    with pytest.raises(DefenseError, match=message):
+        compact.compact_model(_after_pruned(activation, middle), "pruned", [1, 4])
+
+
+def test_pruned_conv_with_a_softmax_activation_is_refused():
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, activation="softmax", name="pruned")(inp)
+    out = keras.layers.Dense(2)(keras.layers.Flatten()(h))
+    with pytest.raises(DefenseError, match="activation softmax, which is not element-wise"):
+        compact.compact_model(keras.Model(inp, out), "pruned", [1])
+
+
+KEPT = {  # per-channel layers with non-zero constants: compacted, the constants folded into conv_b's bias
+    "bn_channels_leaky_relu": (None, lambda: [keras.layers.BatchNormalization(name="bn"),
+                                              keras.layers.LeakyReLU(0.2, name="leaky")]),
+    "sigmoid_bn_axis_3": ("sigmoid", lambda: [keras.layers.BatchNormalization(axis=3, name="bn")]),
+    "prelu_per_channel": ("tanh", lambda: [keras.layers.BatchNormalization(name="bn"),
+                                           keras.layers.PReLU(shared_axes=[1, 2], name="prelu")]),
+    "zero_padding_of_relu": ("relu", lambda: [keras.layers.ZeroPadding2D(1, name="pad")]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KEPT))
+def test_per_channel_layers_with_nonzero_constants_are_compacted(case):
+    activation, middle = KEPT[case]
+    model = _after_pruned(activation, middle)
+    pruned = [1, 4]
+    small = compact.compact_model(model, "pruned", pruned)
+    x = np.random.default_rng(4).normal(size=(40, 12, 11, 3)).astype(np.float32)
+    expected = models.pruned_copy(model, "pruned", pruned).predict(x, verbose=0)
+    np.testing.assert_allclose(small.predict(x, verbose=0), expected, rtol=0, atol=1e-5)
+    kept = [0, 2, 3, 5]
+    names = {layer.name for layer in model.layers}
+    if "bn" in names:  # gamma, beta, moving mean, moving variance of the kept channels
+        for a, b in zip(small.get_layer("bn").get_weights(), model.get_layer("bn").get_weights()):
+            np.testing.assert_array_equal(a, b[kept])
+    if "prelu" in names:  # one slope per channel, shape (1, 1, C)
+        np.testing.assert_array_equal(small.get_layer("prelu").get_weights()[0],
+                                      model.get_layer("prelu").get_weights()[0][..., kept])
+    assert small.get_layer("conv_b").get_weights()[0].shape == (2, 2, 4, 4)

@@ -61,7 +61,7 @@ def test_activation_run_reproduces_the_known_shape(activation_run):
 
 def test_activation_run_equals_the_lab3_loop(activation_run):
     """Ranking, every curve point and the thresholds against the plain Keras Lab 3 procedure (tests/oracles.py)."""
-    from oracles import accuracy_per_step, probe_ranking, seed_style_predictions, threshold_steps
+    from oracles import accuracy_per_step, probe_ranking, set_weights_predictions, threshold_steps
 
     from defense import models
     from defense.datasets import load_split
@@ -84,7 +84,7 @@ def test_activation_run_equals_the_lab3_loop(activation_run):
         "pruned_test_acc": (test.clean, False),
     }
     for key, (images, repaired) in columns.items():
-        labels = seed_style_predictions(model, "conv_3", images.x, order)
+        labels = set_weights_predictions(model, "conv_3", images.x, order)
         if repaired:  # G(B, B'): B's label where B and B' agree, 1283 where they differ (numpy, by hand)
             labels = np.where(labels == labels[:, :1], labels[:, :1], 1283)
         expected = accuracy_per_step(labels, images.y)
