@@ -209,33 +209,66 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 
 
 class MultirunParentRun(Callback):
-    """Hydra callback: one MLflow parent run per multirun sweep; the jobs become its children."""
+    """Hydra callback: one MLflow parent run per multirun sweep; the jobs become its children.
+
+    It ends FINISHED when every child finished, FAILED when one failed (or never ended), KILLED
+    when children were stopped by a signal and none failed. Hydra skips `on_multirun_end` when a job
+    raises (basic and joblib launchers) or the sweep is stopped: the parent then ends from
+    `defense.interrupt.on_abort`, KILLED on SIGINT / SIGTERM and FAILED otherwise.
+    """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from defense import interrupt
+
         if config.get("tracking", {}).get("kind") != "mlflow":
             return
         client, exp_id, _ = open_experiment(config.tracking)
         sweep_dir = str(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
-        run = client.create_run(
-            exp_id,
-            run_name=f"sweep {Path(sweep_dir).name}",
-            tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true"},
-        )
+        with interrupt.held():  # a signal must not fall between creating the parent and keeping its id
+            run = client.create_run(
+                exp_id,
+                run_name=f"sweep {Path(sweep_dir).name}",
+                tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true"},
+            )
+            self._run = (client, run.info.run_id)
+            interrupt.on_abort(self._end_aborted)
         os.environ[PARENT_ENV] = run.info.run_id
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         (Path(sweep_dir) / PARENT_FILE).write_text(run.info.run_id)
-        self._run = (client, run.info.run_id)
         log.info("MLflow parent run %s for the sweep in %s", run.info.run_id, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from defense import interrupt
+
+        interrupt.cancel_on_abort(self._end_aborted)
         run = getattr(self, "_run", None)
         if run is None:
             return
         client, run_id = run
-        children = client.search_runs(
-            [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
-        )
-        failed = any(child.info.status != "FINISHED" for child in children)
-        client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        with interrupt.held():
+            children = client.search_runs(
+                [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+            )
+            self._end(parent_status([child.info.status for child in children]))
+
+    def _end_aborted(self, status: str) -> None:
+        if getattr(self, "_run", None) is not None:
+            log.warning("the sweep stopped early: MLflow parent run %s ends %s", self._run[1], status)
+            self._end(status)
+
+    def _end(self, status: str) -> None:
+        client, run_id = self._run
+        self._run = None
+        client.set_terminated(run_id, status=status)
         os.environ.pop(PARENT_ENV, None)
+
+
+def parent_status(child_statuses: list[str]) -> str:
+    """A multirun parent's status from its children's: FAILED beats KILLED beats FINISHED."""
+    statuses = set(child_statuses)
+    if statuses <= {"FINISHED"}:
+        return "FINISHED"
+    if statuses <= {"FINISHED", "KILLED"}:
+        return "KILLED"
+    return "FAILED"
