@@ -1,0 +1,191 @@
+"""SIGTERM (SLURM, Kubernetes) and SIGINT (Ctrl-C) stop `python -m defense.run` cleanly.
+
+Each test starts a real run on the Lab 3 extracts in a subprocess, waits for the log line of a phase,
+sends the signal and checks what the scheduler and the user see afterwards: exit status 143 / 130,
+the MLflow run (and a multirun's parent) ended KILLED, and the files written so far logged to it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, lab3_overrides
+
+# fine-tuning long enough to be stopped in the middle: 500 epochs of one batch each
+LONG_FINETUNE = ["finetune=clean", "finetune.epochs=500", "finetune.holdout=0"]
+FINETUNE_EPOCH = re.compile(r"fine-tune drop_\S+ epoch [3-9]/500")
+PHASE_DEADLINE_S = 300  # TensorFlow's import alone takes tens of seconds on a loaded 2-core machine
+EXIT_DEADLINE_S = 120
+
+
+def _default_sigint():
+    # a test runner started in the background of a non-interactive shell ignores SIGINT, and an
+    # ignored signal stays ignored in its children (defense/interrupt.py keeps it so, as Python does)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class Cli:
+    """`python -m defense.run args...` in a subprocess, its merged output read line by line."""
+
+    def __init__(self, *args: str):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "defense.run", *args], cwd=REPO, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_sigint,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-40:])
+
+    def wait_for(self, pattern: str | re.Pattern, deadline_s: float = PHASE_DEADLINE_S) -> str:
+        """The first line (from here on) that matches `pattern`; fails if the run ends or the deadline passes."""
+        pattern = re.compile(pattern) if isinstance(pattern, str) else pattern
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                pytest.fail(f"no line matching {pattern.pattern!r} within {deadline_s} s:\n{self.output()}")
+            if line is None:
+                pytest.fail(f"the run ended (status {self.proc.wait()}) before {pattern.pattern!r}:\n{self.output()}")
+            self.lines.append(line)
+            if pattern.search(line):
+                return line
+
+    def stop(self, signum: int) -> tuple[int, int]:
+        """Send `signum`; (exit status, time of sending in ms since the epoch, as MLflow's times)."""
+        sent_ms = int(time.time() * 1000)
+        self.proc.send_signal(signum)
+        try:
+            status = self.proc.wait(timeout=EXIT_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"the run did not exit within {EXIT_DEADLINE_S} s of {signal.Signals(signum).name}")
+        while (line := self._queue.get(timeout=30)) is not None:
+            self.lines.append(line)
+        return status, sent_ms
+
+
+def _runs(uri: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments)
+
+
+def _artifacts(uri: str, run_id: str) -> set[str]:
+    from mlflow import MlflowClient
+
+    return {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(run_id)}
+
+
+def _check_killed_run(run, uri: str, run_dir: Path, sent_ms: int, must_have: tuple[str, ...]) -> None:
+    """KILLED, ended within 10 s of the signal, its files logged (those it had written, at least `must_have`)."""
+    assert run.info.status == "KILLED"
+    assert sent_ms <= run.info.end_time <= sent_ms + 10_000, (run.info.end_time - sent_ms, "ms after the signal")
+    written = {name for name in ("config.yaml", "run.log", "curves.csv") if (run_dir / name).is_file()}
+    assert set(must_have) <= written
+    assert written <= _artifacts(uri, run.info.run_id)
+    # the log that MLflow keeps records the stop
+    assert "stopped by" in (run_dir / "run.log").read_text()
+    assert not (run_dir / "summary.csv").exists()  # the run did not go on to its end
+
+
+def test_sigterm_during_the_sweep_ends_the_run_killed(csaw_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    # progress bars on: tqdm must let the signal through
+    overrides = [o for o in lab3_overrides() if not o.startswith("progress=")] + ["progress=true"]
+    cli = Cli(*overrides, *LONG_FINETUNE, f"tracking.uri={uri}", f"hydra.run.dir={run_dir}")
+    cli.wait_for(r"^MLflow run \w+ in experiment")  # the run exists; data loading and the sweep follow
+    status, sent_ms = cli.stop(signal.SIGTERM)
+
+    assert status == 143, cli.output()
+    assert "Traceback" not in "\n".join(cli.lines) and cli.lines[-1] == "stopped by SIGTERM"
+    (run,) = _runs(uri)
+    _check_killed_run(run, uri, run_dir, sent_ms, must_have=("config.yaml", "run.log"))
+
+
+@pytest.mark.parametrize("signum, exit_status, extra", [
+    (signal.SIGTERM, 143, []),
+    # random 1-pixel shifts: Keras fits from a PyDataset instead of arrays
+    (signal.SIGINT, 130, ["finetune.shift=1"]),
+], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_finetuning_ends_the_run_killed(csaw_dir, tmp_path, signum, exit_status, extra):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    cli = Cli(*lab3_overrides("prune.drops=[2,10]"), *LONG_FINETUNE, *extra, f"tracking.uri={uri}",
+              f"hydra.run.dir={run_dir}")
+    cli.wait_for(FINETUNE_EPOCH)
+    status, sent_ms = cli.stop(signum)
+
+    name = signal.Signals(signum).name
+    assert status == exit_status, cli.output()
+    assert cli.lines[-1] == f"stopped by {name}" and "Traceback" not in "\n".join(cli.lines)
+    (run,) = _runs(uri)
+    _check_killed_run(run, uri, run_dir, sent_ms, must_have=("config.yaml", "run.log", "curves.csv"))
+    # fine-tuning stopped where it was: the first B' had some of its 500 epochs, the second none
+    epochs = MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "ft/drop_2/loss")
+    assert 3 <= len(epochs) < 500
+    assert "ft/drop_10/loss" not in run.data.metrics
+    assert (run_dir / "models" / "model_B_2.h5").is_file() and not (run_dir / "models" / "model_B_2_ft.h5").exists()
+
+
+def test_sigterm_to_a_multirun_ends_the_job_and_the_parent_killed(csaw_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    cli = Cli("-m", *lab3_overrides("prune.criterion=activation,l1", "prune.drops=[2]"), *LONG_FINETUNE,
+              f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}")
+    cli.wait_for(FINETUNE_EPOCH)
+    status, sent_ms = cli.stop(signal.SIGTERM)
+
+    assert status == 143, cli.output()
+    assert cli.lines[-1] == "stopped by SIGTERM"
+    runs = _runs(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("defense.parent") == "true"]
+    children = [r for r in runs if r is not parent]
+    # the second job never started: one child, the first job's
+    assert [r.data.tags.get("mlflow.parentRunId") for r in children] == [parent.info.run_id]
+    assert children[0].data.tags["criterion"] == "activation"
+    _check_killed_run(children[0], uri, sweep_dir / "0", sent_ms, must_have=("config.yaml", "run.log", "curves.csv"))
+    assert parent.info.status == "KILLED"
+    assert sent_ms <= parent.info.end_time <= sent_ms + 10_000
+    assert not (sweep_dir / "1").exists()
+
+
+def test_a_failed_job_ends_its_multirun_parent_failed(csaw_dir, tmp_path):
+    """Not a signal: a job that stops the sweep with an error leaves the parent FAILED, not RUNNING."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cli = Cli("-m", *lab3_overrides("prune.criterion=activation,l1", "prune.layer=conv_9"),
+              f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    status = cli.proc.wait(timeout=PHASE_DEADLINE_S)
+    while (line := cli._queue.get(timeout=30)) is not None:
+        cli.lines.append(line)
+
+    assert status == 2, cli.output()
+    assert any(line.startswith("error: ") and "conv_9" in line for line in cli.lines), cli.output()
+    (parent,) = _runs(uri)  # the job failed on its input check, before creating its own run
+    assert parent.data.tags.get("defense.parent") == "true"
+    assert parent.info.status == "FAILED"
