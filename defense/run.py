@@ -56,7 +56,8 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         with interrupt.held():  # a signal must not fall between creating the run and keeping its id
             tracker = tracking.make_tracker(
                 cfg, {"model": cfg.model.name, "criterion": cfg.prune.criterion, "dataset": cfg.dataset.get("kind"),
-                      "layer": cfg.prune.layer, "finetune": cfg.get("finetune", {}).get("kind", "none")}
+                      "layer": cfg.prune.layer, "finetune": cfg.get("finetune", {}).get("kind", "none"),
+                      "defense.run_dir": str(out_dir.resolve()), **tracking.run_tags()}
             )
         valid = datasets.load_split(cfg.dataset, cfg.model, "valid")
         test = datasets.load_split(cfg.dataset, cfg.model, "test")
@@ -118,10 +119,7 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     finally:
         if tracker is not None:
             with interrupt.held():  # end the run even if another signal comes
-                kept = list(out_dir.glob("*.log"))
-                if status != "FINISHED":  # keep in MLflow what the failed or stopped run had written
-                    kept += [out_dir / name for name in ("config.yaml", "curves.csv") if (out_dir / name).is_file()]
-                for path in kept:
+                for path in tracking.files_kept(out_dir, status):
                     tracker.log_artifact(path)
                 tracker.end(status)
 

@@ -99,15 +99,16 @@ def _artifacts(uri: str, run_id: str) -> set[str]:
     return {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(run_id)}
 
 
-def _check_killed_run(run, uri: str, run_dir: Path, sent_ms: int, must_have: tuple[str, ...]) -> None:
+def _check_killed_run(run, uri: str, run_dir: Path, sent_ms: int, must_have: tuple[str, ...],
+                      logs_the_stop: bool = True) -> None:
     """KILLED, ended within 10 s of the signal, its files logged (those it had written, at least `must_have`)."""
     assert run.info.status == "KILLED"
     assert sent_ms <= run.info.end_time <= sent_ms + 10_000, (run.info.end_time - sent_ms, "ms after the signal")
     written = {name for name in ("config.yaml", "run.log", "curves.csv") if (run_dir / name).is_file()}
     assert set(must_have) <= written
     assert written <= _artifacts(uri, run.info.run_id)
-    # the log that MLflow keeps records the stop
-    assert "stopped by" in (run_dir / "run.log").read_text()
+    if logs_the_stop:  # the log that MLflow keeps records the stop
+        assert "stopped by" in (run_dir / "run.log").read_text()
     assert not (run_dir / "summary.csv").exists()  # the run did not go on to its end
 
 
@@ -173,6 +174,66 @@ def test_sigterm_to_a_multirun_ends_the_job_and_the_parent_killed(csaw_dir, tmp_
     assert parent.info.status == "KILLED"
     assert sent_ms <= parent.info.end_time <= sent_ms + 10_000
     assert not (sweep_dir / "1").exists()
+
+
+def test_sigterm_to_a_joblib_multirun_ends_the_killed_workers_runs(csaw_dir, tmp_path):
+    """SIGTERM to the sweep's process alone (Kubernetes signals PID 1): joblib kills its workers with
+    SIGKILL, so the parent ends their runs, KILLED, with their files."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep_dir = tmp_path / "sweep"
+    cli = Cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+              *lab3_overrides("prune.criterion=activation,l1", "prune.drops=[2]"), *LONG_FINETUNE,
+              f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}")
+    cli.wait_for(FINETUNE_EPOCH)
+    cli.wait_for(FINETUNE_EPOCH)  # both jobs fine-tune (or one is further on, still fine-tuning)
+    status, sent_ms = cli.stop(signal.SIGTERM)
+
+    assert status == 143, cli.output()
+    runs = _runs(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("defense.parent") == "true"]
+    children = sorted((r for r in runs if r is not parent), key=lambda r: r.data.tags["criterion"])
+    assert [r.data.tags["criterion"] for r in children] == ["activation", "l1"]
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children)
+    for child, job in zip(children, ("0", "1")):
+        _check_killed_run(child, uri, sweep_dir / job, sent_ms, must_have=("config.yaml", "run.log", "curves.csv"),
+                          logs_the_stop=False)
+    assert parent.info.status == "KILLED"
+
+
+def test_a_signal_during_a_tensorflow_op_is_raised_when_the_op_returns():
+    """The main thread blocked in a C++ op (a queue's dequeue) gets SIGTERM: the process is not killed,
+    and Interrupted is raised once the op has returned."""
+    script = """
+import os, signal, sys, threading, time
+import tensorflow as tf
+from defense import interrupt
+
+queue = tf.queue.FIFOQueue(1, tf.float32)
+main = threading.main_thread().ident
+events = []
+
+def signal_then_feed():
+    while 'dequeue' not in sys._current_frames()[main].f_code.co_name:  # until the op has started
+        time.sleep(0.01)
+    time.sleep(0.2)
+    events.append('signal sent')
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.0)
+    events.append('op can return')
+    queue.enqueue(1.0)
+
+with interrupt.stop_on_signals():
+    threading.Thread(target=signal_then_feed, daemon=True).start()
+    try:
+        queue.dequeue()
+        time.sleep(60)
+        print('not interrupted')
+    except interrupt.Interrupted as err:
+        print('Interrupted', err.signum, 'after', events)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == f"Interrupted {int(signal.SIGTERM)} after ['signal sent', 'op can return']"
 
 
 def test_a_failed_job_ends_its_multirun_parent_failed(csaw_dir, tmp_path):
