@@ -241,16 +241,17 @@ class MultirunParentRun(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from defense import interrupt
 
-        interrupt.cancel_on_abort(self._end_aborted)
         run = getattr(self, "_run", None)
         if run is None:
+            interrupt.cancel_on_abort(self._end_aborted)
             return
         client, run_id = run
-        with interrupt.held():
+        with interrupt.held():  # (if this raises, the parent still ends from on_abort)
             children = client.search_runs(
                 [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
             )
             self._end(parent_status([child.info.status for child in children]))
+            interrupt.cancel_on_abort(self._end_aborted)
 
     def _end_aborted(self, status: str) -> None:
         if getattr(self, "_run", None) is None:

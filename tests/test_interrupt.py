@@ -250,3 +250,58 @@ def test_a_failed_job_ends_its_multirun_parent_failed(csaw_dir, tmp_path):
     (parent,) = _runs(uri)  # the job failed on its input check, before creating its own run
     assert parent.data.tags.get("defense.parent") == "true"
     assert parent.info.status == "FAILED"
+
+
+def test_held_signal_is_raised_at_the_end_and_later_signals_do_not_cut_the_cleanup():
+    """In-process: signal.raise_signal runs the handler before it returns, so the order is exact."""
+    from defense import interrupt
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    events, aborts = [], []
+    with pytest.raises(interrupt.Interrupted) as stopped:
+        with interrupt.stop_on_signals():
+            interrupt.on_abort(aborts.append)
+            with interrupt.held():
+                signal.raise_signal(signal.SIGTERM)
+                events.append("held block goes on")
+            events.append("not reached")
+    assert events == ["held block goes on"] and aborts == ["KILLED"]
+    assert stopped.value.signum == signal.SIGTERM and interrupt.exit_status(stopped.value) == 143
+    assert {s: signal.getsignal(s) for s in before} == before
+
+    with pytest.raises(interrupt.Interrupted) as stopped:
+        with interrupt.stop_on_signals():
+            try:
+                signal.raise_signal(signal.SIGINT)
+                events.append("not reached")
+            finally:
+                signal.raise_signal(signal.SIGTERM)  # a second signal while stopping is only noted
+                signal.raise_signal(signal.SIGINT)
+                events.append("cleanup ran")
+    assert events == ["held block goes on", "cleanup ran"]
+    assert stopped.value.signum == signal.SIGINT and interrupt.exit_status(stopped.value) == 130
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_an_error_leaving_the_scope_aborts_failed_and_a_normal_end_calls_nothing():
+    from defense import interrupt
+
+    aborts = []
+    with pytest.raises(SystemExit):
+        with interrupt.stop_on_signals():
+            interrupt.on_abort(aborts.append)
+            raise SystemExit(2)  # what defense.errors.exit_on_user_error raises in a job
+    with interrupt.stop_on_signals():
+        interrupt.on_abort(aborts.append)
+        interrupt.cancel_on_abort(aborts.append)
+    assert aborts == ["FAILED"]
+
+
+def test_parent_status_failed_beats_killed_beats_finished():
+    from defense.tracking import parent_status
+
+    assert parent_status([]) == "FINISHED"
+    assert parent_status(["FINISHED", "FINISHED"]) == "FINISHED"
+    assert parent_status(["FINISHED", "KILLED"]) == "KILLED"
+    assert parent_status(["KILLED", "FAILED", "FINISHED"]) == "FAILED"
+    assert parent_status(["FINISHED", "RUNNING"]) == "FAILED"  # a job that never ended its run
