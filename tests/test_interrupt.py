@@ -184,8 +184,9 @@ def test_sigterm_to_a_joblib_multirun_ends_the_killed_workers_runs(csaw_dir, tmp
     cli = Cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
               *lab3_overrides("prune.criterion=activation,l1", "prune.drops=[2]"), *LONG_FINETUNE,
               f"tracking.uri={uri}", f"hydra.sweep.dir={sweep_dir}")
-    cli.wait_for(FINETUNE_EPOCH)
-    cli.wait_for(FINETUNE_EPOCH)  # both jobs fine-tune (or one is further on, still fine-tuning)
+    # each job logs its epoch 3 once: after two of these lines both jobs fine-tune
+    cli.wait_for("fine-tune drop_2 epoch 3/500")
+    cli.wait_for("fine-tune drop_2 epoch 3/500")
     status, sent_ms = cli.stop(signal.SIGTERM)
 
     assert status == 143, cli.output()
@@ -213,9 +214,10 @@ main = threading.main_thread().ident
 events = []
 
 def signal_then_feed():
-    while 'dequeue' not in sys._current_frames()[main].f_code.co_name:  # until the op has started
+    # until the main thread is in the op's Python wrapper, a few lines before its C++ call
+    while sys._current_frames()[main].f_code.co_name != 'queue_dequeue_v2':
         time.sleep(0.01)
-    time.sleep(0.2)
+    time.sleep(0.5)
     events.append('signal sent')
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(1.0)
