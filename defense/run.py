@@ -16,13 +16,23 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from defense import interrupt
 from defense.errors import exit_on_user_error
 
 log = logging.getLogger("defense.run")
 
 
 def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Run the defense described by `cfg`, writing into `out_dir`; returns the result summary."""
+    """Run the defense described by `cfg`, writing into `out_dir`; returns the result summary.
+
+    SIGINT or SIGTERM (defense/interrupt.py) stops it at any step: the MLflow run ends KILLED with
+    the files written so far, and Interrupted (a KeyboardInterrupt) propagates.
+    """
+    with interrupt.stop_on_signals():
+        return _run_defense(cfg, out_dir)
+
+
+def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     from defense import autodetect, datasets, models, plots, report, sweep, tracking
     from defense.safe_files import Limits
 
@@ -42,13 +52,16 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     model = models.load_model(cfg.model, model_path, limits)
     autodetect.complete_model_config(cfg.model, model, model_path)
     sweep.check_layers(cfg, model)  # also fills prune.layer / prune.probe where null
-    tracker = tracking.make_tracker(
-        cfg, {"model": cfg.model.name, "criterion": cfg.prune.criterion, "dataset": cfg.dataset.get("kind"),
-              "layer": cfg.prune.layer, "finetune": cfg.get("finetune", {}).get("kind", "none")}
-    )
+    OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    tracker = None
     status = "FAILED"
     try:
-        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+        with interrupt.held():  # a signal must not fall between creating the run and keeping its id
+            tracker = tracking.make_tracker(
+                cfg, {"model": cfg.model.name, "criterion": cfg.prune.criterion, "dataset": cfg.dataset.get("kind"),
+                      "layer": cfg.prune.layer, "finetune": cfg.get("finetune", {}).get("kind", "none"),
+                      "defense.run_dir": str(out_dir.resolve()), **tracking.run_tags()}
+            )
         valid = datasets.load_split(cfg.dataset, cfg.model, "valid", limits)
         if cfg.model.get("input_divisor") is None:
             divisor = autodetect.choose_input_divisor(cfg.model, model, valid.clean, int(cfg.get("batch_size", 512)))
@@ -108,13 +121,18 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         status = "FINISHED"
         return {"curves": result.curves, "summary": summary, "order": result.order, "run_id": tracker.run_id,
                 "out_dir": out_dir, "result": result}
+    except BaseException as err:
+        status = interrupt.run_status(err)
+        if status == "KILLED":
+            log.warning("stopped by %s: the run ends KILLED; the files written so far stay in %s",
+                        interrupt.signal_name(interrupt.signum_of(err)), out_dir)
+        raise
     finally:
-        kept = list(out_dir.glob("*.log"))
-        if status == "FAILED":  # keep in MLflow what the failed run had written
-            kept += [out_dir / name for name in ("config.yaml", "curves.csv") if (out_dir / name).is_file()]
-        for path in kept:
-            tracker.log_artifact(path)
-        tracker.end(status)
+        if tracker is not None:
+            with interrupt.held():  # end the run even if another signal comes
+                for path in tracking.files_kept(out_dir, status):
+                    tracker.log_artifact(path)
+                tracker.end(status)
 
 
 def _finetune(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
@@ -127,6 +145,7 @@ def _finetune(cfg, model, result, summary, valid, test, out_dir, tracker) -> dic
     return finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker)
 
 
+@interrupt.exit_on_signal
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:

@@ -209,33 +209,139 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 
 
 class MultirunParentRun(Callback):
-    """Hydra callback: one MLflow parent run per multirun sweep; the jobs become its children."""
+    """Hydra callback: one MLflow parent run per multirun sweep; the jobs become its children.
+
+    It ends FINISHED when every child finished, FAILED when one failed (or never ended), KILLED
+    when children were stopped by a signal and none failed. Hydra skips `on_multirun_end` when a job
+    raises (basic and joblib launchers) or the sweep is stopped: the parent then ends from
+    `defense.interrupt.on_abort`, KILLED on SIGINT / SIGTERM and FAILED otherwise.
+    """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        from defense import interrupt
+
         if config.get("tracking", {}).get("kind") != "mlflow":
             return
         client, exp_id, _ = open_experiment(config.tracking)
         sweep_dir = str(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
-        run = client.create_run(
-            exp_id,
-            run_name=f"sweep {Path(sweep_dir).name}",
-            tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true"},
-        )
+        with interrupt.held():  # a signal must not fall between creating the parent and keeping its id
+            run = client.create_run(
+                exp_id,
+                run_name=f"sweep {Path(sweep_dir).name}",
+                tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true"},
+            )
+            self._run = (client, run.info.run_id)
+            interrupt.on_abort(self._end_aborted)
         os.environ[PARENT_ENV] = run.info.run_id
         Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         (Path(sweep_dir) / PARENT_FILE).write_text(run.info.run_id)
-        self._run = (client, run.info.run_id)
         log.info("MLflow parent run %s for the sweep in %s", run.info.run_id, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from defense import interrupt
+
         run = getattr(self, "_run", None)
         if run is None:
+            interrupt.cancel_on_abort(self._end_aborted)
             return
         client, run_id = run
-        children = client.search_runs(
-            [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
-        )
-        failed = any(child.info.status != "FINISHED" for child in children)
-        client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+        with interrupt.held():  # (if this raises, the parent still ends from on_abort)
+            children = client.search_runs(
+                [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+            )
+            self._end(parent_status([child.info.status for child in children]))
+            interrupt.cancel_on_abort(self._end_aborted)
+
+    def _end_aborted(self, status: str) -> None:
+        if getattr(self, "_run", None) is None:
+            return
+        client, run_id = self._run
+        log.warning("the sweep stopped early: MLflow parent run %s ends %s", run_id, status)
+        try:
+            end_orphaned_children(client, run_id, status)
+        finally:
+            self._end(status)
+
+    def _end(self, status: str) -> None:
+        client, run_id = self._run
+        self._run = None
+        client.set_terminated(run_id, status=status)
         os.environ.pop(PARENT_ENV, None)
+
+
+def files_kept(out_dir: str | os.PathLike, status: str) -> list[Path]:
+    """The files of a run folder logged when the run ends: its logs, and more when it did not finish."""
+    out_dir = Path(out_dir)
+    kept = sorted(out_dir.glob("*.log"))
+    if status != "FINISHED":  # keep in MLflow what the failed or stopped run had written
+        kept += [out_dir / name for name in ("config.yaml", "curves.csv") if (out_dir / name).is_file()]
+    return kept
+
+
+def run_tags() -> dict[str, str]:
+    """Where a run's process runs (tags defense.host, defense.pid): a stopped sweep ends the runs of dead jobs."""
+    import socket
+
+    return {"defense.host": socket.gethostname(), "defense.pid": str(os.getpid())}
+
+
+def _process_gone(pid: int) -> bool:
+    """True when process `pid` of this machine has ended (a zombie that was not reaped yet counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
+
+
+def end_orphaned_children(client, parent_id: str, status: str, wait_s: float = 5.0) -> None:
+    """End the RUNNING children of a stopped sweep whose job process died without ending its run.
+
+    joblib kills its workers with SIGKILL when the sweep is stopped, before a worker may have ended
+    its run: such a run (same machine, process gone) ends with `status`, its files logged from
+    `defense.run_dir`. Runs of processes still alive, or on other machines, are left to end themselves.
+    """
+    import socket
+
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    children = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    host = socket.gethostname()
+    local = {}
+    for child in children:
+        tags = child.data.tags
+        pid = tags.get("defense.pid", "")
+        if child.info.status == "RUNNING" and tags.get("defense.host") == host and pid.isdigit() \
+                and int(pid) != os.getpid():
+            local[child.info.run_id] = (int(pid), tags.get("defense.run_dir"))
+    deadline = time.monotonic() + wait_s
+    while local:
+        for child_id, (pid, run_dir) in list(local.items()):
+            if not _process_gone(pid):
+                continue
+            del local[child_id]
+            if client.get_run(child_id).info.status != "RUNNING":
+                continue
+            for path in files_kept(run_dir, status) if run_dir else []:
+                client.log_artifact(child_id, os.fspath(path))
+            client.set_terminated(child_id, status=status)
+            log.warning("MLflow run %s of the sweep (its process %d has ended) ends %s", child_id, pid, status)
+        if local and time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+
+def parent_status(child_statuses: list[str]) -> str:
+    """A multirun parent's status from its children's: FAILED beats KILLED beats FINISHED."""
+    statuses = set(child_statuses)
+    if statuses <= {"FINISHED"}:
+        return "FINISHED"
+    if statuses <= {"FINISHED", "KILLED"}:
+        return "KILLED"
+    return "FAILED"

@@ -1,0 +1,196 @@
+"""Stopping a run on SIGINT or SIGTERM: its MLflow run ends KILLED and the process exits 130 / 143.
+
+Ctrl-C sends SIGINT. SLURM (scancel, the time limit, preemption) and Kubernetes (a pod deleted or
+evicted) send SIGTERM, then SIGKILL when a grace period is over (SLURM's KillWait and Kubernetes'
+terminationGracePeriodSeconds, 30 s by default). Python turns SIGINT into KeyboardInterrupt, but
+SIGTERM ends the process at once without running any `finally`, which would leave its MLflow run
+RUNNING forever. Inside `stop_on_signals()` both raise `Interrupted` (a KeyboardInterrupt, so code
+that lets Ctrl-C through lets it through too) and every `try/finally` on the way out runs:
+`defense.run.run_defense` ends its MLflow run KILLED and logs the files written so far.
+
+- Python runs the handler in the main thread between two bytecodes. A signal that arrives while
+  TensorFlow runs an op in C++ (a predict batch, a training step) is raised as soon as the op
+  returns to Python, so every loop of Python calls (the sweep's batches, Keras' fit, the export)
+  stops at its next step.
+- Only the first signal raises. Later ones, while that stop is under way, are noted on stderr and
+  otherwise ignored, so that a second Ctrl-C or a launcher passing SIGTERM on cannot cut the ending
+  of the run short (SIGKILL still ends the process at once).
+- `held()` marks the few lines that must not be cut in the middle (creating an MLflow run and
+  keeping its id, ending it): a signal arriving inside is raised when the block ends.
+- `on_abort(fn)`: `fn(status)` is called when an exception leaves the outermost scope (`KILLED` for
+  a signal, `FAILED` otherwise): the MLflow parent run of a multirun, which Hydra does not end when
+  a job raises, is ended there.
+- A signal ignored (SIG_IGN) when the scope starts stays ignored, as Python itself does for SIGINT
+  (a job started with nohup or in the background of a non-interactive shell ignores Ctrl-C).
+- Outside the main thread the scope changes nothing: only the main thread may set handlers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+
+log = logging.getLogger("defense.interrupt")
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived during a run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal_name(signum))
+        self.signum = int(signum)
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def signum_of(err: BaseException) -> int:
+    """The signal behind an interruption: a plain KeyboardInterrupt counts as SIGINT."""
+    return getattr(err, "signum", signal.SIGINT)
+
+
+def exit_status(err: BaseException) -> int:
+    """The shell's convention for a process stopped by a signal: 128 + its number (130, 143)."""
+    return 128 + signum_of(err)
+
+
+def run_status(err: BaseException | None) -> str:
+    """The MLflow status of a run that ends with `err` propagating (None: it ended normally)."""
+    if err is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+
+
+class _State:
+    def __init__(self):
+        self.depth = 0  # nesting of stop_on_signals() in the main thread
+        self.previous: dict[int, object] = {}  # handlers to put back when the outermost scope ends
+        self.stopping: int | None = None  # the signal whose Interrupted is on its way out
+        self.held = 0  # nesting of held()
+        self.pending: int | None = None  # a signal that arrived inside held(), raised when it ends
+        self.aborts: list = []  # on_abort() callables
+
+
+_state = _State()
+
+
+def _note(text: str) -> None:
+    # os.write, not print or logging: the handler may run while the main thread is inside a write
+    # to the same stream, and Python's buffered streams refuse a reentrant call
+    try:
+        os.write(2, (text + "\n").encode())
+    except OSError:
+        pass
+
+
+def _handle(signum, frame) -> None:
+    if _state.stopping is not None:
+        _note(f"{signal_name(signum)}: already stopping (ending the run and logging its files)")
+        return
+    if _state.held:
+        if _state.pending is None:
+            _state.pending = signum
+        return
+    _state.stopping = signum
+    raise Interrupted(signum)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def stop_on_signals():
+    """Inside, SIGINT and SIGTERM raise Interrupted in the main thread; the handlers are put back after.
+
+    Nested scopes share the outermost one's handlers. When an exception leaves the outermost scope,
+    the `on_abort` callables run first (newest first), with the status it gives the run.
+    """
+    if not _in_main_thread():
+        yield
+        return
+    outermost = _state.depth == 0
+    if outermost:
+        _state.stopping = _state.pending = None
+        _state.previous = {}
+        for signum in SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous == signal.SIG_IGN:
+                continue
+            _state.previous[signum] = previous
+            signal.signal(signum, _handle)
+    _state.depth += 1
+    try:
+        yield
+    except BaseException as err:
+        if outermost:
+            _run_aborts(run_status(err))
+        raise
+    finally:
+        _state.depth -= 1
+        if outermost:
+            for signum, previous in _state.previous.items():
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            _state.previous = {}
+            _state.stopping = _state.pending = None
+
+
+@contextmanager
+def held():
+    """A block that a signal must not cut: a signal arriving inside is raised when it ends."""
+    _state.held += 1
+    try:
+        yield
+    finally:
+        _state.held -= 1
+    if _state.held == 0 and _state.pending is not None and _state.stopping is None:
+        signum, _state.pending = _state.pending, None
+        _state.stopping = signum
+        raise Interrupted(signum)
+
+
+def on_abort(fn) -> None:
+    """Call `fn(status)` if an exception leaves the outermost stop_on_signals() scope."""
+    _state.aborts.append(fn)
+
+
+def cancel_on_abort(fn) -> None:
+    if fn in _state.aborts:
+        _state.aborts.remove(fn)
+
+
+def _run_aborts(status: str) -> None:
+    aborts, _state.aborts = _state.aborts[::-1], []
+    with held():
+        for fn in aborts:
+            try:
+                fn(status)
+            except Exception as err:  # noqa: BLE001 - one failing cleanup must not stop the others
+                log.error("while stopping: %s", err)
+
+
+def exit_on_signal(func):
+    """Decorate a command's entry point: SIGINT / SIGTERM stop it with exit status 130 / 143.
+
+    The signals raise Interrupted while `func` runs; when it reaches this level, one line goes to
+    stderr (no traceback) and the process exits with 128 + the signal's number.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            with stop_on_signals():
+                return func(*args, **kwargs)
+        except KeyboardInterrupt as err:
+            print(f"stopped by {signal_name(signum_of(err))}", file=sys.stderr, flush=True)
+            sys.exit(exit_status(err))
+
+    return wrapper
