@@ -13,6 +13,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from defense.config import check_config, warn_if_near_chance
 from defense.errors import exit_on_user_error
 
 log = logging.getLogger("defense.evaluate")
@@ -22,9 +23,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score `cfg.model` on `cfg.split` of `cfg.dataset`; returns {'clean_acc': .., 'asr/<trigger>': ..}."""
     from defense import datasets, metrics, models
 
+    check_config(cfg, "evaluate")
     split = datasets.load_split(cfg.dataset, cfg.model, cfg.split)
     model = models.load_model(cfg.model, datasets.resolve_model_path(cfg.model, cfg.dataset))
     scores = {"clean_acc": metrics.accuracy(models.predict_labels(model, split.clean.x, cfg.model), split.clean.y)}
+    warn_if_near_chance(scores["clean_acc"], cfg.model, f"the clean accuracy on split={cfg.split}", log)
     for name, images in split.poisoned.items():
         pred = models.predict_labels(model, images.x, cfg.model)
         scores[f"asr/{name}"] = metrics.attack_success_rate(pred, images.y)

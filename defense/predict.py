@@ -29,6 +29,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from defense.config import check_config
 from defense.errors import DefenseError, exit_on_user_error
 
 log = logging.getLogger("defense.predict")
@@ -136,6 +137,7 @@ def predict(cfg: DictConfig) -> tuple[list[tuple[str, int]], list[str]]:
     """Classify `cfg.image`: ([(file name, class), ...], [error line per failed file])."""
     from defense import metrics, models
 
+    check_config(cfg, "predict")
     files = list_images(cfg.get("image"))
     b_prime_path = resolve_repaired(cfg.get("repaired") or {})
     shape = tuple(int(s) for s in cfg.model.input_shape)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import defense.config  # noqa: F401  (registers the config schemas in Hydra's ConfigStore before any compose)
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 CSAW = (REPO.parent / "shared" / "data" / "csaw").resolve()
