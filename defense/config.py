@@ -306,7 +306,6 @@ def check_config(cfg, app: str = "run") -> None:
         from defense import sweep
 
         sweep.check_prune_config(cfg)
-        _bound("prune.seed", cfg.prune.get("seed", 0), lambda v: float(v).is_integer(), "an integer seed")
         finetune = cfg.get("finetune") or {}
         if finetune.get("kind", "none") != "none":
             from defense.finetune import finetune_settings
