@@ -443,7 +443,7 @@ def main(argv=None) -> int:
         from defense import models
         from defense.data import load_h5
 
-        if models.h5_kind(args.model) != "model":
+        if models.h5_kind(args.model) == "weights":
             raise DefenseError(f"{args.model}: a weights-only file; give a full .h5 model (a saved B')")
         model = models.load_full_model(args.model)
         x = None

@@ -29,6 +29,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import defense.config  # noqa: F401  (registers the schema that conf/compare.yaml names)
 from defense.errors import DefenseError, exit_on_user_error
 
 log = logging.getLogger("defense.compare")

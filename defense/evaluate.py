@@ -13,6 +13,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from defense.config import check_config, warn_if_near_chance
 from defense.errors import exit_on_user_error
 
 log = logging.getLogger("defense.evaluate")
@@ -23,6 +24,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from defense import autodetect, datasets, metrics, models
     from defense.safe_files import Limits
 
+    check_config(cfg, "evaluate")
     limits = Limits.from_cfg(cfg)
     model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
     model = models.load_model(cfg.model, model_path, limits)
@@ -33,6 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         valid = split if cfg.split == "valid" else datasets.load_split(cfg.dataset, cfg.model, "valid", limits)
         autodetect.choose_input_divisor(cfg.model, model, valid.clean, int(cfg.get("batch_size", 1024)))
     scores = {"clean_acc": metrics.accuracy(models.predict_labels(model, split.clean.x, cfg.model), split.clean.y)}
+    warn_if_near_chance(scores["clean_acc"], cfg.model, f"the clean accuracy on split={cfg.split}", log)
     for name, images in split.poisoned.items():
         pred = models.predict_labels(model, images.x, cfg.model)
         scores[f"asr/{name}"] = metrics.attack_success_rate(pred, images.y)

@@ -19,15 +19,18 @@ from defense.errors import DefenseError
 from defense.safe_files import Limits
 
 MODEL_HINT = (
-    "give model.path=<file.h5>: a full Keras .h5 model (e.g. the Lab 3 models/bd_net.h5) or a "
+    "give model.path=<file>: a full Keras .h5 model (e.g. the Lab 3 models/bd_net.h5), a Keras 3 .keras file, or a "
     "weights-only .h5 for the DeepID architecture (e.g. ../shared/data/csaw/lab3_bd_weights.h5)"
 )
 
 
 def h5_kind(path: str, limits: Limits | None = None) -> str:
-    """'model' for a full Keras model file, 'weights' for a weights-only file (after `check_h5`)."""
+    """'model' for a full Keras .h5 model, 'weights' for a weights-only .h5 (after `check_h5`), 'keras' for a
+    Keras 3 `.keras` archive (checked when it is loaded)."""
     if not os.path.isfile(path):
         raise DefenseError(f"model file not found: {path}; {MODEL_HINT}")
+    if path.endswith(".keras"):
+        return "keras"
     safe_files.check_h5(path, limits)
     try:
         with h5py.File(path, "r") as f:
@@ -75,7 +78,7 @@ def load_model(model_cfg, path: str | None = None, limits: Limits | None = None)
     if not path:
         raise DefenseError(f"model.path is not set; {MODEL_HINT}")
     kind = h5_kind(path, limits)
-    if kind == "model":
+    if kind in ("model", "keras"):
         model = load_full_model(path, limits)
     else:
         model = build_architecture(model_cfg)
@@ -126,8 +129,12 @@ def load_full_model(path: str, limits: Limits | None = None):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DefenseError(f"model file not found: {path}; {MODEL_HINT}")
-    config = safe_files.check_model_file(path, limits)
-    repaired = repair_legacy_sequential(config, _keras_version(path))
+    if path.endswith(".keras"):  # Keras 3 archive: its config and weights checked, then Keras's safe loader
+        safe_files.check_keras_archive(path, limits)
+        repaired = None
+    else:
+        config = safe_files.check_model_file(path, limits)
+        repaired = repair_legacy_sequential(config, _keras_version(path))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

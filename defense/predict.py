@@ -32,6 +32,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from defense import safe_files
+from defense.config import check_config
 from defense.errors import DefenseError, exit_on_user_error
 from defense.safe_files import Limits
 
@@ -155,6 +156,7 @@ def predict(cfg: DictConfig) -> tuple[list[tuple[str, int]], list[str]]:
     """Classify `cfg.image`: ([(file name, class), ...], [error line per failed file])."""
     from defense import metrics, models
 
+    check_config(cfg, "predict")
     limits = safe_files.Limits.from_cfg(cfg)
     files = list_images(cfg.get("image"))
     b_prime_path = resolve_repaired(cfg.get("repaired") or {})

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from defense import interrupt
+from defense.config import check_config, seed_everything, warn_if_near_chance
 from defense.errors import exit_on_user_error
 
 log = logging.getLogger("defense.run")
@@ -36,15 +37,12 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     from defense import autodetect, datasets, models, plots, report, sweep, tracking
     from defense.safe_files import Limits
 
+    # input checks first: a bad option fails here, before any data is read or any run is logged
+    check_config(cfg, "run")
+    seed_everything(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    # input checks first: a bad option fails here, before any data is read or any run is logged
-    sweep.check_prune_config(cfg)
-    if cfg.get("finetune", {}).get("kind", "none") != "none":
-        from defense.finetune import finetune_settings
-
-        finetune_settings(cfg.finetune)
     if cfg.tracking.get("kind") == "mlflow":
         tracking.resolve_uri(cfg.tracking.get("uri"))
     model_path = datasets.resolve_model_path(cfg.model, cfg.dataset)
@@ -74,6 +72,7 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             len(test.clean), [len(v) for v in test.poisoned.values()],
         )
         result = sweep.run_sweep(cfg, model, valid, test, progress=bool(cfg.get("progress", True)))
+        warn_if_near_chance(result.curves[0]["valid_acc"], cfg.model, "the unpruned network's clean validation accuracy")
         log.info("sweep of %d steps in %.1f s (%s)", result.steps, sum(result.seconds.values()),
                  ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
         report.write_csv(out_dir / "curves.csv", result.curves)

@@ -32,6 +32,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass
 
 import h5py
@@ -332,3 +333,53 @@ def pil_pixel_cap(limits: Limits | None = None):
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+KERAS_ARCHIVE_MEMBERS = ("metadata.json", "config.json", "model.weights.h5")
+
+
+def check_keras_archive(path: str, limits: Limits | None = None) -> dict:
+    """A Keras 3 `.keras` file (a zip): only Keras's own members, its config.json checked as a model
+    config (`check_model_config`), its model.weights.h5 checked like any h5 (`check_h5`, on a copy
+    made in a temporary folder); returns the config. Nothing is read beyond the archive."""
+    import tempfile
+    import zipfile
+
+    budget = resolve(limits).max_array_bytes
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = {info.filename: info for info in archive.infolist()}
+            odd = sorted(n for n in infos if n not in KERAS_ARCHIVE_MEMBERS and not n.startswith("assets/"))
+            if odd or any(".." in n.split("/") or n.startswith("/") for n in infos):
+                raise DefenseError(
+                    f"{path}: the .keras archive holds members a Keras model file does not ({odd or 'paths outside it'}); "
+                    "refused (give a file written by keras Model.save)"
+                )
+            if "config.json" not in infos:
+                raise DefenseError(f"{path}: no config.json in the .keras archive; give a file written by keras Model.save")
+            if infos["config.json"].file_size > MAX_MODEL_CONFIG_BYTES:
+                raise DefenseError(f"{path}: config.json declares {_gib(infos['config.json'].file_size)}; refused")
+            try:
+                config = json.loads(archive.read("config.json"))
+            except (ValueError, RecursionError) as err:
+                raise DefenseError(f"{path}: config.json is not valid JSON ({err}); refused") from None
+            if not isinstance(config, dict):
+                raise DefenseError(f"{path}: config.json holds no Keras model config; refused")
+            check_model_config(config, path)
+            weights = infos.get("model.weights.h5")
+            if weights is not None:
+                if weights.file_size > budget:
+                    raise DefenseError(
+                        f"{path}: model.weights.h5 declares {_gib(weights.file_size)}, over limits.max_array_gib; refused"
+                    )
+                with tempfile.TemporaryDirectory() as tmp:
+                    copy = os.path.join(tmp, "model.weights.h5")
+                    with archive.open(weights) as src, open(copy, "wb") as dst:
+                        dst.write(src.read(budget + 1)[:budget])
+                    try:
+                        check_h5(copy, limits)
+                    except DefenseError as err:
+                        raise DefenseError(str(err).replace(copy, f"{path} (model.weights.h5)")) from None
+    except zipfile.BadZipFile as err:
+        raise DefenseError(f"{path}: not a readable .keras archive ({err}); give a file written by keras Model.save") from None
+    return config

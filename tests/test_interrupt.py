@@ -101,7 +101,7 @@ def _artifacts(uri: str, run_id: str) -> set[str]:
 
 def _check_killed_run(run, uri: str, run_dir: Path, sent_ms: int, must_have: tuple[str, ...],
                       logs_the_stop: bool = True) -> None:
-    """KILLED, ended within 10 s of the signal, its files logged (those it had written, at least `must_have`)."""
+    """KILLED, ended after the signal, its files logged (those it had written, at least `must_have`)."""
     assert run.info.status == "KILLED"
     assert run.info.end_time >= sent_ms  # ended by the signal (how soon is measured, not asserted: no timed tests)
     written = {name for name in ("config.yaml", "run.log", "curves.csv") if (run_dir / name).is_file()}

@@ -134,6 +134,32 @@ def test_model_auto_reads_shape_and_classes_from_the_file(own):
     assert cfg.name == "mnist_badnet"
 
 
+def test_a_keras3_archive_loads_and_a_lambda_in_it_is_refused(own, tmp_path):
+    """A `.keras` file (Keras 3's own format) loads like the .h5; one with a Lambda layer never reaches Keras."""
+    import keras
+
+    from defense import models
+    from defense.errors import DefenseError
+
+    original = keras.models.load_model(own["model"], compile=False)
+    original.save(tmp_path / "mnist_badnet.keras")
+    loaded = models.load_model(OmegaConf.create({"path": str(tmp_path / "mnist_badnet.keras")}))
+    with np.load(own["test"]) as f:
+        x = f["x"][:64, :, :, None].astype(np.float32) / 255.0
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), original.predict(x, verbose=0))
+
+    marker = tmp_path / "ran"
+    payload = eval(f"lambda t: t + 0.0 * open({str(marker)!r}, 'w').write('x')")  # no closure: its bytecode is saved
+    lam = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Lambda(payload, name="payload"),
+                            keras.layers.Conv2D(2, 3, name="conv"), keras.layers.Flatten(), keras.layers.Dense(10)])
+    marker.unlink(missing_ok=True)
+    lam.save(tmp_path / "lambda.keras")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(DefenseError, match="payload.*Lambda"):
+        models.load_model(OmegaConf.create({"path": str(tmp_path / "lambda.keras")}))
+    assert not marker.exists()
+
+
 def test_files_in_h5_npz_and_image_folder_layouts_give_the_same_scores(own, tmp_path):
     """The clean validation digits as npz, as a Lab 3 h5 (channels first) and as an image folder."""
     from defense.evaluate import evaluate

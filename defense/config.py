@@ -1,0 +1,382 @@
+"""The config schemas of the apps (Hydra structured configs) and the numeric bounds no type can say.
+
+Hydra 1.3 validates a YAML config against a dataclass registered in its ConfigStore when the YAML
+names that schema first in its defaults list (https://hydra.cc/docs/tutorials/structured_config/schema/):
+
+    conf/prune/default.yaml:   defaults: [base_prune, _self_]
+    conf/config.yaml:          defaults: [base_config, model: ..., ..., _self_]
+
+so an unknown key (`prune.critrion=l1`, or a typo in a YAML file) or a wrong type (`batch_size=abc`,
+`finetune.epochs=ten`) fails when the config is composed, with Hydra's own message, before any code
+of the defense runs. `register()` stores the schemas; it runs when this module is imported, which the
+apps (`defense.run`, `defense.evaluate`, `defense.predict`, `defense.compare`) and tests/conftest.py
+do before Hydra composes anything.
+
+What a type cannot say (a batch size >= 1, a fraction in (0, 1], ...) is checked by
+`check_config`, which the apps call first: one `DefenseError` line naming the key, exit status 2,
+before any data is read or any MLflow run is created.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+from defense.errors import DefenseError
+
+# ---------------------------------------------------------------------------------------------------
+# schemas of the config groups (conf/<group>/<option>.yaml names one of them in its defaults list)
+
+
+@dataclass
+class ModelConfig:
+    """conf/model/*.yaml: a network B (weights-only .h5 on the architecture, or a full Keras .h5)."""
+
+    name: Optional[str] = None  # null (model=auto): the model file's name
+    path: Optional[str] = None
+    architecture: Optional[str] = "deepid"
+    input_shape: Optional[List[int]] = None  # null (model=auto): read from the model file
+    num_classes: Optional[int] = None  # null (model=auto): read from the model file
+    input_divisor: Optional[float] = 1.0  # null: chosen on clean validation data (defense/autodetect.py)
+    triggers: Dict[str, int] = field(default_factory=dict)  # trigger name -> target label
+
+
+@dataclass
+class ScenarioModelConfig(ModelConfig):
+    """conf/model/badnets_mnist.yaml: the embedded scenario's DeepID with its own padding and widths."""
+
+    padding: str = "valid"
+    widths: Optional[List[int]] = None
+    kernels: Optional[List[int]] = None
+
+
+@dataclass
+class Lab3DatasetConfig:
+    """conf/dataset/lab3.yaml: the four Lab 3 files under `root`."""
+
+    kind: str = "lab3"
+    root: str = "data"
+    clean_valid: str = "cl/valid.h5"
+    poisoned_valid: str = "bd/bd_valid.h5"
+    clean_test: str = "cl/test.h5"
+    poisoned_test: str = "bd/bd_test.h5"
+
+
+@dataclass
+class ScenarioDatasetConfig(Lab3DatasetConfig):
+    """conf/dataset/badnets_mnist.yaml: the Lab 3 layout of a built scenario; `scenario` is checked by
+    defense/scenario.py::resolve_config (a nested mapping, typed loosely here)."""
+
+    kind: str = "scenario"
+    root: Optional[str] = None
+    scenario: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CsawExtractDatasetConfig:
+    """conf/dataset/csaw_extract.yaml: the real faces; poisoned files by model name, then trigger name."""
+
+    kind: str = "csaw_extract"
+    root: str = MISSING
+    clean: str = "clean_test.h5"
+    poisoned: Dict[str, Dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass
+class FilesDatasetConfig:
+    """conf/dataset/files.yaml: the defender's own files (defense/data_files.py)."""
+
+    kind: str = "files"
+    root: Optional[str] = None
+    clean_valid: Optional[str] = None
+    clean_test: Optional[str] = None
+    poisoned_valid: Dict[str, str] = field(default_factory=dict)  # trigger name -> file
+    poisoned_test: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PruneConfig:
+    """conf/prune/default.yaml."""
+
+    criterion: str = "activation"
+    layer: Optional[str] = None  # null: defense/autodetect.py::default_layer (DeepID: conv_3)
+    probe: Optional[str] = None  # null: defense/autodetect.py::default_probe (DeepID: pool_3)
+    drops: List[float] = field(default_factory=lambda: [2.0, 4.0, 10.0, 30.0])
+    seed: int = 0
+
+
+@dataclass
+class StopConfig:
+    """conf/stop/*.yaml."""
+
+    rule: str = "all"
+    fraction: Optional[float] = None
+
+
+@dataclass
+class FinetuneNoneConfig:
+    """conf/finetune/none.yaml."""
+
+    kind: str = "none"
+
+
+@dataclass
+class FinetuneCleanConfig:
+    """conf/finetune/clean.yaml (fine-pruning on the clean validation data)."""
+
+    kind: str = "clean"
+    epochs: int = 10
+    learning_rate: float = 0.001
+    lr_schedule: str = "constant"
+    batch_size: int = 64
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    seed: int = 0
+    holdout: float = 0.2
+    patience: int = 3
+    monitor: str = "val_loss"
+    shift: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    """conf/tracking/*.yaml."""
+
+    kind: str = "mlflow"
+    uri: Optional[str] = None
+    experiment: str = "backdoor-prune"
+    run_name: Optional[str] = None
+    log_models: bool = True
+
+
+@dataclass
+class LimitsConfig:
+    """`limits`: the largest input array (GiB) and the largest image (pixels) an app accepts."""
+
+    max_array_gib: float = 4.0
+    max_image_pixels: int = 40_000_000
+
+
+@dataclass
+class Csaw2020Config:
+    """`csaw2020` of conf/experiment/csaw2020.yaml: where each CSAW-HackML-2020 network file is."""
+
+    dir: str = MISSING
+    suffix: str = "_bd_weights.h5"
+    stems: Dict[str, str] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------
+# schemas of the primary configs (conf/config.yaml, evaluate.yaml, predict.yaml, compare.yaml); the
+# groups are typed Any here: each option file brings its own schema above
+
+
+@dataclass
+class RunConfig:
+    """conf/config.yaml: `python -m defense.run`."""
+
+    model: Any = MISSING
+    dataset: Any = MISSING
+    prune: Any = MISSING
+    stop: Any = MISSING
+    finetune: Any = MISSING
+    tracking: Any = MISSING
+    batch_size: int = 512
+    progress: bool = True
+    compact: bool = True
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # set by experiment=csaw2020 only
+    csaw2020: Optional[Csaw2020Config] = None
+
+
+@dataclass
+class EvaluateConfig:
+    """conf/evaluate.yaml: `python -m defense.evaluate`."""
+
+    model: Any = MISSING
+    dataset: Any = MISSING
+    split: str = "test"
+    batch_size: int = 1024
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+@dataclass
+class RepairedConfig:
+    path: Optional[str] = None
+    run: Optional[str] = None
+    drop: Optional[str] = None  # 10, 10_compact, 10_ft
+
+
+@dataclass
+class PredictConfig:
+    """conf/predict.yaml: `python -m defense.predict`."""
+
+    model: Any = MISSING
+    image: Optional[str] = None
+    repaired: RepairedConfig = field(default_factory=RepairedConfig)
+    resize: bool = False
+    batch_size: int = 256
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+
+@dataclass
+class CompareSection:
+    parent: Optional[str] = None
+    experiment: Optional[str] = None
+    x: str = "fraction_pruned"
+
+
+@dataclass
+class CompareConfig:
+    """conf/compare.yaml: `python -m defense.compare`."""
+
+    tracking: Any = MISSING
+    compare: CompareSection = field(default_factory=CompareSection)
+
+
+SCHEMAS = {
+    # (group, name): schema; a YAML file names `name` first in its defaults list
+    (None, "base_config"): RunConfig,
+    (None, "base_evaluate"): EvaluateConfig,
+    (None, "base_predict"): PredictConfig,
+    (None, "base_compare"): CompareConfig,
+    ("model", "base_model"): ModelConfig,
+    ("model", "base_scenario_model"): ScenarioModelConfig,
+    ("dataset", "base_lab3"): Lab3DatasetConfig,
+    ("dataset", "base_scenario"): ScenarioDatasetConfig,
+    ("dataset", "base_csaw_extract"): CsawExtractDatasetConfig,
+    ("dataset", "base_files"): FilesDatasetConfig,
+    ("prune", "base_prune"): PruneConfig,
+    ("stop", "base_stop"): StopConfig,
+    ("finetune", "base_none"): FinetuneNoneConfig,
+    ("finetune", "base_clean"): FinetuneCleanConfig,
+    ("tracking", "base_tracking"): TrackingConfig,
+}
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        store.store(group=group, name=name, node=node)
+
+
+register()
+
+
+# ---------------------------------------------------------------------------------------------------
+# numeric bounds
+
+
+def _bound(key: str, value, ok, what: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+        raise DefenseError(f"{key}={value!r} must be {what}")
+
+
+def check_limits(cfg) -> None:
+    """`limits.max_array_gib` > 0 and `limits.max_image_pixels` >= 1 (where the config has them)."""
+    limits = cfg.get("limits")
+    if limits is None:
+        return
+    _bound("limits.max_array_gib", limits.get("max_array_gib"), lambda v: v > 0,
+           "a size in GiB > 0, e.g. limits.max_array_gib=4")
+    _bound("limits.max_image_pixels", limits.get("max_image_pixels"), lambda v: v >= 1 and float(v).is_integer(),
+           "a whole number of pixels >= 1, e.g. limits.max_image_pixels=40000000")
+
+
+def check_batch_size(cfg) -> None:
+    _bound("batch_size", cfg.get("batch_size"), lambda v: v >= 1 and float(v).is_integer(),
+           "a whole number of images per batch >= 1, e.g. batch_size=512")
+
+
+def check_model(model_cfg) -> None:
+    """`model`: num_classes >= 2, input_divisor > 0, input_shape of positive sizes (null: model=auto)."""
+    if model_cfg.get("num_classes") is not None:
+        _bound("model.num_classes", model_cfg.get("num_classes"), lambda v: v >= 2, "a number of classes >= 2")
+    if model_cfg.get("input_divisor") is not None:
+        _bound("model.input_divisor", model_cfg.get("input_divisor"), lambda v: v > 0,
+               "a number > 0 (1 for raw pixels 0..255, 255 for pixels / 255)")
+    if model_cfg.get("input_shape") is None:
+        return
+    shape = list(model_cfg.get("input_shape") or [])
+    if not shape or any(not isinstance(s, int) or s < 1 for s in shape):
+        raise DefenseError(f"model.input_shape={shape} must list positive sizes, e.g. model.input_shape=[55,47,3]")
+
+
+def check_config(cfg, app: str = "run") -> None:
+    """Every numeric bound of the config of `app` (run, evaluate, predict); DefenseError on the first bad key.
+
+    Reuses the checkers of the modules that read the keys: defense/sweep.py::check_prune_config
+    (criterion, drops, stop), defense/ranking.py::check_stop and defense/finetune.py::finetune_settings.
+    """
+    check_batch_size(cfg)
+    check_limits(cfg)
+    if cfg.get("model") is not None:
+        check_model(cfg.model)
+    if app == "run":
+        from defense import sweep
+
+        sweep.check_prune_config(cfg)
+        finetune = cfg.get("finetune") or {}
+        if finetune.get("kind", "none") != "none":
+            from defense.finetune import finetune_settings
+
+            finetune_settings(finetune)
+    if app == "evaluate" and cfg.get("split") not in ("valid", "test", "all"):
+        raise DefenseError(f"split={cfg.get('split')!r} is not known; use split=valid, split=test or split=all")
+
+
+# ---------------------------------------------------------------------------------------------------
+# a network, its weights and its input scaling that do not belong together
+
+MISMATCH_FACTOR = 5.0  # clean accuracy below this many times chance is reported
+
+
+def warn_if_near_chance(clean_acc: float, model_cfg, what: str, logger=None) -> bool:
+    """Log one warning when `clean_acc` (%) of the unpruned network is below 5x chance (100 / num_classes %).
+
+    A backdoored network still classifies clean inputs well (that is what makes it a backdoor), so
+    near-chance clean accuracy almost always means that `model` (the architecture and its
+    `input_divisor`), the weights in `model.path` and the data do not belong together, e.g. a network
+    trained on raw 0..255 pixels fed pixels / 255 (the Lab 3 network under model=csaw2020_sunglasses:
+    0 % on the real extracts). It cannot catch every mismatch: the CSAW-HackML-2020 sunglasses network
+    fed raw pixels (model=lab3) still gets 48 % of the 50 validation faces right.
+    Returns True when it warned.
+    """
+    import logging
+
+    num_classes = int(model_cfg.num_classes)
+    floor = MISMATCH_FACTOR * 100.0 / num_classes
+    if not (clean_acc < floor):
+        return False
+    (logger or logging.getLogger("defense.config")).warning(
+        "warning: %s is %.2f %%, below %g x chance (%.2f %% for %d classes): model=%s, its weights (model.path=%s) "
+        "and the data scaling (model.input_divisor=%g) probably do not match; check that the model option fits the "
+        "weights file (e.g. model=csaw2020_sunglasses, pixels / 255, for the CSAW-HackML-2020 networks; model=lab3, "
+        "raw pixels, for the Lab 3 network)",
+        what, clean_acc, MISMATCH_FACTOR, floor, num_classes, model_cfg.get("name"), model_cfg.get("path"),
+        float(model_cfg.get("input_divisor", 1.0)),
+    )
+    return True
+
+
+def seed_everything(cfg) -> None:
+    """The same config gives the same bytes: Python's, numpy's and TensorFlow's global seeds from
+    `prune.seed`, and TensorFlow ops that pick deterministic kernels (order of float reductions).
+
+    The data-dependent random draws have their own seeded generators (prune.seed for the random
+    order, finetune.seed for the holdout split, the shuffling and the shift augmentation,
+    defense/finetune.py); this covers what they do not reach (Keras' global generators and the
+    thread-order of TensorFlow's reductions).
+    """
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(int(cfg.prune.get("seed", 0)))
+    tf.config.experimental.enable_op_determinism()
