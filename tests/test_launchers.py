@@ -25,7 +25,7 @@ CONV3_CHANNELS = 60  # conv_3 of the Lab 3 network (CSAW-HackML Lab 3, models/bd
 STEPS = 6  # stop.fraction=0.1 of 60 channels
 
 
-def tiny_sweep(tmp_path: Path, seeds: list[int], *launcher: str) -> list[str]:
+def tiny_sweep(tmp_path: Path, seeds: list[int], *launcher: str, sweep_dir: str | None = None) -> list[str]:
     """`defense.run -m` arguments: one tiny random-pruning job per seed, into tmp_path's store and sweep dir."""
     require_csaw()
     return [
@@ -35,12 +35,14 @@ def tiny_sweep(tmp_path: Path, seeds: list[int], *launcher: str) -> list[str]:
         "prune.criterion=random",
         "prune.seed=" + ",".join(str(s) for s in seeds),
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        f"hydra.sweep.dir={sweep_dir or tmp_path / 'sweep'}",
     ]
 
 
-def check_parent_and_children(tmp_path: Path, seeds: list[int]) -> list:
-    """One FINISHED parent run, one FINISHED child per seed with its whole curve; returns the children."""
+def check_parent_and_children(tmp_path: Path, seeds: list[int], jobs_dir: Path | None = None) -> list:
+    """One FINISHED parent run, one FINISHED child per seed with its whole curve; returns the children.
+
+    The parent's marker is in tmp_path/sweep; the job folders too unless `jobs_dir` says otherwise."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -61,7 +63,7 @@ def check_parent_and_children(tmp_path: Path, seeds: list[int]) -> list:
         assert [value for _, value in curve] == pytest.approx([k / CONV3_CHANNELS for k in range(STEPS + 1)])
     # each job folder holds the config of its own seed (Hydra numbers the jobs in sweep order)
     for num, seed in enumerate(seeds):
-        assert OmegaConf.load(tmp_path / "sweep" / str(num) / "config.yaml").prune.seed == seed
+        assert OmegaConf.load((jobs_dir or tmp_path / "sweep") / str(num) / "config.yaml").prune.seed == seed
     return children
 
 
@@ -96,13 +98,13 @@ RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 class RayCluster:
-    def __init__(self, enter: list[str], address: str):
-        self.enter, self.address = enter, address
+    def __init__(self, enter: list[str], address: str, node_dir: Path):
+        self.enter, self.address, self.node_dir = enter, address, node_dir
 
-    def run(self, *cmd: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        """A command inside the cluster's namespaces, from the project root."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        return subprocess.run([*self.enter, *cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    def run(self, *cmd: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+        """A command inside the cluster's namespaces, from `cwd`, importing this checkout's `defense`."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        return subprocess.run([*self.enter, f"--wd={cwd}", *cmd], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _namespace_pids(pid_ns: str) -> list[int]:
@@ -136,13 +138,14 @@ def ray_cluster(tmp_path_factory):
             )
         inside = int(Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()[0])
         pid_ns = os.readlink(f"/proc/{inside}/ns/pid")
-        enter = ["nsenter", f"--target={inside}", "--user", "--preserve-credentials", "--net", "--pid", "--mount",
-                 f"--wd={REPO}"]
-        cluster = RayCluster(enter, f"127.0.0.1:{RAY_PORT}")
+        enter = ["nsenter", f"--target={inside}", "--user", "--preserve-credentials", "--net", "--pid", "--mount"]
         temp_dir = tmp_path_factory.mktemp("ray")  # short: Ray's unix sockets live below it (107 bytes max)
+        # the node's working directory, where its workers start: not the folder the sweep is launched from
+        node_dir = tmp_path_factory.mktemp("node")
+        cluster = RayCluster(enter, f"127.0.0.1:{RAY_PORT}", node_dir)
         env_without_parent = {k: v for k, v in os.environ.items() if k != "DEFENSE_MLFLOW_PARENT_RUN_ID"}
         started = subprocess.run(
-            [*enter, *RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}", "--num-cpus=2",
+            [*enter, f"--wd={node_dir}", *RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}", "--num-cpus=2",
              "--include-dashboard=false", "--object-store-memory=100000000", f"--temp-dir={temp_dir}",
              "--disable-usage-stats"],
             env=env_without_parent, capture_output=True, text=True, timeout=300,
@@ -152,7 +155,7 @@ def ray_cluster(tmp_path_factory):
     finally:
         if enter:
             try:
-                subprocess.run([*enter, *RAY, "stop", "--force"], capture_output=True, timeout=120)
+                subprocess.run([*enter, *RAY, "stop", "--force"], cwd=REPO, capture_output=True, timeout=120)
             except subprocess.TimeoutExpired:
                 pass
         holder.kill()  # unshare --kill-child: the namespace's first process dies, the kernel kills the others
@@ -165,43 +168,24 @@ def ray_cluster(tmp_path_factory):
                     pass
 
 
-def test_ray_cluster_passes_the_parent_run_id_to_its_workers(ray_cluster):
-    """conf/hydra/launcher/ray_cluster.yaml's ray.init joins the cluster and hands the workers
-    DEFENSE_MLFLOW_PARENT_RUN_ID through runtime_env (the raylet's own environment lacks it)."""
-    script = f"""
-import os, ray
-from omegaconf import OmegaConf
-os.environ["DEFENSE_MLFLOW_PARENT_RUN_ID"] = "parent-of-the-sweep"
-init = OmegaConf.load("conf/hydra/launcher/ray_cluster.yaml").ray.init
-init.address = "{ray_cluster.address}"
-ray.init(**OmegaConf.to_container(init, resolve=True))  # as hydra-ray-launcher's start_ray does
-
-@ray.remote(num_cpus=1)
-def worker_view():
-    import defense
-    return os.environ.get("DEFENSE_MLFLOW_PARENT_RUN_ID"), defense.__file__
-
-parent, package = ray.get(worker_view.remote())
-print("worker sees", parent)
-print("worker imports", package)
-"""
-    proc = ray_cluster.run(sys.executable, "-c", script, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "worker sees parent-of-the-sweep\n" in proc.stdout, proc.stdout[-2000:]
-    # and the driver's sys.path: the workers run this checkout's code, as the sweep's jobs will
-    assert f"worker imports {REPO / 'defense' / '__init__.py'}\n" in proc.stdout, proc.stdout[-2000:]
-
-
 def test_ray_cluster_sweep_makes_one_parent_with_a_child_per_job(ray_cluster, tmp_path):
+    """conf/hydra/launcher/ray_cluster.yaml joins the running cluster; the jobs find the parent run
+    through DEFENSE_MLFLOW_PARENT_RUN_ID in its runtime_env, as on nodes that do not share the sweep
+    folder: the sweep dir is relative, so the driver (started in tmp_path) writes the parent's marker
+    in tmp_path/sweep while the Ray workers (started in the node's folder) write the job folders in
+    <node folder>/sweep, where there is no marker; the raylet's own environment lacks the variable."""
     # one CPU per job: the default (4) exceeds this 2-CPU node, and Ray would wait for a bigger one forever
     proc = ray_cluster.run(
         sys.executable, "-m", "defense.run",
         *tiny_sweep(tmp_path, [0, 1], "hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={ray_cluster.address}",
-                    "hydra.launcher.ray.remote.num_cpus=1"),
+                    "hydra.launcher.ray.remote.num_cpus=1", sweep_dir="sweep"),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "Connected to Ray cluster" in proc.stderr  # joined the test cluster, did not start a private Ray
-    check_parent_and_children(tmp_path, [0, 1])
+    jobs_dir = ray_cluster.node_dir / "sweep"
+    assert not (jobs_dir / "mlflow_parent_run_id.txt").exists() and not (tmp_path / "sweep" / "0").exists()
+    check_parent_and_children(tmp_path, [0, 1], jobs_dir=jobs_dir)
 
 
 def test_joblib_workers_share_one_sqlite_store(tmp_path):
