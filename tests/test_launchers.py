@@ -103,8 +103,10 @@ class RayCluster:
 
     def run(self, *cmd: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
         """A command inside the cluster's namespaces, from `cwd`, importing this checkout's `defense`."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-        return subprocess.run([*self.enter, f"--wd={cwd}", *cmd], env=env, capture_output=True, text=True, timeout=timeout)
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path)
+        return subprocess.run([*self.enter, f"--wd={cwd}", *cmd], env=env, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def _namespace_pids(pid_ns: str) -> list[int]:
@@ -145,9 +147,9 @@ def ray_cluster(tmp_path_factory):
         cluster = RayCluster(enter, f"127.0.0.1:{RAY_PORT}", node_dir)
         env_without_parent = {k: v for k, v in os.environ.items() if k != "DEFENSE_MLFLOW_PARENT_RUN_ID"}
         started = subprocess.run(
-            [*enter, f"--wd={node_dir}", *RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={RAY_PORT}", "--num-cpus=2",
-             "--include-dashboard=false", "--object-store-memory=100000000", f"--temp-dir={temp_dir}",
-             "--disable-usage-stats"],
+            [*enter, f"--wd={node_dir}", *RAY, "start", "--head", "--node-ip-address=127.0.0.1",
+             f"--port={RAY_PORT}", "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=100000000",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
             env=env_without_parent, capture_output=True, text=True, timeout=300,
         )
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
@@ -177,8 +179,9 @@ def test_ray_cluster_sweep_makes_one_parent_with_a_child_per_job(ray_cluster, tm
     # one CPU per job: the default (4) exceeds this 2-CPU node, and Ray would wait for a bigger one forever
     proc = ray_cluster.run(
         sys.executable, "-m", "defense.run",
-        *tiny_sweep(tmp_path, [0, 1], "hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={ray_cluster.address}",
-                    "hydra.launcher.ray.remote.num_cpus=1", sweep_dir="sweep"),
+        *tiny_sweep(tmp_path, [0, 1], "hydra/launcher=ray_cluster",
+                    f"hydra.launcher.ray.init.address={ray_cluster.address}", "hydra.launcher.ray.remote.num_cpus=1",
+                    sweep_dir="sweep"),
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
