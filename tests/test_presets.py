@@ -99,12 +99,6 @@ def test_csaw2020_preset_points_every_network_at_its_own_weights():
     assert full.model.path == "/hackml/models/multi_trigger_multi_target_bd_net.h5"
 
 
-def _plugin(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 def test_launcher_configs(monkeypatch):
     cfg = compose(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], hydra_config=True)
     assert cfg.hydra.launcher.n_jobs == 2 and "Joblib" in cfg.hydra.launcher._target_
@@ -117,13 +111,15 @@ def test_launcher_configs(monkeypatch):
     init = OmegaConf.to_container(ray.ray.init, resolve=True)
     assert init["object_store_memory"] is None  # Ray refuses it when joining a cluster
     assert init["runtime_env"]["env_vars"]["DEFENSE_MLFLOW_PARENT_RUN_ID"] == "abc123"
-    # with the plugins installed (pip install -e .[slurm] / .[ray]) they compose as launchers
-    if _plugin("hydra_plugins.hydra_submitit_launcher"):
-        cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra_config=True)
-        assert cfg.hydra.launcher._target_.endswith("SlurmLauncher") and cfg.hydra.launcher.partition == "gpu"
-    if _plugin("hydra_plugins.hydra_ray_launcher"):
-        cfg = compose(["hydra/launcher=ray_cluster"], hydra_config=True)
-        assert cfg.hydra.launcher._target_.endswith("RayLauncher") and cfg.hydra.launcher.ray.init.address == "auto"
+    # the plugins come with the dev extra (pip install -e .[dev]; or .[slurm] / .[ray]): the project's
+    # files compose over the plugins' own configs, with the plugins' launcher classes
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra_config=True)
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.timeout_min == slurm.timeout_min
+    cfg = compose(["hydra/launcher=ray_cluster"], hydra_config=True)
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"
+    assert cfg.hydra.launcher.ray.init.address == "auto" and cfg.hydra.launcher.ray.init.object_store_memory is None
+    assert cfg.hydra.launcher.ray.remote.num_cpus == ray.ray.remote.num_cpus
 
 
 def test_criteria_preset_runs_as_a_multirun(tmp_path):
