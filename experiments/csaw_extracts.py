@@ -78,8 +78,10 @@ def lab3_pruning(data: Path, out_dir: Path) -> dict:
             continue
         pruned = run["order"][: int(row["channels_pruned"])]
         small = compact_model(models.pruned_copy(model, cfg.prune.layer, pruned), cfg.prune.layer, pruned)
+        saved = full - int(small.count_params())
         compact.append({"drop": row["drop"], "channels_removed": len(pruned), "b_params": full,
-                        "compact_params": int(small.count_params())})
+                        "compact_params": int(small.count_params()),
+                        "params_per_removed_channel": saved / len(pruned) if len(pruned) else None})
     return {"results_md": (Path(out_dir) / "results.md").read_text(), "summary": run["summary"],
             "curves": run["curves"], "compact": compact, "layer": cfg.prune.layer,
             "channels": int(model.get_layer(cfg.prune.layer).filters), "seconds": round(seconds, 1)}
@@ -97,7 +99,7 @@ def markdown(evaluated: list[dict], lab3: dict, data_text: str) -> str:
         rows.append([f"`{row['model']}`", f"{s['clean']:.2f}",
                      *[f"{s[t]:.2f}" if t in s else "-" for t in triggers],
                      listed + (" (agrees)" if row["matches_data_readme"] else " (DIFFERS)")])
-    eval_table = rf.md_table(header, rows)
+    eval_table = rf.md_table(header, rows, align="l" + "r" * (len(header) - 2) + "l")
 
     summary = {int(r["drop"]): r for r in lab3["summary"]}
     lo, hi = summary.get(10), summary.get(30)
@@ -108,15 +110,14 @@ def markdown(evaluated: list[dict], lab3: dict, data_text: str) -> str:
                     "G(B, B') on the test faces, %):\n\n" + rf.md_table(
                         ["channels pruned", "valid acc", "valid ASR", "G clean test acc", "G test ASR"],
                         [[c["channels_pruned"], f"{c['valid_acc']:.2f}", f"{c['valid_asr']:.2f}",
-                          f"{c['test_acc']:.2f}", f"{c['test_asr']:.2f}"] for c in steps], align_right_from=0))
+                          f"{c['test_acc']:.2f}", f"{c['test_asr']:.2f}"] for c in steps], align="rrrrr"))
     compact_rows = []
     for c in lab3["compact"]:
-        saved = c["b_params"] - c["compact_params"]
-        per = saved / c["channels_removed"] if c["channels_removed"] else float("nan")
+        per = c["params_per_removed_channel"]
         compact_rows.append([f"{c['drop']:g}", c["channels_removed"], f"{c['b_params']:,}", f"{c['compact_params']:,}",
-                             f"{per:,.0f}"])
+                             "-" if per is None else f"{per:,.0f}"])
     compact_md = rf.md_table(["accuracy drop (pp)", f"{lab3['layer']} channels removed", "B parameters",
-                              "compact B' parameters", "parameters per removed channel"], compact_rows, align_right_from=0)
+                              "compact B' parameters", "parameters per removed channel"], compact_rows, align="rrrrr")
     results_md = lab3["results_md"].strip().splitlines()
     unpruned, title, table = results_md[0], results_md[2], "\n".join(results_md[3:])
     return (

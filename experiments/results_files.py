@@ -145,10 +145,11 @@ def mean_std(values, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {float(np.std(finite, ddof=1)):.{digits}f}"
 
 
-def md_table(header: list[str], rows: list[list], align_right_from: int = 1) -> str:
-    """A markdown table; columns from `align_right_from` on are right-aligned (numbers)."""
+def md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    """A markdown table; `align` has one letter per column, l(eft) or r(ight) (default: l then r...)."""
+    align = align or "l" + "r" * (len(header) - 1)
     cells = [[str(c) for c in row] for row in rows]
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i < align_right_from else "---:" for i in range(len(header))) + "|"]
+             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
