@@ -132,19 +132,6 @@ def write_results(name: str, body_md: str, data: dict, results_dir: Path = RESUL
     return md, js
 
 
-def mean_std(values, digits: int = 2) -> str:
-    """'mean ± std' (sample standard deviation, n - 1) of the finite values; '-' when there are none."""
-    import numpy as np
-
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not finite:
-        return "-"
-    mean = float(np.mean(finite))
-    if len(finite) == 1:
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {float(np.std(finite, ddof=1)):.{digits}f}"
-
-
 def md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
     """A markdown table; `align` has one letter per column, l(eft) or r(ight) (default: l then r...)."""
     align = align or "l" + "r" * (len(header) - 1)
