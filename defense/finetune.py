@@ -13,7 +13,9 @@ For every threshold the sweep reached:
 - B'' alone and G(B, B'') are scored on the test data: clean accuracy, ASR per poisoned set, robust
   accuracy (RA, where the poisoned data has `clean_label`) and DER against the unpruned B;
 - B'' is saved as `models/model_B_{drop}_ft.h5` and logged to MLflow with its per-epoch metrics
-  (`ft/drop_{drop}/loss`, `.../acc`, `.../val_loss`, `.../val_acc`, step = epoch).
+  (`ft/drop_{drop}/loss`, `.../acc`, `.../val_loss`, `.../val_acc`, step = epoch); unless
+  `compact=false`, also as `models/model_B_{drop}_ft_compact.h5` without its pruned channels
+  (`defense.compact.export_compact`, metrics `compact/drop_{drop}_ft/...`).
 """
 
 from __future__ import annotations
@@ -365,6 +367,14 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
         path = models.save_model(b2, out_dir / "models" / f"model_B_{drop_name(row['drop'])}_ft.h5")
         if log_models:
             tracker.log_artifact(path, "models")
+        if cfg.get("compact", True):  # B'' without its pruned channels, as run.py saves B' (defense/compact.py)
+            from defense.compact import compact_path, export_compact
+
+            compact = export_compact(b2, cfg.prune.layer, pruned, compact_path(path), tracker,
+                                     x=models.scale_inputs(test.clean.x, cfg.model))
+            row["ft_compact_path"] = compact["path"]
+            if log_models:
+                tracker.log_artifact(compact["path"], "models")
         row.update(scores)
         row.update(info)
         row["ft_model_path"] = str(path)

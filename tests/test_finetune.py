@@ -141,9 +141,11 @@ def test_shift_images_translates_each_image_with_zero_fill():
         assert any(matches)
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["arrays", "shifted"])
+@pytest.fixture(scope="module", params=[(0, True), (2, False)], ids=["arrays", "shifted-no-compact"])
 def lab3_run(request, tmp_path_factory, csaw_dir):
-    """One fine-pruning run on the real Lab 3 extracts (without and with augmentation), fit spied on."""
+    """One fine-pruning run on the real Lab 3 extracts (without and with augmentation, with and without
+    the compact models), fit spied on."""
+    shift, compact = request.param
     import keras
 
     from defense.run import run_defense
@@ -166,7 +168,7 @@ def lab3_run(request, tmp_path_factory, csaw_dir):
     mp = pytest.MonkeyPatch()
     mp.setattr(keras.Model, "fit", spy)
     try:
-        cfg = compose(lab3_overrides(*FAST, "prune.drops=[2,30]", f"finetune.shift={request.param}"))
+        cfg = compose(lab3_overrides(*FAST, "prune.drops=[2,30]", f"finetune.shift={shift}", f"compact={compact}"))
         out = tmp_path_factory.mktemp("ft_lab3")
         result = run_defense(cfg, out)
     finally:
@@ -196,6 +198,37 @@ def test_pruned_channels_are_exactly_zero_in_the_saved_fine_pruned_models(lab3_r
     assert float(rows[0]["base_test_acc"]) == pytest.approx(result["curves"][0]["pruned_test_acc"])
     table = (out / "results.md").read_text()
     assert "B'' test acc" in table and "G(B,B'') ASR" in table and "B'' DER" in table
+
+
+def test_compact_fine_pruned_model_predicts_what_b2_predicts(lab3_run):
+    """models/model_B_{drop}_ft_compact.h5: B'' with its pruned conv_3 channels removed, same outputs
+    as B'' on the real test faces (oracle: plain Keras predict of both saved files); none with compact=false."""
+    import keras
+
+    from defense import datasets
+    from defense.models import scale_inputs
+
+    cfg, out, result, _ = lab3_run
+    reached = [row for row in result["summary"] if row["reached"]]
+    if not cfg.compact:
+        assert not list((out / "models").glob("*_compact.h5")), "compact=false still wrote compact models"
+        assert all("ft_compact_path" not in row for row in reached)
+        return
+    test = datasets.load_split(cfg.dataset, cfg.model, "test")
+    x = np.concatenate([scale_inputs(images.x, cfg.model) for images in [test.clean, *test.poisoned.values()]])
+    for row in reached:
+        drop = f"{row['drop']:g}"
+        path = out / "models" / f"model_B_{drop}_ft_compact.h5"
+        assert path.is_file() and row["ft_compact_path"] == str(path)
+        b2 = keras.models.load_model(out / "models" / f"model_B_{drop}_ft.h5", compile=False)
+        small = keras.models.load_model(path, compile=False)
+        filters = b2.get_layer(cfg.prune.layer).filters
+        assert small.get_layer(cfg.prune.layer).filters == filters - row["channels_pruned"]
+        assert small.count_params() < b2.count_params()
+        p_full = b2.predict(x, verbose=0)
+        p_small = small.predict(x, verbose=0)
+        np.testing.assert_allclose(p_small, p_full, atol=1e-5)
+        assert np.array_equal(p_small.argmax(-1), p_full.argmax(-1))
 
 
 def test_fine_tuning_sees_only_the_clean_validation_data(lab3_run):

@@ -1,0 +1,142 @@
+"""Writing a study's results: `experiments/results/<name>.md` and `<name>.json`, with provenance.
+
+Every study in `experiments/` ends with `write_results(name, body_md, data)`. Both files start with
+the same header: the command line that produced them, the date, the machine (CPU cores, device: the
+GPU's name or the CPU's model) and the versions of python, tensorflow, keras, numpy and mlflow. The
+README embeds the .md files between `<!-- results: <name> -->` and `<!-- /results -->` markers
+(`python experiments/embed_results.py`), and `tests/test_readme_numbers.py` checks them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+CSAW = (REPO.parent / "shared" / "data" / "csaw").resolve()
+PACKAGES = ("tensorflow", "keras", "numpy", "mlflow")
+
+
+def use_this_checkout() -> None:
+    """Import `defense` from this checkout, even when an installed copy lives elsewhere."""
+    if sys.path[0] != str(REPO):
+        sys.path.insert(0, str(REPO))
+    os.environ.setdefault("PYTHONPATH", str(REPO))
+
+
+def compose(overrides: list[str], config_name: str = "config"):
+    """The project's config composed as `python -m defense.run <overrides>` would compose it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """CPU cores this process may use and the device TensorFlow computes on (GPU name, else CPU)."""
+    import tensorflow as tf
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 0
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        gpus.append(details.get("device_name", gpu.name))
+    device = "GPU: " + ", ".join(gpus) if gpus else "CPU: " + _cpu_model()
+    return {"cores": cores, "device": device, "platform": platform.platform()}
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it from the project root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(REPO))
+    except ValueError:
+        script_text = str(script)
+    return shlex.join(["python", script_text, *sys.argv[1:]])
+
+
+def provenance() -> dict:
+    return {
+        "command": command_line(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "versions": versions(),
+    }
+
+
+def header_md(prov: dict) -> str:
+    m, v = prov["machine"], prov["versions"]
+    packages = ", ".join(f"{k} {v[k]}" for k in ("python", *PACKAGES))
+    return (f"Written by `{prov['command']}` on {prov['date']}; {m['cores']} CPU cores, {m['device']}; "
+            f"{packages}.")
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf become null, numpy scalars plain numbers, paths strings."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_results(name: str, body_md: str, data: dict, results_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """Write `<name>.md` (header + body) and `<name>.json` (provenance + data); returns both paths."""
+    prov = provenance()
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    md = results_dir / f"{name}.md"
+    js = results_dir / f"{name}.json"
+    md.write_text(header_md(prov) + "\n\n" + body_md.strip() + "\n")
+    js.write_text(json.dumps(_clean({**prov, "results": data}), indent=2, sort_keys=False) + "\n")
+    print(f"wrote {md.relative_to(REPO) if md.is_relative_to(REPO) else md} and {js.name}", flush=True)
+    return md, js
+
+
+def md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    """A markdown table; `align` has one letter per column, l(eft) or r(ight) (default: l then r...)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    cells = [[str(c) for c in row] for row in rows]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
