@@ -66,3 +66,41 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
 
     shutil.rmtree(os.environ["BACKDOOR_PRUNE_CACHE"], ignore_errors=True)
+
+
+def _as_keras_2_3(config: dict) -> dict:
+    """The model_config as Keras 2.3 wrote it: no InputLayer, `batch_input_shape` on the first layer,
+    plain dtype strings, no `module` / `registered_name` / `build_config` entries."""
+
+    def strip(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy":
+                return node["config"]["name"]
+            return {k: strip(v) for k, v in node.items() if k not in ("module", "registered_name", "build_config")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    layers = config["config"]["layers"]
+    input_layer, rest = layers[0], [strip(layer) for layer in layers[1:]]
+    assert input_layer["class_name"] == "InputLayer"
+    rest[0]["config"] = {"name": rest[0]["config"]["name"], "trainable": True,
+                         "batch_input_shape": input_layer["config"]["batch_shape"],
+                         **{k: v for k, v in rest[0]["config"].items() if k not in ("name", "trainable")}}
+    return {"class_name": "Sequential", "config": {"name": "sequential_1", "layers": rest}}
+
+
+def as_keras_2_3_file(src, dst):
+    """A copy of the Keras 3 legacy .h5 Sequential `src` as Keras 2.3 wrote it (model_config with
+    `batch_input_shape` on its first layer, keras_version 2.3.1), the weights unchanged."""
+    import json
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        f.attrs["model_config"] = json.dumps(_as_keras_2_3(json.loads(f.attrs["model_config"])))
+        f.attrs["keras_version"] = "2.3.1"
+        f["model_weights"].attrs["keras_version"] = "2.3.1"
+    return dst

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose, run_cli
+from conftest import REPO, as_keras_2_3_file, compose, run_cli
 
 
 def _own_network_module():
@@ -55,8 +55,10 @@ def _keras_accuracy(model_path, npz, divisor: float = 255.0) -> float:
 
 
 def test_the_readme_command_runs_with_no_other_option(own, tmp_path):
-    """model=auto, dataset=files and the two clean files: nothing else (the run folder and store aside)."""
-    proc = run_cli("defense.run", *files_overrides(own), f"hydra.run.dir={tmp_path / 'run'}",
+    """model=auto on the network as Keras 2.3 wrote it (a Sequential whose first layer declares
+    batch_input_shape), dataset=files and the two clean files: nothing else (run folder and store aside)."""
+    keras_2_3 = as_keras_2_3_file(own["model"], tmp_path / "mnist_badnet.h5")
+    proc = run_cli("defense.run", *files_overrides({**own, "model": keras_2_3}), f"hydra.run.dir={tmp_path / 'run'}",
                    f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "prune.layer not set: pruning conv_2" in proc.stdout

@@ -17,6 +17,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
+from conftest import as_keras_2_3_file
 from PIL import Image
 
 from conftest import CSAW, compose, run_cli
@@ -395,28 +396,6 @@ def test_predict_reports_a_refused_image_and_classifies_the_others(tmp_path, csa
 # Keras 2 Sequential with batch_input_shape on its first layer
 
 
-def _as_keras_2_3(config: dict) -> dict:
-    """The model_config as Keras 2.3 wrote it: no InputLayer, `batch_input_shape` on the first layer,
-    plain dtype strings, no `module` / `registered_name` / `build_config` entries."""
-
-    def strip(node):
-        if isinstance(node, dict):
-            if node.get("class_name") == "DTypePolicy":
-                return node["config"]["name"]
-            return {k: strip(v) for k, v in node.items() if k not in ("module", "registered_name", "build_config")}
-        if isinstance(node, list):
-            return [strip(v) for v in node]
-        return node
-
-    layers = config["config"]["layers"]
-    input_layer, rest = layers[0], [strip(layer) for layer in layers[1:]]
-    assert input_layer["class_name"] == "InputLayer"
-    rest[0]["config"] = {"name": rest[0]["config"]["name"], "trainable": True,
-                         "batch_input_shape": input_layer["config"]["batch_shape"],
-                         **{k: v for k, v in rest[0]["config"].items() if k not in ("name", "trainable")}}
-    return {"class_name": "Sequential", "config": {"name": "sequential_1", "layers": rest}}
-
-
 def test_legacy_sequential_with_batch_input_shape_loads_and_predicts_the_same(tmp_path):
     model = keras.Sequential([
         keras.Input((28, 28, 1)),
@@ -426,10 +405,8 @@ def test_legacy_sequential_with_batch_input_shape_loads_and_predicts_the_same(tm
         keras.layers.Dense(10, activation="softmax", name="dense_1"),
     ])
     original = _save(model, tmp_path / "keras3.h5")
-    legacy = _rewrite_config(original, tmp_path / "keras2.h5", _as_keras_2_3)
-    with h5py.File(legacy, "r+") as f:
-        f.attrs["keras_version"] = "2.3.1"
-        f["model_weights"].attrs["keras_version"] = "2.3.1"
+    legacy = as_keras_2_3_file(original, tmp_path / "keras2.h5")
+    with h5py.File(legacy, "r") as f:
         first = json.loads(f.attrs["model_config"])["config"]["layers"][0]
     assert first["class_name"] == "Conv2D" and first["config"]["batch_input_shape"] == [None, 28, 28, 1]
     x = np.random.default_rng(2).random((8, 28, 28, 1)).astype(np.float32)
