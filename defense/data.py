@@ -154,3 +154,21 @@ def check_fits(images: LabeledImages, input_shape, num_classes: int, model_name:
                 f"(e.g. {int(values[out][0])}); {model_name} has {num_classes} classes: check model.num_classes "
                 "or the data file"
             )
+
+
+def as_uint8_pixels(images: LabeledImages) -> LabeledImages:
+    """`images` with `x` stored as uint8 when that is lossless (every pixel an integer in 0..255, as in
+    the Lab 3 files and the extracts), a quarter of the float32 memory; otherwise `images` unchanged.
+
+    The sweep engine (`defense.masked.MaskedSweep`) and Keras `predict` turn uint8 batches back into
+    the same float32 values, so predictions are exactly those on the float32 images.
+    """
+    x = images.x
+    if x.dtype == np.uint8:
+        return images
+    if x.size and not (x.min() >= 0 and x.max() <= 255):
+        return images
+    pixels = x.astype(np.uint8)
+    if not np.array_equal(pixels, x):  # pixels with fractions
+        return images
+    return LabeledImages(images.name, pixels, images.y, images.clean_label, images.path)

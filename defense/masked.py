@@ -388,10 +388,16 @@ class MaskedSweep:
         return self._kept_sum(contrib, base, layer, ctx)
 
     # ---- public API -----------------------------------------------------------------------------
-    def layer_outputs(self, x: np.ndarray):
-        """Outputs of the part before (and beside) the pruned layer, batch by batch: yields lists."""
+    def layer_outputs(self, x: np.ndarray, divisor: float = 1.0):
+        """Outputs of the part before (and beside) the pruned layer, batch by batch: yields lists.
+
+        `x` holds raw images, float or uint8 pixels; each batch is made float32 and divided by
+        `divisor` (`model.input_divisor`) here, so no float copy of the whole set is ever made.
+        """
+        from defense.models import scale_pixels
+
         for start in range(0, len(x), self.batch_size):
-            out = self._bottom_fn(tf.constant(x[start : start + self.batch_size]))
+            out = self._bottom_fn(tf.constant(scale_pixels(x[start : start + self.batch_size], divisor)))
             yield out if isinstance(out, (list, tuple)) else [out]
 
     def full_order(self, order) -> tf.Tensor:
@@ -406,13 +412,20 @@ class MaskedSweep:
         full = self.full_order(order)
         return self._top_fn(outputs[0], list(outputs[1:]), full, tf.constant(len(order), tf.int64)).numpy()
 
-    def predict(self, x: np.ndarray, order, progress=None) -> np.ndarray:
-        """Labels (N, len(order)+1) of the network on scaled inputs `x`; column s = s channels pruned."""
+    def predict(self, x: np.ndarray, order, progress=None, divisor: float = 1.0) -> np.ndarray:
+        """Labels (N, len(order)+1) of the network on raw images `x`; column s = s channels pruned.
+
+        `x` is streamed batch by batch (float or uint8 pixels, scaled per batch by `divisor`); only the
+        labels of the whole set are kept.
+        """
         full = self.full_order(order)
         steps = tf.constant(len(order), tf.int64)
-        parts = []
-        for outputs in self.layer_outputs(x):
-            parts.append(self._top_fn(outputs[0], list(outputs[1:]), full, steps).numpy())
+        labels = np.zeros((len(x), len(order) + 1), np.int32)
+        done = 0
+        for outputs in self.layer_outputs(x, divisor):
+            batch = self._top_fn(outputs[0], list(outputs[1:]), full, steps).numpy()
+            labels[done : done + len(batch)] = batch
+            done += len(batch)
             if progress is not None:
-                progress.update(int(outputs[0].shape[0]))
-        return np.concatenate(parts) if parts else np.zeros((0, len(order) + 1), np.int32)
+                progress.update(len(batch))
+        return labels

@@ -231,10 +231,21 @@ def save_model(model, path: str) -> str:
     return path
 
 
-def scale_inputs(x: np.ndarray, model_cfg) -> np.ndarray:
-    """Apply the model's input scaling (raw pixels are divided by `model.input_divisor`)."""
-    divisor = float(model_cfg.get("input_divisor", 1.0))
+def input_divisor(model_cfg) -> float:
+    """`model.input_divisor`: raw pixels are divided by it before they enter the network (default 1)."""
+    return float(model_cfg.get("input_divisor", 1.0))
+
+
+def scale_pixels(x: np.ndarray, divisor: float) -> np.ndarray:
+    """float32 `x / divisor`; `x` may be float or uint8 pixels (uint8 -> float32 is exact, so both give
+    the same bits). A float32 `x` with divisor 1 is returned as it is, without a copy."""
+    x = np.asarray(x, dtype=np.float32)
     return x if divisor == 1.0 else (x / np.float32(divisor)).astype(np.float32)
+
+
+def scale_inputs(x: np.ndarray, model_cfg) -> np.ndarray:
+    """Apply the model's input scaling (raw pixels are divided by `model.input_divisor`); float32 out."""
+    return scale_pixels(x, input_divisor(model_cfg))
 
 
 def predict_labels(model, x: np.ndarray, model_cfg, batch_size: int = 1024) -> np.ndarray:

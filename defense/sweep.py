@@ -17,7 +17,7 @@ from defense import metrics, ranking
 from defense.datasets import Split
 from defense.errors import DefenseError
 from defense.masked import MaskedSweep, channel_path, conv_layer
-from defense.models import scale_inputs
+from defense.models import input_divisor
 
 log = logging.getLogger("defense.sweep")
 
@@ -72,19 +72,19 @@ class SweepResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _probe_outputs(model, path: list[str], layer_batches) -> list[np.ndarray]:
-    """The probe's outputs, from the pruned layer's outputs through the per-channel path to it."""
+def _probe_outputs(model, path: list[str], layer_batches):
+    """The probe's outputs, batch by batch, from the pruned layer's outputs through the per-channel path."""
     layers = [model.get_layer(name) for name in path[1:]]
-    probes = []
     for batch in layer_batches:
         h = batch
         for layer in layers:
             h = layer(h, training=False)
-        probes.append(np.asarray(h))
-    return probes
+        yield np.asarray(h)
 
 
 def pruning_order(cfg, model, path, layer_batches, channels: int) -> np.ndarray:
+    """The pruning order; `layer_batches` (an iterable of pruned-layer outputs on clean validation
+    data) is only consumed, batch by batch, by the activation criterion."""
     criterion = cfg.prune.criterion
     if criterion == "activation":
         return ranking.mean_activation_order(_probe_outputs(model, path, layer_batches))
@@ -94,12 +94,17 @@ def pruning_order(cfg, model, path, layer_batches, channels: int) -> np.ndarray:
 
 
 def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> SweepResult:
-    """Rank on clean validation data, then record every step on valid (B') and test (G(B, B'))."""
+    """Rank on clean validation data, then record every step on valid (B') and test (G(B, B')).
+
+    Every set is streamed through the engine batch by batch (raw pixels, float or uint8, scaled per
+    batch); only labels are kept. Clean validation data passes twice, once to rank and once to predict.
+    """
     from tqdm.auto import tqdm
 
     drops = check_drops(cfg.prune.drops)
     path = check_layers(cfg, model)
     num_classes = int(cfg.model.num_classes)
+    divisor = input_divisor(cfg.model)
     engine = MaskedSweep(model, cfg.prune.layer, int(cfg.get("batch_size", 512)))
     channels = engine.channels
     names = list(valid.poisoned)
@@ -110,16 +115,12 @@ def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> S
     total = sum(len(images) for _, images in sets)
     bar = tqdm(total=total, desc="pruning sweep (images x all steps)", unit="img", disable=not progress) if progress else None
     with bar if bar is not None else nullcontext():
-        # 1. clean validation data: pruned-layer outputs once, ranking, then every step
+        # 1. clean validation data: ranking (streamed), then every step
         t0 = time.perf_counter()
-        valid_x = scale_inputs(valid.clean.x, cfg.model)
-        batches = list(engine.layer_outputs(valid_x))
-        order = pruning_order(cfg, model, path, [b[0] for b in batches], channels)
+        layer_batches = (outputs[0] for outputs in engine.layer_outputs(valid.clean.x, divisor))
+        order = pruning_order(cfg, model, path, layer_batches, channels)
         seconds["rank"] = time.perf_counter() - t0
-        preds = {"valid_clean": np.concatenate([engine.predict_from_outputs(b, order) for b in batches])}
-        del batches
-        if bar is not None:
-            bar.update(len(valid.clean))
+        preds = {"valid_clean": engine.predict(valid.clean.x, order, progress=bar, divisor=divisor)}
         valid_acc_all = metrics.accuracy_per_step(preds["valid_clean"], valid.clean.y)
         steps = ranking.steps_for_stop(cfg.stop, channels, valid_acc_all, drops)
         preds["valid_clean"] = preds["valid_clean"][:, : steps + 1]
@@ -127,7 +128,7 @@ def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> S
         # 2. the other sets, only as far as the stop rule goes
         for key, images in sets[1:]:
             t1 = time.perf_counter()
-            preds[key] = engine.predict(scale_inputs(images.x, cfg.model), order[:steps], progress=bar)
+            preds[key] = engine.predict(images.x, order[:steps], progress=bar, divisor=divisor)
             seconds[key] = time.perf_counter() - t1
 
     curves = _curves(preds, valid, test, names, steps, channels, num_classes)
