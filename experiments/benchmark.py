@@ -1,24 +1,42 @@
-"""Benchmark: the runner's pruning sweep against the seed-style loop, at Lab 3 scale.
+"""Benchmark: the runner's pruning sweep against the CSAW-HackML Lab 3 loop, at Lab 3 scale.
 
-    python experiments/benchmark.py --out outputs/benchmark            # tiles the real extracts
+    python experiments/benchmark.py --out outputs/benchmark              # tiles the real extracts
     python experiments/benchmark.py --out outputs/benchmark --data data  # the real Lab 3 files
+    python experiments/benchmark.py --out /tmp/b --tile 1 --results-dir /tmp/b   # quick check
 
-Times, in one process on the same inputs:
-  (a) the seed-style loop: for each channel, zero its kernel and bias with set_weights, predict the
-      clean and poisoned validation images, and run B and B' on the clean and poisoned test images;
-      measured over --seed-steps steps and scaled to all 60 (every step costs the same);
-  (b) the runner's sweep (`defense.sweep.run_sweep`: ranking, all 60 steps, valid curves and G on
-      test, B' at 2/4/10/30);
-  (c) one plain `model.predict` over all four sets, the floor.
-Checks that (a) and (b) give the same curves and writes the table to OUT/benchmark.json.
+Times, in one process on the same inputs (images held as uint8 where that is lossless):
+  (a) the Lab 3 loop ("seed loop"), doing per step exactly the work of the CSAW-HackML Lab 3
+      loop for the outputs the runner reports: rank the channels with a plain Keras probe model
+      (mean pool_3 activation on clean validation data), predict B once on the four sets, then for
+      each pruning step zero the channel's kernel and bias with set_weights and predict B' on clean
+      and poisoned validation data and on clean and poisoned test data (the B' labels that the
+      repaired network G(B, B') needs); the per-step part is timed on --seed-steps steps spread
+      over the sweep and scaled to all steps (`--seed-steps all` times every step, no scaling);
+      B's predictions on the four sets are (c) below, the same work, timed once;
+  (b) the runner's sweep (`defense.sweep.run_sweep`: ranking, every step, valid curves and G on
+      test, B' at 2/4/10/30), including the tracing of its own graphs;
+  (c) one plain `model.predict` of B over the four sets, the floor.
+
+Checks that (a) and (b) agree: the same ranking, every curve value and every B' label at step 0
+and at the measured steps, and, at every step, the labels of the 100 distinct faces of each set
+(the clean faces and their sunglasses copies; with --data the first 100 images of each of the four
+sets). Any difference is printed and the script exits 1. `--seed-order reversed` gives the Lab 3
+loop the reversed ranking, a wrong one, so that a run disagrees on purpose (to test this check).
+
+Writes OUT/benchmark.json and, when (a) and (b) agree, RESULTS_DIR/benchmark.json and
+RESULTS_DIR/benchmark.md (the command line, date, machine, package versions and the table printed
+at the end). Exit status: 0 agree, 1 (a) and (b) disagree, 2 bad input (one `error:` line).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,6 +48,8 @@ sys.path.insert(0, str(REPO))
 CSAW = (REPO.parent / "shared" / "data" / "csaw").resolve()
 SIZES = {"valid": 11547, "test": 12830}  # the Lab 3 data set
 METRICS = ["valid_acc", "valid_asr", "test_acc", "test_asr", "pruned_test_acc", "pruned_test_asr"]
+SET_KEYS = ["valid_clean", "valid_sunglasses", "test_clean", "test_sunglasses"]
+DISTINCT_FACES = 100  # every extract holds the same 100 faces
 
 
 def compose(overrides):
@@ -41,28 +61,99 @@ def compose(overrides):
 
 
 def tiled(images, n: int):
-    """`images` repeated up to n (the Lab 3 sizes) from the 100 real faces."""
+    """`images` repeated up to n rows (row i is face i mod len(images))."""
     reps = -(-n // len(images))
     index = np.tile(np.arange(len(images)), reps)[:n]
     return images.subset(index)
 
 
-def load_inputs(args, cfg):
-    from defense.datasets import Split, load_split
-    from defense.data import load_h5
+def seed_steps_arg(value: str):
+    if value == "all":
+        return "all"
+    try:
+        steps = int(value)
+    except ValueError:
+        steps = 0
+    if steps < 10:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a number of steps >= 10, or 'all'")
+    return steps
 
-    if args.data:
-        return load_split(cfg.dataset, cfg.model, "valid"), load_split(cfg.dataset, cfg.model, "test"), "Lab 3 files in " + args.data
-    clean = load_h5(CSAW / "clean_test.h5", "clean")
-    poisoned = load_h5(CSAW / "sunglasses_test.h5", "sunglasses")
-    n_valid, n_test = (max(1, int(round(SIZES[k] * args.scale))) for k in ("valid", "test"))
+
+def tile_arg(value: str) -> int:
+    try:
+        reps = int(value)
+    except ValueError:
+        reps = 0
+    if reps < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number >= 1 (1 = the 100 faces as they are)")
+    return reps
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for benchmark.json")
+    parser.add_argument("--results-dir", default=str(REPO / "experiments" / "results"),
+                        help="folder for the published benchmark.md and benchmark.json (default experiments/results)")
+    parser.add_argument("--data", default=None, help="folder of the real Lab 3 files (cl/, bd/); default: tile the extracts")
+    parser.add_argument("--weights", default=str(CSAW / "lab3_bd_weights.h5"), help="Lab 3 weights or full model .h5")
+    parser.add_argument("--tile", type=tile_arg, default=None,
+                        help="each set = the 100 real faces repeated N times (1 = as they are); default: tiled to the "
+                             f"Lab 3 sizes ({SIZES['valid']:,} valid, {SIZES['test']:,} test per set)")
+    parser.add_argument("--seed-steps", type=seed_steps_arg, default=10,
+                        help="pruning steps of the Lab 3 loop (a) to time, spread over the sweep (>= 10, default 10); "
+                             "'all' times every step and needs no scaling")
+    parser.add_argument("--seed-order", choices=["probe", "reversed"], default="probe",
+                        help="ranking of the Lab 3 loop (a): 'probe' (its own probe model, must equal the sweep's) or "
+                             "'reversed' (that ranking reversed: a wrong one, so that (a) and (b) disagree and the "
+                             "script exits 1; for testing the agreement check)")
+    parser.add_argument("--batch-size", type=int, default=512, help="images per batch in (a), (b) and (c) (default 512, "
+                        "as `batch_size` in conf/config.yaml)")
+    args = parser.parse_args(argv)
+    if args.tile is not None and args.data:
+        parser.error("--tile tiles the extracts; it cannot be combined with --data")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    return args
+
+
+def load_inputs(args, cfg):
+    """valid and test Splits (poisoned set `sunglasses`), pixels as uint8 where that is lossless."""
+    from defense.data import as_uint8_pixels, check_fits, load_h5
+    from defense.datasets import Split
+
+    if args.data:  # file by file, so that only one float32 file is held at a time
+        def one(key, name):
+            images = as_uint8_pixels(load_h5(os.path.join(args.data, cfg.dataset[key]), name))
+            check_fits(images, cfg.model.input_shape, int(cfg.model.num_classes), "model=lab3")
+            return images
+
+        valid = Split(one("clean_valid", "clean"), {"sunglasses": one("poisoned_valid", "sunglasses")})
+        test = Split(one("clean_test", "clean"), {"sunglasses": one("poisoned_test", "sunglasses")})
+        return valid, test, f"the Lab 3 files in {args.data}"
+    clean = as_uint8_pixels(load_h5(CSAW / "clean_test.h5", "clean"))
+    poisoned = as_uint8_pixels(load_h5(CSAW / "sunglasses_test.h5", "sunglasses"))
+    if args.tile is not None:
+        n_valid = n_test = args.tile * len(clean)
+        how = "as they are" if args.tile == 1 else f"repeated {args.tile} times"
+    else:
+        n_valid, n_test = SIZES["valid"], SIZES["test"]
+        how = "tiled to Lab 3 size"
     valid = Split(tiled(clean, n_valid), {"sunglasses": tiled(poisoned, n_valid)})
     test = Split(tiled(clean, n_test), {"sunglasses": tiled(poisoned, n_test)})
-    return valid, test, f"the 100 real faces of {CSAW} tiled to Lab 3 size"
+    return valid, test, f"the {len(clean)} real faces of {CSAW} {how}"
 
 
-def seed_probe_order(model, x, batch_size):
-    """The seed's ranking: predict pool_3 on clean validation data, ascending mean activation."""
+def set_of(split_valid, split_test, key):
+    split = split_valid if key.startswith("valid") else split_test
+    return split.clean if key.endswith("clean") else split.poisoned["sunglasses"]
+
+
+def labels(model, x, batch_size):
+    return np.argmax(model.predict(x, batch_size=batch_size, verbose=0), axis=-1)
+
+
+def probe_order(model, x, batch_size):
+    """The Lab 3 ranking: a Keras model up to pool_3 on clean validation data, ascending mean activation."""
     import keras
 
     probe = keras.Model(model.inputs, model.get_layer("pool_3").output)
@@ -70,56 +161,143 @@ def seed_probe_order(model, x, batch_size):
     return np.argsort(np.mean(activation, axis=(0, 1, 2)), kind="stable")
 
 
-def seed_loop(model, order, steps, valid, test, num_classes, batch_size):
-    """The seed-style loop over `steps` (list of step numbers, ascending); metrics per measured step."""
+def lab3_loop(model, order, steps, sets, batch_size):
+    """The per-step work of the Lab 3 loop at the measured `steps` (ascending): set_weights, then B' on
+    the four sets. Returns {step: {set key: B' labels}} and the seconds of each measured step."""
     import keras
-
-    from defense import metrics
 
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
+    labels(clone, sets["valid_clean"].x[: batch_size + 8], batch_size)  # trace predict (full and last batch)
     layer = clone.get_layer("conv_3")
     kernel, bias = layer.get_weights()
-    predict = lambda m, x: np.argmax(m.predict(x, batch_size=batch_size, verbose=0), axis=1)  # noqa: E731
     rows, done, seconds = {}, 0, []
     for step in steps:
         start = time.perf_counter()
-        for channel in order[done:step]:  # zero the channel's kernel and bias, as the seed does
+        for channel in order[done:step]:  # channels between measured steps are zeroed in the same call
             kernel[:, :, :, channel] = 0
             bias[channel] = 0
         layer.set_weights([kernel, bias])
         done = step
-        p_valid = predict(clone, valid.clean.x)
-        p_valid_bd = predict(clone, valid.poisoned["sunglasses"].x)
-        b_test, bp_test = predict(model, test.clean.x), predict(clone, test.clean.x)
-        b_bd, bp_bd = predict(model, test.poisoned["sunglasses"].x), predict(clone, test.poisoned["sunglasses"].x)
+        rows[step] = {key: labels(clone, sets[key].x, batch_size) for key in SET_KEYS}
         seconds.append(time.perf_counter() - start)
-        rows[step] = {
-            "valid_acc": metrics.accuracy(p_valid, valid.clean.y),
-            "valid_asr": metrics.accuracy(p_valid_bd, valid.poisoned["sunglasses"].y),
-            "test_acc": metrics.accuracy(metrics.repaired_labels(b_test, bp_test, num_classes), test.clean.y),
-            "test_asr": metrics.accuracy(metrics.repaired_labels(b_bd, bp_bd, num_classes), test.poisoned["sunglasses"].y),
-            "pruned_test_acc": metrics.accuracy(bp_test, test.clean.y),
-            "pruned_test_asr": metrics.accuracy(bp_bd, test.poisoned["sunglasses"].y),
-        }
     return rows, seconds
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for benchmark.json")
-    parser.add_argument("--data", default=None, help="folder of the real Lab 3 files (cl/, bd/); default: tile the extracts")
-    parser.add_argument("--weights", default=str(CSAW / "lab3_bd_weights.h5"), help="Lab 3 weights or full model .h5")
-    parser.add_argument("--seed-steps", type=int, default=3, help="steps of the seed loop to time (1..60; 60 = all)")
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the Lab 3 sizes (quick checks)")
-    parser.add_argument("--batch-size", type=int, default=1024)
-    args = parser.parse_args(argv)
+def curve_row(b_labels, bp_labels, sets, num_classes):
+    """The six curve values of one step from B's and B''s labels on the four sets (the Lab 3 way)."""
+    from defense import metrics
+
+    def g(key):
+        return metrics.repaired_labels(b_labels[key], bp_labels[key], num_classes)
+
+    return {
+        "valid_acc": metrics.accuracy(bp_labels["valid_clean"], sets["valid_clean"].y),
+        "valid_asr": metrics.accuracy(bp_labels["valid_sunglasses"], sets["valid_sunglasses"].y),
+        "test_acc": metrics.accuracy(g("test_clean"), sets["test_clean"].y),
+        "test_asr": metrics.accuracy(g("test_sunglasses"), sets["test_sunglasses"].y),
+        "pruned_test_acc": metrics.accuracy(bp_labels["test_clean"], sets["test_clean"].y),
+        "pruned_test_asr": metrics.accuracy(bp_labels["test_sunglasses"], sets["test_sunglasses"].y),
+    }
+
+
+def distinct_face_groups(args, sets, predictions):
+    """(name, images for (a), [the sweep's labels of the same images]) for the every-step check.
+
+    Tiled extracts: row i of every clean set is face i, so the 100 distinct clean faces are the
+    first 100 rows of valid_clean, and (b) labelled them twice (valid and test rows); likewise for
+    the sunglasses copies. With --data the four sets hold different images.
+    """
+    groups = []
+    if args.data:
+        for key in SET_KEYS:
+            n = min(DISTINCT_FACES, len(sets[key]))
+            groups.append((key, sets[key].x[:n], [predictions[key][:n]]))
+        return groups
+    for kind in ("clean", "sunglasses"):
+        n = min(DISTINCT_FACES, len(sets[f"valid_{kind}"]), len(sets[f"test_{kind}"]))
+        groups.append((kind, sets[f"valid_{kind}"].x[:n],
+                       [predictions[f"valid_{kind}"][:n], predictions[f"test_{kind}"][:n]]))
+    return groups
+
+
+def machine_description(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    return {"cores": os.cpu_count(), "cpu": cpu, "device": device, "platform": platform.platform(),
+            "load_average_at_start": load}
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__}
+
+
+def write_results(results_dir: Path, report: dict, rows) -> list[Path]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    meta = report["run"]
+    machine = meta["machine"]
+    v = meta["versions"]
+    width = max(len(k) for k, _ in rows)
+    lines = [
+        "# Benchmark: the pruning sweep against the Lab 3 loop",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- machine: {machine['cores']} cores ({machine['cpu']}), {machine['platform']}; "
+        f"load average {machine['load_average_at_start']} at start",
+        f"- device: {machine['device']}",
+        f"- packages: python {v['python']}, tensorflow {v['tensorflow']}, keras {v['keras']}, numpy {v['numpy']}",
+        f"- inputs: {report['inputs']}: {report['sizes']['valid']:,} + {report['sizes']['valid']:,} validation, "
+        f"{report['sizes']['test']:,} + {report['sizes']['test']:,} test images ({report['input_dtype']}), "
+        f"batch size {report['batch_size']}",
+        f"- Lab 3 loop steps measured: {report['seed_loop_measured_steps']}",
+        "",
+        f"| {'quantity'.ljust(width)} | value |",
+        f"|{'-' * (width + 2)}|-------|",
+        *(f"| {k.ljust(width)} | {val} |" for k, val in rows),
+        "",
+    ]
+    md, js = results_dir / "benchmark.md", results_dir / "benchmark.json"
+    md.write_text("\n".join(lines))
+    js.write_text(json.dumps(report, indent=2) + "\n")
+    return [md, js]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "experiments/benchmark.py", *argv])
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    from defense.errors import DefenseError
 
     if not Path(args.weights).is_file():
-        sys.exit(f"error: {args.weights} not found: the benchmark needs the real Lab 3 weights ({CSAW}/README.md)")
+        print(f"error: --weights {args.weights} not found: the benchmark needs the real Lab 3 weights "
+              f"({CSAW}/README.md)", file=sys.stderr)
+        return 2
+    try:
+        return run(args, command, started)
+    except DefenseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args, command: str, started) -> int:
     import tensorflow as tf
 
     from defense import models
+    from defense.datasets import Split
+    from defense.errors import DefenseError
+    from defense.masked import seed_style_predictions
     from defense.sweep import run_sweep
 
     overrides = ["model=lab3", f"model.path={args.weights}", "prune.criterion=activation", "prune.drops=[2,4,10,30]",
@@ -127,96 +305,156 @@ def main(argv=None) -> dict:
     overrides += ["dataset=lab3", f"dataset.root={args.data}"] if args.data else ["dataset=csaw_extract", f"dataset.root={CSAW}"]
     cfg = compose(overrides)
     model = models.load_model(cfg.model)
+    channels = int(model.get_layer("conv_3").filters)
+    if args.seed_steps != "all" and args.seed_steps > channels:
+        raise DefenseError(f"--seed-steps {args.seed_steps}: conv_3 has {channels} channels, so the sweep has "
+                           f"{channels} steps; give at most {channels} or 'all'")
     valid, test, source = load_inputs(args, cfg)
-    sets = [valid.clean, valid.poisoned["sunglasses"], test.clean, test.poisoned["sunglasses"]]
+    sets = {key: set_of(valid, test, key) for key in SET_KEYS}
     num_classes = int(cfg.model.num_classes)
     gpus = tf.config.list_physical_devices("GPU")
     device = f"GPU ({', '.join(g.name for g in gpus)})" if gpus else f"CPU ({os.cpu_count()} cores)"
-    print(f"inputs: {source}: {len(valid.clean)} + {len(valid.clean)} valid, {len(test.clean)} + {len(test.clean)} test; device {device}")
+    machine = machine_description(device)
+    dtype = str(valid.clean.x.dtype)
+    print(f"inputs: {source}: {len(valid.clean)} + {len(valid.clean)} valid, {len(test.clean)} + {len(test.clean)} "
+          f"test ({dtype}); device {device}; load average {machine['load_average_at_start']}", flush=True)
 
-    # warm-up (graph tracing) on a few images, so that every timing below is steady-state
-    small = compose(overrides)
-    from defense.datasets import Split
+    # warm-up: TensorFlow's start-up and Keras' predict tracing (full and last batch) stay out of the timings
+    few = {k: s.subset(slice(0, 64)) for k, s in sets.items()}
+    run_sweep(cfg, model, Split(few["valid_clean"], {"sunglasses": few["valid_sunglasses"]}),
+              Split(few["test_clean"], {"sunglasses": few["test_sunglasses"]}), progress=False)
+    labels(model, valid.clean.x[: args.batch_size + 8], args.batch_size)
 
-    run_sweep(small, model, Split(valid.clean.subset(slice(0, 64)), {"sunglasses": valid.poisoned["sunglasses"].subset(slice(0, 64))}),
-              Split(test.clean.subset(slice(0, 64)), {"sunglasses": test.poisoned["sunglasses"].subset(slice(0, 64))}), progress=False)
-    model.predict(valid.clean.x[:64], batch_size=args.batch_size, verbose=0)
-
-    # (b) the runner's sweep, first, so that the peak memory is its own
+    # (b) the runner's sweep, first, so that the peak memory is its own (inputs included)
     start = time.perf_counter()
     result = run_sweep(cfg, model, valid, test, progress=False)
     b_primes = [models.pruned_copy(model, "conv_3", result.order[: t["channels_pruned"]])
                 for t in result.thresholds if t["reached"]]
     sweep_s = time.perf_counter() - start
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"(b) sweep: {sweep_s:.1f} s, {len(b_primes)} B' kept, peak RSS {peak_rss_gib:.2f} GiB")
+    print(f"(b) sweep: {sweep_s:.1f} s, {len(b_primes)} B' kept, peak RSS {peak_rss_gib:.2f} GiB", flush=True)
+    steps_total = result.steps
 
-    # (c) one plain forward pass over all four sets
+    # (c) one plain forward pass of B over the four sets; (a) uses these labels as its B-once part
     start = time.perf_counter()
-    for images in sets:
-        model.predict(images.x, batch_size=args.batch_size, verbose=0)
+    b_labels = {key: labels(model, sets[key].x, args.batch_size) for key in SET_KEYS}
     one_pass_s = time.perf_counter() - start
-    print(f"(c) one model.predict over the four sets: {one_pass_s:.1f} s")
+    print(f"(c) one model.predict over the four sets: {one_pass_s:.1f} s", flush=True)
 
-    # (a) the seed loop, on its own ranking (checked equal to ours)
+    # (a) the Lab 3 loop on its own ranking
     start = time.perf_counter()
-    seed_order = seed_probe_order(model, valid.clean.x, args.batch_size)
-    probe_s = time.perf_counter() - start
-    same_order = list(seed_order) == list(result.order)
-    steps = sorted({int(s) for s in np.linspace(1, 60, max(1, min(60, args.seed_steps))).round()})
-    seed_rows, seconds = seed_loop(model, seed_order, steps, valid, test, num_classes, args.batch_size)
+    probe = probe_order(model, valid.clean.x, args.batch_size)
+    ranking_s = time.perf_counter() - start
+    seed_order = probe[::-1].copy() if args.seed_order == "reversed" else probe
+    if args.seed_steps == "all":
+        steps = list(range(1, steps_total + 1))
+    else:
+        steps = sorted({int(s) for s in np.linspace(1, steps_total, args.seed_steps).round()})
+    seed_rows, seconds = lab3_loop(model, seed_order, steps, sets, args.batch_size)
     per_step = float(np.mean(seconds))
-    seed_loop_s = probe_s + per_step * 60
-    print(f"(a) seed loop: {len(steps)} steps {steps} measured, {per_step:.1f} s each -> {seed_loop_s:.1f} s for 60 (scaled)")
+    scaled = len(steps) < steps_total
+    measured_s = ranking_s + one_pass_s + float(np.sum(seconds))
+    seed_loop_s = ranking_s + one_pass_s + (per_step * steps_total if scaled else float(np.sum(seconds)))
+    print(f"(a) Lab 3 loop: {len(steps)} of {steps_total} steps measured {steps}, {per_step:.2f} s each -> "
+          f"{seed_loop_s:.1f} s for {steps_total}{' (scaled)' if scaled else ''}", flush=True)
 
-    diffs, flips = [], 0
-    for step, row in seed_rows.items():
+    # agreement of (a) and (b): ranking, curves and B' labels at step 0 and the measured steps
+    problems = []
+    same_ranking = [int(c) for c in seed_order] == [int(c) for c in result.order]
+    if not same_ranking:
+        first = next(i for i, (a, b) in enumerate(zip(seed_order, result.order)) if a != b)
+        problems.append(f"ranking: (a) and (b) first differ at position {first} (channel {int(seed_order[first])} "
+                        f"vs {int(result.order[first])})")
+    curve_diffs, curve_values, label_diffs, label_values = [], 0, 0, 0
+    bad_curves, bad_labels = [], []
+    for step, bp_labels in [(0, b_labels), *seed_rows.items()]:
+        row = curve_row(b_labels, bp_labels, sets, num_classes)
         for key in METRICS:
             diff = abs(row[key] - result.curves[step][key])
-            diffs.append(diff)
-            flips += int(diff > 0)
-    # every step, label by label, where the seed loop is affordable: on the distinct faces
-    # (the first 100 rows of each tiled set; with --data, the first 100 images of each set)
-    from defense.masked import seed_style_predictions
+            curve_diffs.append(diff)
+            curve_values += 1
+            if row[key] != result.curves[step][key]:
+                bad_curves.append(f"{key} at step {step}: (a) {row[key]:.4f} vs (b) {result.curves[step][key]:.4f}")
+        for key in SET_KEYS:
+            differ = int(np.sum(bp_labels[key] != result.predictions[key][:, step]))
+            label_diffs += differ
+            label_values += len(bp_labels[key])
+            if differ:
+                bad_labels.append(f"{key} step {step}: {differ}")
+    if bad_curves:
+        problems.append(f"curve values: {len(bad_curves)} of {curve_values} differ, e.g. " + "; ".join(bad_curves[:3]))
+    if label_diffs:
+        problems.append(f"B' labels at the measured steps: {label_diffs} of {label_values} differ ("
+                        + ", ".join(bad_labels[:4]) + (", ..." if len(bad_labels) > 4 else "") + ")")
 
-    mismatches, compared = 0, 0
-    for key, images in zip(("valid_clean", "valid_sunglasses", "test_clean", "test_sunglasses"), sets):
-        rows_ = slice(0, min(100, len(images)))
-        seed = seed_style_predictions(model, "conv_3", images.x[rows_], seed_order, args.batch_size)
-        mismatches += int(np.sum(seed != result.predictions[key][rows_]))
-        compared += seed.size
-    print(f"every step, distinct faces: {mismatches} of {compared} labels differ between (a) and (b)")
+    # every step, label by label, on the distinct faces (each counted once)
+    every_compared, every_mismatches = 0, 0
+    groups = distinct_face_groups(args, sets, result.predictions)
+    for name, x, sweep_labels in groups:
+        seed = seed_style_predictions(model, "conv_3", x, seed_order, args.batch_size)
+        wrong = np.zeros(seed.shape, bool)
+        for ours in sweep_labels:
+            wrong |= seed != ours
+        every_compared += seed.size
+        every_mismatches += int(wrong.sum())
+    faces = f"{len(groups[0][1])} distinct faces of each of {len(groups)} sets"
+    if every_mismatches:
+        problems.append(f"every-step labels ({faces}): {every_mismatches} of {every_compared} differ")
+    print(f"every step, distinct faces: {every_mismatches} of {every_compared} labels differ ({faces}, "
+          f"{steps_total + 1} steps)", flush=True)
 
+    r = lambda v: round(float(v), 4)  # noqa: E731
     report = {
-        "seed_loop_s": round(seed_loop_s, 3),
+        "seed_loop_s": r(seed_loop_s),
+        "seed_loop_scaled": scaled,
         "seed_loop_steps_measured": len(steps),
-        "seed_loop_measured_s": round(float(np.sum(seconds)) + probe_s, 3),
-        "sweep_s": round(sweep_s, 3),
-        "one_pass_s": round(one_pass_s, 3),
-        "ratio_seed_over_sweep": round(seed_loop_s / sweep_s, 2),
-        "ratio_sweep_over_one_pass": round(sweep_s / one_pass_s, 3),
+        "seed_loop_measured_steps": steps,
+        "seed_loop_measured_s": r(measured_s),
+        "seed_loop_step_s": r(per_step),
+        "seed_loop_ranking_s": r(ranking_s),
+        "seed_loop_b_once_s": r(one_pass_s),
+        "seed_order": args.seed_order,
+        "sweep_s": r(sweep_s),
+        "one_pass_s": r(one_pass_s),
+        "steps": steps_total,
         "peak_rss_gib": round(peak_rss_gib, 3),
-        "max_curve_diff_pp": float(max(diffs)),
-        "metrics_differing": flips,
-        "same_ranking": same_order,
-        "every_step_labels_compared": compared,
-        "every_step_label_mismatches": mismatches,
+        "agree": not problems,
+        "disagreements": problems,
+        "same_ranking": same_ranking,
+        "curve_values_compared": curve_values,
+        "curve_values_differing": len(bad_curves),
+        "max_curve_diff_pp": float(max(curve_diffs)),
+        "labels_compared": label_values,
+        "labels_differing": label_diffs,
+        "every_step_labels_compared": every_compared,
+        "every_step_label_mismatches": every_mismatches,
         "device": device,
         "inputs": source,
+        "input_dtype": dtype,
+        "batch_size": args.batch_size,
         "sizes": {"valid": len(valid.clean), "test": len(test.clean)},
-        "sweep_phases_s": {k: round(v, 3) for k, v in result.seconds.items()},
+        "sweep_phases_s": {k: r(v) for k, v in result.seconds.items()},
+        "run": {"command": command, "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
+                "versions": versions()},
     }
+    report["ratio_seed_over_sweep"] = round(report["seed_loop_s"] / report["sweep_s"], 2)
+    report["ratio_sweep_over_one_pass"] = round(report["sweep_s"] / report["one_pass_s"], 3)
+
+    how = f"scaled from {len(steps)} steps" if scaled else "all measured"
     rows = [
-        ("(a) seed loop, measured", f"{report['seed_loop_measured_s']:.1f} s ({len(steps)} steps + ranking)"),
-        ("(a) seed loop, scaled to 60 steps", f"{seed_loop_s:.1f} s"),
-        ("(b) runner sweep, 60 steps", f"{sweep_s:.1f} s"),
+        ("(a) Lab 3 loop, measured", f"{measured_s:.1f} s (ranking, B once, {len(steps)} steps)"),
+        ("(a) Lab 3 loop, one step", f"{per_step:.2f} s (set_weights, B' on the 4 sets)"),
+        (f"(a) Lab 3 loop, {steps_total} steps", f"{seed_loop_s:.1f} s ({how})"),
+        (f"(b) runner sweep, {steps_total} steps", f"{sweep_s:.1f} s"),
         ("(c) one model.predict, 4 sets", f"{one_pass_s:.1f} s"),
         ("a / b", f"{report['ratio_seed_over_sweep']:.1f}x"),
         ("b / c", f"{report['ratio_sweep_over_one_pass']:.2f}"),
-        ("peak memory of (b)", f"{peak_rss_gib:.2f} GiB (process peak RSS after (b))"),
-        ("max curve difference a vs b", f"{report['max_curve_diff_pp']:.4f} pp over {len(diffs)} values, {flips} differing"),
-        ("every step, distinct faces", f"{mismatches} of {compared} labels differ"),
-        ("same ranking", str(same_order)),
+        ("peak memory of (b)", f"{peak_rss_gib:.2f} GiB (process peak RSS after (b), {dtype} inputs included)"),
+        ("curves of (a) and (b), measured steps",
+         f"{len(bad_curves)} of {curve_values} values differ (max {report['max_curve_diff_pp']:.4f} pp)"),
+        ("B' labels of (a) and (b), measured steps", f"{label_diffs:,} of {label_values:,} differ"),
+        ("every step, distinct faces", f"{every_mismatches:,} of {every_compared:,} labels differ ({faces})"),
+        ("same ranking", str(same_ranking)),
         ("device", device),
     ]
     width = max(len(k) for k, _ in rows)
@@ -225,8 +463,14 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'benchmark.json'}")
-    return report
+    if problems:
+        print("FAILED: (a) and (b) disagree:\n  " + "\n  ".join(problems), file=sys.stderr)
+        print(f"not writing {args.results_dir}: the results of a disagreeing run are not published", file=sys.stderr)
+        return 1
+    for path in write_results(Path(args.results_dir), report, rows):
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
