@@ -16,6 +16,8 @@ Times, in one process on the same inputs (images held as uint8 where that is los
   (b) the runner's sweep (`defense.sweep.run_sweep`: ranking, every step, valid curves and G on
       test, B' at 2/4/10/30), including the tracing of its own graphs;
   (c) one plain `model.predict` of B over the four sets, the floor.
+Wall times are the results; the CPU seconds of the process (all threads) are reported beside them,
+as they vary less when other work shares the machine.
 
 Checks that (a) and (b) agree: the same ranking, every curve value and every B' label at step 0
 and at the measured steps, and, at every step, the labels of the 100 distinct faces of each set
@@ -163,7 +165,7 @@ def probe_order(model, x, batch_size):
 
 def lab3_loop(model, order, steps, sets, batch_size):
     """The per-step work of the Lab 3 loop at the measured `steps` (ascending): set_weights, then B' on
-    the four sets. Returns {step: {set key: B' labels}} and the seconds of each measured step."""
+    the four sets. Returns {step: {set key: B' labels}} and the wall and CPU seconds of each step."""
     import keras
 
     clone = keras.models.clone_model(model)
@@ -171,9 +173,9 @@ def lab3_loop(model, order, steps, sets, batch_size):
     labels(clone, sets["valid_clean"].x[: batch_size + 8], batch_size)  # trace predict (full and last batch)
     layer = clone.get_layer("conv_3")
     kernel, bias = layer.get_weights()
-    rows, done, seconds = {}, 0, []
+    rows, done, seconds, cpu_seconds = {}, 0, [], []
     for step in steps:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for channel in order[done:step]:  # channels between measured steps are zeroed in the same call
             kernel[:, :, :, channel] = 0
             bias[channel] = 0
@@ -181,7 +183,8 @@ def lab3_loop(model, order, steps, sets, batch_size):
         done = step
         rows[step] = {key: labels(clone, sets[key].x, batch_size) for key in SET_KEYS}
         seconds.append(time.perf_counter() - start)
-    return rows, seconds
+        cpu_seconds.append(time.process_time() - cpu)
+    return rows, seconds, cpu_seconds
 
 
 def curve_row(b_labels, bp_labels, sets, num_classes):
@@ -326,35 +329,36 @@ def run(args, command: str, started) -> int:
     labels(model, valid.clean.x[: args.batch_size + 8], args.batch_size)
 
     # (b) the runner's sweep, first, so that the peak memory is its own (inputs included)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = run_sweep(cfg, model, valid, test, progress=False)
     b_primes = [models.pruned_copy(model, "conv_3", result.order[: t["channels_pruned"]])
                 for t in result.thresholds if t["reached"]]
-    sweep_s = time.perf_counter() - start
+    sweep_s, sweep_cpu = time.perf_counter() - start, time.process_time() - cpu
     peak_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"(b) sweep: {sweep_s:.1f} s, {len(b_primes)} B' kept, peak RSS {peak_rss_gib:.2f} GiB", flush=True)
     steps_total = result.steps
 
     # (c) one plain forward pass of B over the four sets; (a) uses these labels as its B-once part
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     b_labels = {key: labels(model, sets[key].x, args.batch_size) for key in SET_KEYS}
-    one_pass_s = time.perf_counter() - start
+    one_pass_s, one_pass_cpu = time.perf_counter() - start, time.process_time() - cpu
     print(f"(c) one model.predict over the four sets: {one_pass_s:.1f} s", flush=True)
 
     # (a) the Lab 3 loop on its own ranking
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     probe = probe_order(model, valid.clean.x, args.batch_size)
-    ranking_s = time.perf_counter() - start
+    ranking_s, ranking_cpu = time.perf_counter() - start, time.process_time() - cpu
     seed_order = probe[::-1].copy() if args.seed_order == "reversed" else probe
     if args.seed_steps == "all":
         steps = list(range(1, steps_total + 1))
     else:
         steps = sorted({int(s) for s in np.linspace(1, steps_total, args.seed_steps).round()})
-    seed_rows, seconds = lab3_loop(model, seed_order, steps, sets, args.batch_size)
+    seed_rows, seconds, cpu_seconds = lab3_loop(model, seed_order, steps, sets, args.batch_size)
     per_step = float(np.mean(seconds))
     scaled = len(steps) < steps_total
     measured_s = ranking_s + one_pass_s + float(np.sum(seconds))
     seed_loop_s = ranking_s + one_pass_s + (per_step * steps_total if scaled else float(np.sum(seconds)))
+    seed_loop_cpu = ranking_cpu + one_pass_cpu + float(np.mean(cpu_seconds)) * steps_total
     print(f"(a) Lab 3 loop: {len(steps)} of {steps_total} steps measured {steps}, {per_step:.2f} s each -> "
           f"{seed_loop_s:.1f} s for {steps_total}{' (scaled)' if scaled else ''}", flush=True)
 
@@ -439,6 +443,10 @@ def run(args, command: str, started) -> int:
     }
     report["ratio_seed_over_sweep"] = round(report["seed_loop_s"] / report["sweep_s"], 2)
     report["ratio_sweep_over_one_pass"] = round(report["sweep_s"] / report["one_pass_s"], 3)
+    # CPU seconds of this process (all threads): steadier than wall time on a shared machine
+    report["cpu_s"] = {"seed_loop": r(seed_loop_cpu), "sweep": r(sweep_cpu), "one_pass": r(one_pass_cpu)}
+    report["ratio_seed_over_sweep_cpu"] = round(report["cpu_s"]["seed_loop"] / report["cpu_s"]["sweep"], 2)
+    report["ratio_sweep_over_one_pass_cpu"] = round(report["cpu_s"]["sweep"] / report["cpu_s"]["one_pass"], 3)
 
     how = f"scaled from {len(steps)} steps" if scaled else "all measured"
     rows = [
@@ -449,6 +457,8 @@ def run(args, command: str, started) -> int:
         ("(c) one model.predict, 4 sets", f"{one_pass_s:.1f} s"),
         ("a / b", f"{report['ratio_seed_over_sweep']:.1f}x"),
         ("b / c", f"{report['ratio_sweep_over_one_pass']:.2f}"),
+        ("a / b, CPU time", f"{report['ratio_seed_over_sweep_cpu']:.1f}x ({seed_loop_cpu:.1f} / {sweep_cpu:.1f} CPU s)"),
+        ("b / c, CPU time", f"{report['ratio_sweep_over_one_pass_cpu']:.2f} ({sweep_cpu:.1f} / {one_pass_cpu:.1f} CPU s)"),
         ("peak memory of (b)", f"{peak_rss_gib:.2f} GiB (process peak RSS after (b), {dtype} inputs included)"),
         ("curves of (a) and (b), measured steps",
          f"{len(bad_curves)} of {curve_values} values differ (max {report['max_curve_diff_pp']:.4f} pp)"),

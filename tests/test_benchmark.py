@@ -70,7 +70,7 @@ def test_tiny_benchmark_publishes_what_it_prints(tiny_run):
     proc, tmp = tiny_run
     md = (tmp / "results" / "benchmark.md").read_text()
     printed = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(printed) == 13
+    assert len(printed) == 15
     for line in printed:  # the same rows, same labels and values, in the published table
         assert line in md.splitlines()
     assert "| a / b " in md and "| every step, distinct faces " in md
