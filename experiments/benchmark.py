@@ -58,6 +58,8 @@ def compose(overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import defense.config  # noqa: F401  (registers the schemas that conf/ names)
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
@@ -187,6 +189,23 @@ def lab3_loop(model, order, steps, sets, batch_size):
     return rows, seconds, cpu_seconds
 
 
+def every_step_labels(model, x, order, batch_size):
+    """The Lab 3 loop at every step on `x`: (N, len(order)+1) labels, column s = s channels zeroed."""
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    layer = clone.get_layer("conv_3")
+    kernel, bias = layer.get_weights()
+    columns = [labels(clone, x, batch_size)]
+    for channel in order:
+        kernel[:, :, :, channel] = 0
+        bias[channel] = 0
+        layer.set_weights([kernel, bias])
+        columns.append(labels(clone, x, batch_size))
+    return np.stack(columns, axis=1)
+
+
 def curve_row(b_labels, bp_labels, sets, num_classes):
     """The six curve values of one step from B's and B''s labels on the four sets (the Lab 3 way)."""
     from defense import metrics
@@ -300,7 +319,6 @@ def run(args, command: str, started) -> int:
     from defense import models
     from defense.datasets import Split
     from defense.errors import DefenseError
-    from defense.masked import seed_style_predictions
     from defense.sweep import run_sweep
 
     overrides = ["model=lab3", f"model.path={args.weights}", "prune.criterion=activation", "prune.drops=[2,4,10,30]",
@@ -395,7 +413,7 @@ def run(args, command: str, started) -> int:
     every_compared, every_mismatches = 0, 0
     groups = distinct_face_groups(args, sets, result.predictions)
     for name, x, sweep_labels in groups:
-        seed = seed_style_predictions(model, "conv_3", x, seed_order, args.batch_size)
+        seed = every_step_labels(model, x, seed_order, args.batch_size)
         wrong = np.zeros(seed.shape, bool)
         for ours in sweep_labels:
             wrong |= seed != ours
