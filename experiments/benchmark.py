@@ -264,34 +264,21 @@ def versions() -> dict:
 
 
 def write_results(results_dir: Path, report: dict, rows) -> list[Path]:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    meta = report["run"]
-    machine = meta["machine"]
-    v = meta["versions"]
+    """RESULTS_DIR/benchmark.md and .json through `results_files` (command, date, machine, versions)."""
+    import results_files
+
     width = max(len(k) for k, _ in rows)
-    lines = [
-        "# Benchmark: the pruning sweep against the Lab 3 loop",
-        "",
-        f"- command: `{meta['command']}`",
-        f"- date: {meta['date']}",
-        f"- machine: {machine['cores']} cores ({machine['cpu']}), {machine['platform']}; "
-        f"load average {machine['load_average_at_start']} at start",
-        f"- device: {machine['device']}",
-        f"- packages: python {v['python']}, tensorflow {v['tensorflow']}, keras {v['keras']}, numpy {v['numpy']}",
-        f"- inputs: {report['inputs']}: {report['sizes']['valid']:,} + {report['sizes']['valid']:,} validation, "
+    body = "\n".join([
+        f"Inputs: {report['inputs']}: {report['sizes']['valid']:,} + {report['sizes']['valid']:,} validation, "
         f"{report['sizes']['test']:,} + {report['sizes']['test']:,} test images ({report['input_dtype']}), "
-        f"batch size {report['batch_size']}",
-        f"- Lab 3 loop steps measured: {report['seed_loop_measured_steps']}",
+        f"batch size {report['batch_size']}; load average {report['run']['machine']['load_average_at_start']} "
+        f"at start. Lab 3 loop steps measured: {report['seed_loop_measured_steps']}.",
         "",
         f"| {'quantity'.ljust(width)} | value |",
         f"|{'-' * (width + 2)}|-------|",
         *(f"| {k.ljust(width)} | {val} |" for k, val in rows),
-        "",
-    ]
-    md, js = results_dir / "benchmark.md", results_dir / "benchmark.json"
-    md.write_text("\n".join(lines))
-    js.write_text(json.dumps(report, indent=2) + "\n")
-    return [md, js]
+    ])
+    return list(results_files.write_results("benchmark", body, report, results_dir))
 
 
 def main(argv=None) -> int:
@@ -495,8 +482,7 @@ def run(args, command: str, started) -> int:
         print("FAILED: (a) and (b) disagree:\n  " + "\n  ".join(problems), file=sys.stderr)
         print(f"not writing {args.results_dir}: the results of a disagreeing run are not published", file=sys.stderr)
         return 1
-    for path in write_results(Path(args.results_dir), report, rows):
-        print(f"wrote {path}")
+    write_results(Path(args.results_dir), report, rows)
     return 0
 
 
