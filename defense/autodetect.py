@@ -26,7 +26,7 @@ import numpy as np
 from omegaconf import open_dict
 
 from defense.errors import DefenseError
-from defense.masked import per_channel_chain
+from defense.masked import conv_layer, per_channel_chain
 
 log = logging.getLogger("defense.autodetect")
 
@@ -82,6 +82,7 @@ def complete_prune_config(prune_cfg, model) -> None:
         if not prune_cfg.get("layer"):
             prune_cfg.layer = default_layer(model)
             log.info("prune.layer not set: pruning %s, the last Conv2D followed by pooling", prune_cfg.layer)
+        conv_layer(model, prune_cfg.layer)  # a layer that is no Conv2D of the model: one line naming the ones there are
         if not prune_cfg.get("probe"):
             prune_cfg.probe = default_probe(model, prune_cfg.layer)
             log.info("prune.probe not set: ranking channels at %s, the end of the per-channel layers after %s",
