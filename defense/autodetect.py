@@ -81,7 +81,8 @@ def complete_prune_config(prune_cfg, model) -> None:
     with open_dict(prune_cfg):
         if not prune_cfg.get("layer"):
             prune_cfg.layer = default_layer(model)
-            log.info("prune.layer not set: pruning %s, the last Conv2D followed by pooling", prune_cfg.layer)
+            log.info("prune.layer not set: pruning %s (the last Conv2D followed by pooling, else the last Conv2D)",
+                     prune_cfg.layer)
         conv_layer(model, prune_cfg.layer)  # a layer that is no Conv2D of the model: one line naming the ones there are
         if not prune_cfg.get("probe"):
             prune_cfg.probe = default_probe(model, prune_cfg.layer)

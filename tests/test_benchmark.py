@@ -151,3 +151,24 @@ def test_sweep_labels_with_uint8_inputs_equal_float32_inputs(csaw_dir):
         np.testing.assert_array_equal(engine.predict(packed[1].clean.x, as_float.order[:60],
                                                      divisor=models.input_divisor(cfg.model)), whole)
         np.testing.assert_array_equal(whole, as_float.predictions["test_clean"])
+
+
+def test_streamed_and_kept_validation_outputs_give_the_same_sweep(csaw_dir, monkeypatch):
+    """The clean validation set's pruned-layer outputs are kept from the ranking pass when they fit the
+    cache budget, else streamed twice: both give the same ranking and labels (set_weights loop: tests/oracles.py)."""
+    from oracles import set_weights_predictions
+
+    from defense import models, sweep
+    from defense.datasets import load_split
+
+    cfg = compose(["model=lab3", f"model.path={CSAW / 'lab3_bd_weights.h5'}", "dataset=csaw_extract",
+                   f"dataset.root={CSAW}", "tracking=none", "batch_size=16", "progress=false"])
+    model = models.load_model(cfg.model)
+    valid, test = (load_split(cfg.dataset, cfg.model, s) for s in ("valid", "test"))
+    kept = sweep.run_sweep(cfg, model, valid, test, progress=False)
+    monkeypatch.setattr(sweep, "VALID_OUTPUTS_CACHE_BYTES", 0)
+    streamed = sweep.run_sweep(cfg, model, valid, test, progress=False)
+    assert list(streamed.order) == list(kept.order)
+    np.testing.assert_array_equal(streamed.predictions["valid_clean"], kept.predictions["valid_clean"])
+    np.testing.assert_array_equal(kept.predictions["valid_clean"],
+                                  set_weights_predictions(model, "conv_3", valid.clean.x, kept.order))
