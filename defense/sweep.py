@@ -16,7 +16,7 @@ import numpy as np
 from defense import metrics, ranking
 from defense.datasets import Split
 from defense.errors import DefenseError
-from defense.masked import MaskedSweep, channel_path, conv_layer
+from defense.masked import MaskedSweep, channel_path
 from defense.models import input_divisor
 
 log = logging.getLogger("defense.sweep")
@@ -52,8 +52,7 @@ def check_layers(cfg, model) -> list[str]:
     """
     from defense.autodetect import complete_prune_config
 
-    complete_prune_config(cfg.prune, model)
-    conv_layer(model, cfg.prune.layer)
+    complete_prune_config(cfg.prune, model)  # checks prune.layer is a Conv2D (masked.conv_layer)
     if cfg.prune.criterion == "activation":
         return channel_path(model, cfg.prune.layer, cfg.prune.get("probe") or cfg.prune.layer)
     return [cfg.prune.layer]
