@@ -27,6 +27,7 @@ from omegaconf import open_dict
 
 from defense.errors import DefenseError
 from defense.masked import conv_layer, per_channel_chain
+from defense.models import scale_pixels
 
 log = logging.getLogger("defense.autodetect")
 
@@ -102,7 +103,7 @@ def choose_input_divisor(model_cfg, model, clean_valid, batch_size: int = 512) -
     y = np.asarray(clean_valid.y)
     scores = {}
     for divisor in DIVISORS:
-        probs = model.predict((clean_valid.x / np.float32(divisor)).astype(np.float32), batch_size=batch_size,
+        probs = model.predict(scale_pixels(clean_valid.x, divisor), batch_size=batch_size,
                               verbose=0)
         accuracy = 100.0 * float(np.mean(np.argmax(probs, axis=-1) == y))
         loss = float(np.mean(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
