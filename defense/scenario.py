@@ -482,6 +482,15 @@ def ensure_scenario(scenario_cfg) -> str:
     return final
 
 
+class ScenarioTooWeak(DefenseError):
+    """A built (or cached) scenario network below `min_clean_accuracy` / `min_asr`; `metrics` holds
+    the scores it measured, so a study can report them (nothing is cached)."""
+
+    def __init__(self, message: str, metrics: Mapping):
+        super().__init__(message)
+        self.metrics = dict(metrics)
+
+
 def _check_scores(metrics: Mapping, cfg: Mapping, folder: str) -> None:
     acc, asr = float(metrics["clean_test_accuracy"]), float(metrics["test_asr"])
     low = []
@@ -490,10 +499,13 @@ def _check_scores(metrics: Mapping, cfg: Mapping, folder: str) -> None:
     if not asr >= cfg["min_asr"]:
         low.append(f"test attack success rate {asr:.2f}% < {cfg['min_asr']:g}%")
     if low:
-        raise DefenseError(
-            f"the backdoored scenario network ({folder}) is too weak: {' and '.join(low)}; raise "
-            "dataset.scenario.epochs (or widths) for clean accuracy, dataset.scenario.poison_fraction "
-            "(or trigger.size) for the attack success rate"
+        attack = cfg.get("attack", "badnets")
+        knobs = "trigger.size" if attack == "badnets" else f"the settings of dataset.scenario.{attack}"
+        raise ScenarioTooWeak(
+            f"the {attack} scenario network ({folder}) is too weak: {' and '.join(low)} (clean test accuracy "
+            f"{acc:.2f}%, test attack success rate {asr:.2f}%); raise dataset.scenario.epochs (or widths) for "
+            f"clean accuracy, dataset.scenario.poison_fraction (or {knobs}) for the attack success rate",
+            metrics,
         )
 
 
