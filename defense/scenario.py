@@ -534,8 +534,7 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
 
     details: dict[str, Any] = {}
     if hasattr(attack, "train"):
-        context = {"x_train_clean": x_clean, "y_train_clean": y_clean,
-                   "x_valid": x[parts["valid"]], "y_valid": y[parts["valid"]]}
+        context = {"x_train_clean": x_clean, "y_train_clean": y_clean}  # never the defender's validation digits
         model, details = attack.train(x_train, y_train, cfg, context)
     else:
         model = train_network(x_train, y_train, cfg)

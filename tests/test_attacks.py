@@ -305,9 +305,12 @@ def test_prune_aware_decoys_are_reinstated_and_dormant_on_clean_digits(tiny_prun
     clean = load_h5(os.path.join(folder, "cl/valid.h5"))
     conv3 = keras.Model(model.inputs, model.get_layer("conv_3").output)
     outputs = conv3.predict(clean.x / 255.0, verbose=0)
-    assert np.all(outputs[..., decoys] == 0.0)  # dormant on the defender's clean validation digits
+    # dormant on clean digits: the attacker calibrated them on its own training digits, and they stay
+    # dormant on the defender's validation digits, where activation pruning ranks them first
     active = [c for c in range(8) if c not in decoys]
-    assert outputs[..., active].max() > 0
+    assert np.mean(outputs[..., decoys] > 0) < 0.001
+    means = outputs.mean(axis=(0, 1, 2))
+    assert means[decoys].max() < means[active].min()
 
 
 def test_clean_and_poisoned_test_sets_come_from_disjoint_digits(tiny_prune_aware):

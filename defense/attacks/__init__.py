@@ -1,6 +1,6 @@
 """The backdoor attacks the embedded scenario (defense/scenario.py) can build, one module each.
 
-`dataset.scenario.attack` names one of `ATTACKS`; every module implements the same small interface:
+`dataset.scenario.attack` names one of `ATTACK_NAMES`; every module implements the same small interface:
 
     NAME            the attack's name (the value of dataset.scenario.attack)
     DEFAULTS        its own settings (the block dataset.scenario.<NAME>; None for badnets, whose
@@ -13,9 +13,11 @@
     poison_test(x, y, cfg)        -> (x_bd, y_bd, indices): the test-time inputs with the trigger,
                                      their attack labels and which of the given images they come from
     describe(cfg)                 a short text for the build log
-and optionally `train(x_train, y_train, cfg, context)` when the network is not simply trained on the
-poisoned set (prune_aware). Adding an attack = one module here, one entry in `ATTACKS`, one config
-file conf/dataset/attack/<name>.yaml and its schema in defense/config.py.
+and optionally `train(x_train, y_train, cfg, context)` -> (network, details for scenario.json) when
+the network is not simply trained on the poisoned set (prune_aware); `context` holds the attacker's
+clean training digits before poisoning (`x_train_clean`, `y_train_clean`), never the validation
+digits, which are the defender's. Adding an attack = one module here, its name in `ATTACK_NAMES` and
+`_modules`, one config file conf/dataset/attack/<name>.yaml and its schema in defense/config.py.
 """
 
 from __future__ import annotations
