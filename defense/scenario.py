@@ -557,7 +557,7 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
         key, metrics["clean_test_accuracy"], metrics["test_asr"], metrics["clean_valid_accuracy"],
         metrics["valid_asr"], seconds,
     )
-    _check_scores(metrics, cfg, folder)
+    _check_scores(metrics, cfg, os.path.join(cfg["cache_dir"], key))  # the folder it would have had
     draw_triggers(folder, cfg)
 
     import keras
@@ -598,21 +598,27 @@ def draw_triggers(folder: str, cfg: Mapping, count: int = 6) -> str:
     clean = load_h5(os.path.join(folder, CLEAN_TEST))
     x_bd, y_bd, sel = _poisoned_with_counterparts(clean, poisoned, int(cfg["target"]))
     n = min(count, len(sel))
+    return draw_pairs(os.path.join(folder, PICTURE_FILE), clean.x[sel[:n]], clean.y[sel[:n]], x_bd[:n], y_bd[:n],
+                      f"{cfg['attack']}: clean test digits (top) and poisoned (bottom)")
+
+
+def draw_pairs(path: str, clean_x, clean_y, poisoned_x, poisoned_y, title: str) -> str:
+    """A PNG at `path`: clean digits (0..255, NHWC) in the top row, their poisoned versions below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    n = len(clean_x)
     fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.0), dpi=80, squeeze=False)
     for i in range(n):
-        for row, image, title in ((0, clean.x[sel[i]], f"clean {clean.y[sel[i]]}"), (1, x_bd[i], f"-> {y_bd[i]}")):
+        for row, image, label in ((0, clean_x[i], f"clean {clean_y[i]}"), (1, poisoned_x[i], f"-> {poisoned_y[i]}")):
             ax = axes[row][i]
             ax.imshow(np.asarray(image)[..., 0], cmap="gray", vmin=0, vmax=255)
-            ax.set_title(title, fontsize=8)
+            ax.set_title(label, fontsize=8)
             ax.axis("off")
-    fig.suptitle(f"{cfg['attack']}: clean test digits (top) and poisoned (bottom)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = os.path.join(folder, PICTURE_FILE)
     tmp = path + ".part.png"
     fig.savefig(tmp)
     plt.close(fig)

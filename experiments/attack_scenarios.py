@@ -28,43 +28,69 @@ rf.use_this_checkout()
 
 NAME = "attack_scenarios"
 PICTURES = rf.REPO / "docs" / "attacks"
+# Settings tried, besides the defaults, for an attack whose defaults miss the build check (the check is
+# never lowered): found by hand on seed 0, each the one that came closest to it.
+CLOSEST: dict[str, list[str]] = {}
 
 
-def build(attack: str, seed: int) -> dict:
+def build(attack: str, seed: int, extra: tuple[str, ...] = ()) -> dict:
     import defense.config  # noqa: F401  (registers the config schemas before the config is composed)
     from defense.scenario import PICTURE_FILE, ScenarioTooWeak, ensure_scenario, read_metadata, scenario_dir
 
-    cfg = rf.compose([f"dataset.scenario.attack={attack}", f"dataset.scenario.seed={seed}"]).dataset.scenario
+    cfg = rf.compose([f"dataset.scenario.attack={attack}", f"dataset.scenario.seed={seed}", *extra]).dataset.scenario
+    row = {"attack": attack, "seed": seed, "settings": " ".join(extra) or "defaults",
+           "key": os.path.basename(scenario_dir(cfg))}
+    picture = PICTURES / (f"{attack}.png" if not extra else f"{attack}-closest.png")
+    PICTURES.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
         folder = ensure_scenario(cfg)
     except ScenarioTooWeak as err:  # too weak: report the numbers the build measured (the cache keeps nothing)
-        return {"attack": attack, "seed": seed, "key": os.path.basename(scenario_dir(cfg)), "passed": False,
-                **err.metrics, "error": str(err), "wall_seconds": round(time.perf_counter() - t0, 1)}
+        draw_from_poisoning(cfg, picture)
+        return {**row, "passed": False, **err.metrics, "error": str(err),
+                "wall_seconds": round(time.perf_counter() - t0, 1)}
     meta = read_metadata(folder)
-    PICTURES.mkdir(parents=True, exist_ok=True)
-    shutil.copy(os.path.join(folder, PICTURE_FILE), PICTURES / f"{attack}.png")
-    return {"attack": attack, "seed": seed, "key": meta["key"], "passed": True, **meta["metrics"],
+    shutil.copy(os.path.join(folder, PICTURE_FILE), picture)
+    return {**row, "passed": True, **meta["metrics"],
             "min_clean_accuracy": meta["scenario"]["min_clean_accuracy"], "min_asr": meta["scenario"]["min_asr"],
             "build_seconds": meta["build_seconds"], "counts": meta["counts"],
             "attack_details": meta.get("attack_details"), "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
+def draw_from_poisoning(scenario_cfg, path, count: int = 6) -> None:
+    """The picture of a scenario that was not cached: a few non-target source digits and the attack's
+    test-time poisoned versions of them."""
+    import numpy as np
+
+    from defense import attacks
+    from defense import scenario as sc
+
+    cfg = sc.resolve_config(scenario_cfg)
+    x, y = sc.load_source(cfg["source"])
+    idx = np.concatenate([np.flatnonzero(y == c)[:1] for c in range(10) if c != cfg["target"]])[:count]
+    x_bd, y_bd, sel = attacks.get(cfg["attack"]).poison_test(x[idx], y[idx], cfg)
+    sc.draw_pairs(str(path), x[idx][sel], y[idx][sel], x_bd, y_bd,
+                  f"{cfg['attack']}: clean digits (top) and poisoned (bottom)")
+
+
 def markdown(rows: list[dict]) -> str:
     table = []
     for r in rows:
+        settings = "defaults" if r["settings"] == "defaults" else f"`{r['settings']}`"
         if r["passed"]:
-            table.append([f"`{r['attack']}`", f"{r['clean_test_accuracy']:.2f}", f"{r['test_asr']:.2f}",
-                          f"{r['min_clean_accuracy']:g} / {r['min_asr']:g}", f"{r['build_seconds']:.0f}"])
+            table.append([f"`{r['attack']}`", settings, f"{r['clean_test_accuracy']:.2f}", f"{r['test_asr']:.2f}",
+                          "passed, cached", f"{r['build_seconds']:.0f}"])
         else:
-            table.append([f"`{r['attack']}`", f"{r['clean_test_accuracy']:.2f}", f"{r['test_asr']:.2f}",
+            table.append([f"`{r['attack']}`", settings, f"{r['clean_test_accuracy']:.2f}", f"{r['test_asr']:.2f}",
                           "**below the check** (not cached)", f"{r['wall_seconds']:.0f}"])
     return (
         f"Scenario seed {rows[0]['seed']}, default settings of each attack (`dataset.scenario.attack=<attack>`), "
         "scores of the backdoored network on the scenario's 1000 clean test digits and on its poisoned test "
-        "digits (attack success rate), as the builder measured them:\n\n"
-        + rf.md_table(["attack", "clean test acc (%)", "test ASR (%)", "build check acc / ASR (%)", "build time (s)"],
-                      table, align="lrrlr")
+        "digits (attack success rate), as the builder measured them. The build check asks for at least 95% "
+        "clean accuracy and 90% ASR (95% for badnets); an attack whose defaults miss it is also built with "
+        "the setting that came closest (`CLOSEST` in experiments/attack_scenarios.py):\n\n"
+        + rf.md_table(["attack", "settings", "clean test acc (%)", "test ASR (%)", "build check", "build time (s)"],
+                      table, align="llrrlr")
     )
 
 
@@ -80,6 +106,9 @@ def main(argv=None) -> int:
     for attack in args.attacks:
         rows.append(build(attack, args.seed))
         print(rows[-1], flush=True)
+        if not rows[-1]["passed"] and attack in CLOSEST:
+            rows.append(build(attack, args.seed, tuple(CLOSEST[attack])))
+            print(rows[-1], flush=True)
     rf.write_results(NAME, markdown(rows), {"seed": args.seed, "scenarios": rows})
     return 0
 
