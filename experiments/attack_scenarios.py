@@ -28,9 +28,17 @@ rf.use_this_checkout()
 
 NAME = "attack_scenarios"
 PICTURES = rf.REPO / "docs" / "attacks"
-# Settings tried, besides the defaults, for an attack whose defaults miss the build check (the check is
-# never lowered): found by hand on seed 0, each the one that came closest to it.
-CLOSEST: dict[str, list[str]] = {}
+# Settings built, besides the defaults, for an attack whose defaults miss the build check (the check is
+# never lowered), found by training seed 0 by hand (clean test acc / test ASR, %):
+# - sig (defaults 97.1 / 0.1): train delta 40 -> 96.8 / 0.1 (test delta 40), 3.0 (128); train delta 60
+#   -> 97.2 / 0.9 (60), 19.1 (128), 97.1 (192); train delta 80 -> 95.8 / 27.8 (80), 93.0 (128). Barni et
+#   al. also test with a stronger signal than they train with; the weakest training signal that passes:
+# - wanet (defaults 97.3 / 84.4): 40 epochs 97.8 / 83.7; s 1.0 95.8 / 52.3; cross_ratio 1 97.0 / 89.9;
+#   cross_ratio 0.5 97.5 / 77.9; poison_fraction 0.2 (noise mode kept at ratio 2) 96.6 / 98.6.
+CLOSEST: dict[str, list[str]] = {
+    "sig": ["dataset.scenario.sig.delta=60", "dataset.scenario.sig.test_delta=192"],
+    "wanet": ["dataset.scenario.poison_fraction=0.2"],
+}
 
 
 def build(attack: str, seed: int, extra: tuple[str, ...] = ()) -> dict:
