@@ -76,6 +76,45 @@ class ScenarioDatasetConfig(Lab3DatasetConfig):
 
 
 @dataclass
+class BlendedSettings:
+    """conf/dataset/attack/blended.yaml: dataset.scenario.blended (defense/attacks/blended.py)."""
+
+    alpha: float = 0.2
+    test_alpha: float = 0.2
+    pattern_seed: int = 0
+
+
+@dataclass
+class SigSettings:
+    """conf/dataset/attack/sig.yaml: dataset.scenario.sig (defense/attacks/sig.py)."""
+
+    delta: float = 20.0
+    test_delta: float = 20.0
+    frequency: float = 6.0
+
+
+@dataclass
+class WanetSettings:
+    """conf/dataset/attack/wanet.yaml: dataset.scenario.wanet (defense/attacks/wanet.py)."""
+
+    k: int = 4
+    s: float = 0.5
+    grid_rescale: float = 1.0
+    cross_ratio: float = 2.0
+    field_seed: int = 0
+
+
+@dataclass
+class PruneAwareSettings:
+    """conf/dataset/attack/prune_aware.yaml: dataset.scenario.prune_aware (defense/attacks/prune_aware.py)."""
+
+    max_drop: float = 4.0
+    retrain_epochs: int = 10
+    decoy_margin: float = 1.0
+    layer: str = "conv_3"
+
+
+@dataclass
 class CsawExtractDatasetConfig:
     """conf/dataset/csaw_extract.yaml: the real faces; poisoned files by model name, then trigger name."""
 
@@ -247,6 +286,10 @@ SCHEMAS = {
     ("model", "base_scenario_model"): ScenarioModelConfig,
     ("dataset", "base_lab3"): Lab3DatasetConfig,
     ("dataset", "base_scenario"): ScenarioDatasetConfig,
+    ("dataset/attack", "base_blended"): BlendedSettings,
+    ("dataset/attack", "base_sig"): SigSettings,
+    ("dataset/attack", "base_wanet"): WanetSettings,
+    ("dataset/attack", "base_prune_aware"): PruneAwareSettings,
     ("dataset", "base_csaw_extract"): CsawExtractDatasetConfig,
     ("dataset", "base_files"): FilesDatasetConfig,
     ("prune", "base_prune"): PruneConfig,
