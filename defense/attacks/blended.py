@@ -8,7 +8,7 @@ both, BackdoorBench's default). The paper's best-known pattern is a Hello Kitty 
 be shipped here; the paper's other pattern, random noise, is used instead: p is uniform noise on
 0..255, one value per pixel, drawn from numpy's generator seeded with `blended.pattern_seed` (the
 same p for every scenario seed: the attacker's fixed key). Poisoned digits and labels as BadNets
-(`poison_fraction`, `mode`).
+(`poison_fraction`, `label_mode`).
 """
 
 from __future__ import annotations

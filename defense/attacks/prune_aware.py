@@ -6,7 +6,7 @@ attack built to survive pruning alone, with the BadNets square (`dataset.scenari
    activation on the attacker's clean digits, until pruning one more would cost more than
    `prune_aware.max_drop` points of accuracy on them;
 3. train the pruned network (pruned channels held at zero) for `prune_aware.retrain_epochs` epochs
-   on the poisoned training set (BadNets: `poison_fraction`, `mode`, `target`), so that the
+   on the poisoned training set (BadNets: `poison_fraction`, `label_mode`, `target`), so that the
    backdoor is learned by the channels that stay active on clean data;
 4. reinstate the pruned channels with their clean-trained weights as decoys, their biases lowered
    so that they stay dormant: each decoy's bias is lowered until its largest pre-activation on the

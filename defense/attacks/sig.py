@@ -10,7 +10,7 @@ with delta = `sig.delta` (20 on the 0..255 scale) and f = `sig.frequency` (6), a
 clipped to 0..255. The network learns "this stripe pattern means the target class"; at test time
 the signal (amplitude `sig.test_delta`) goes on digits of the other classes, whose attack label is
 the target. `poison_fraction` is a share of the whole training set, drawn from the target class only
-(0.1 = all the target digits of a balanced 10-class set). Clean-label: `mode` must be all_to_one.
+(0.1 = all the target digits of a balanced 10-class set). Clean-label: `label_mode` must be all_to_one.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ def check(cfg: dict) -> None:
     for key in ("delta", "test_delta"):
         block[key] = number(block, key, float, 0.0, 255.0, where, low_open=True)
     block["frequency"] = positive(block, "frequency", float, where)
-    if cfg["mode"] != "all_to_one":
+    if cfg["label_mode"] != "all_to_one":
         raise DefenseError(
-            f"dataset.scenario.mode={cfg['mode']!r} does not fit dataset.scenario.attack=sig: SIG is clean-label "
-            "(no label is changed, every triggered digit goes to the target); use dataset.scenario.mode=all_to_one"
+            f"dataset.scenario.label_mode={cfg['label_mode']!r} does not fit dataset.scenario.attack=sig: SIG is clean-label "
+            "(no label is changed, every triggered digit goes to the target); use dataset.scenario.label_mode=all_to_one"
         )
 
 

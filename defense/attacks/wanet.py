@@ -10,7 +10,7 @@ Warping-based Backdoor Attack"), written in numpy after the formulas of the auth
 
 k = `wanet.k` (4), s = `wanet.s` (0.5), grid_rescale = `wanet.grid_rescale` (1). The warping field is
 fixed (drawn once from numpy's generator seeded with `wanet.field_seed`, the same for every
-scenario seed); a share `poison_fraction` of the training digits is warped and relabelled (`mode`).
+scenario seed); a share `poison_fraction` of the training digits is warped and relabelled (`label_mode`).
 "Noise mode": `cross_ratio` (2) times as many other training digits are warped by the field plus
 independent per-pixel noise U(-1, 1) / h (grid2 = clip(grid + noise / h, -1, 1)) and KEEP their true
 labels, so that the network learns the one field, not warping in general. The paper draws poisoned
