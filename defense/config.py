@@ -102,6 +102,7 @@ class WanetSettings:
     grid_rescale: float = 1.0
     cross_ratio: float = 2.0
     field_seed: int = 0
+    poison_fraction: Optional[float] = None  # null: dataset.scenario.poison_fraction
 
 
 @dataclass

@@ -37,7 +37,7 @@ PICTURES = rf.REPO / "docs" / "attacks"
 #   cross_ratio 0.5 97.5 / 77.9; poison_fraction 0.2 (noise mode kept at ratio 2) 96.6 / 98.6.
 CLOSEST: dict[str, list[str]] = {
     "sig": ["dataset.scenario.sig.delta=60", "dataset.scenario.sig.test_delta=192"],
-    "wanet": ["dataset.scenario.poison_fraction=0.2"],
+    "wanet": ["dataset.scenario.wanet.poison_fraction=0.2"],
 }
 
 

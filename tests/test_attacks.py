@@ -200,6 +200,10 @@ def test_wanet_poisoned_and_noise_mode_digits(digits):
     assert np.all(np.abs(xp[noise_mode] - fixed).max(axis=(1, 2, 3)) > 1.0)
     clean = np.setdiff1d(np.arange(len(y)), warped)
     assert np.array_equal(xp[clean], x[clean]) and np.array_equal(yp[clean], y[clean])
+    # WaNet's own poison fraction, where given, replaces the scenario's: 20 of 100 digits, 40 noise-mode
+    own = settings("wanet", wanet={"poison_fraction": 0.2})
+    _, yp2, counts2 = attacks.get("wanet").poison_train(x, y, own, np.random.default_rng(0))
+    assert counts2 == {"train_poisoned": 20, "train_noise_mode": 40} and int(np.sum(yp2 != y)) == 20
 
 
 # ---------------------------------------------------------------------------------- cache, bad input
@@ -211,7 +215,8 @@ def test_every_attack_setting_changes_the_cache_key():
         key = scenario.scenario_key(base)
         assert key != scenario.scenario_key(settings("badnets"))
         for setting, value in attacks.get(name).DEFAULTS.items():
-            changed = {"layer": "conv_2"}.get(setting) if isinstance(value, str) else value + 1
+            changed = {"layer": "conv_2"}.get(setting) if isinstance(value, str) else value
+            changed = 0.2 if value is None else changed + 1 if not isinstance(value, str) else changed
             if setting in ("alpha", "test_alpha"):
                 changed = value / 2
             assert scenario.scenario_key(settings(name, **{name: {setting: changed}})) != key, (name, setting)
@@ -234,6 +239,7 @@ BAD = [
     ({"attack": "sig", "target": -1}, "dataset.scenario.target=-1 must be >= 0"),
     ({"attack": "wanet", "poison_fraction": 0.0}, "dataset.scenario.poison_fraction=0.0 must be > 0"),
     ({"attack": "prune_aware", "poison_fraction": 1.0}, "dataset.scenario.poison_fraction=1.0 must be < 1"),
+    ({"attack": "wanet", "wanet": {"poison_fraction": 1.0}}, "dataset.scenario.wanet.poison_fraction=1.0 must be < 1"),
 ]
 
 

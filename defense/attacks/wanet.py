@@ -29,7 +29,7 @@ from defense.attacks.checks import number, positive
 from defense.errors import DefenseError
 
 NAME = "wanet"
-DEFAULTS = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0, "field_seed": 0}
+DEFAULTS = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0, "field_seed": 0, "poison_fraction": None}
 USES_TRIGGER = False
 CHANGES_LABELS = True
 MIN_ASR = 90.0
@@ -44,6 +44,10 @@ def check(cfg: dict) -> None:
     block["grid_rescale"] = positive(block, "grid_rescale", float, where)
     block["cross_ratio"] = number(block, "cross_ratio", float, 0.0, None, where)
     block["field_seed"] = number(block, "field_seed", int, 0, where=where)
+    if block.get("poison_fraction") is not None:
+        block["poison_fraction"] = number(block, "poison_fraction", float, 0.0, 1.0, where, low_open=True)
+        if block["poison_fraction"] >= 1.0:
+            raise DefenseError(f"{where}.poison_fraction={block['poison_fraction']!r} must be < 1 (a share of the training digits)")
 
 
 def _cubic(t: np.ndarray) -> list[np.ndarray]:
@@ -126,6 +130,8 @@ def warp(images: np.ndarray, block) -> np.ndarray:
 def poison_train(x, y, cfg, rng):
     x, y = np.array(x, np.float32, copy=True), np.array(y, np.int64, copy=True)
     block = cfg[NAME]
+    if block.get("poison_fraction") is not None:  # WaNet's own share, else the scenario's
+        cfg = {**cfg, "poison_fraction": block["poison_fraction"]}
     poisoned = badnets.choose_poisoned(y, cfg, rng)
     n_cross = int(round(block["cross_ratio"] * len(poisoned)))
     rest = np.setdiff1d(np.arange(len(y)), poisoned)
@@ -152,4 +158,5 @@ def poison_test(x, y, cfg):
 
 def describe(cfg) -> str:
     b = cfg[NAME]
-    return f"WaNet warp k {b['k']}, s {b['s']:g}, grid_rescale {b['grid_rescale']:g}, noise mode x{b['cross_ratio']:g}"
+    share = "" if b.get("poison_fraction") is None else f", {100 * b['poison_fraction']:g}% warped"
+    return f"WaNet warp k {b['k']}, s {b['s']:g}, grid_rescale {b['grid_rescale']:g}, noise mode x{b['cross_ratio']:g}{share}"
