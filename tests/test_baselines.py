@@ -131,8 +131,9 @@ def defenses_sweep(tmp_path_factory, scenario):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("DEFENSE_MLFLOW_PARENT_RUN_ID", None)
     swept = ["none", "random_pruning", "fp"]
+    # stop=max_drop: the sweep ends at the 30-point drop instead of pruning every channel
     proc = subprocess.run([sys.executable, "-m", "defense.run", "-m", "experiment=defenses", f"defense={','.join(swept)}",
-                           *TINY[1:], f"tracking.uri={uri}", f"hydra.sweep.dir={tmp / 'sweep'}"],
+                           "stop=max_drop", *TINY[1:], f"tracking.uri={uri}", f"hydra.sweep.dir={tmp / 'sweep'}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     from omegaconf import OmegaConf
@@ -142,9 +143,10 @@ def defenses_sweep(tmp_path_factory, scenario):
         jobs[OmegaConf.load(job / "config.yaml").defense_name] = job
     assert sorted(jobs) == sorted(swept)
     run_ids = {}
-    for name in ("fine_tuning", "fine_pruning"):
+    for name, extra in (("fine_tuning", []), ("fine_pruning", ["prune.drops=[10]", "stop=max_drop"])):
         jobs[name] = tmp / name
-        run_ids[name] = run_defense(compose([f"defense={name}", *TINY, f"tracking.uri={uri}"]), jobs[name])["run_id"]
+        cfg = compose([f"defense={name}", *TINY, *extra, f"tracking.uri={uri}"])
+        run_ids[name] = run_defense(cfg, jobs[name])["run_id"]
     compare = subprocess.run([sys.executable, "-m", "defense.compare", f"tracking.uri={uri}",
                               "compare.experiment=backdoor-prune", f"hydra.run.dir={tmp / 'compare'}"],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -232,9 +234,9 @@ def test_finetune_ablation_end_to_end(tmp_path, defenses_sweep, b_scores):
 
     from defense.run import run_defense
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = defenses_sweep["uri"]  # the store of the defenses (its tables exist already), another experiment
     cfg = compose(["experiment=finetune_ablation", "ablation.epochs=[1,2]", "ablation.learning_rate=[0.02,0.05]",
-                   "prune.drops=[10]", f"tracking.uri={uri}", *TINY])
+                   "prune.drops=[10]", f"tracking.uri={uri}", "tracking.experiment=ablation", *TINY])
     result = run_defense(cfg, tmp_path / "run")
     rows = read_rows(tmp_path / "run" / "ablation.csv")
     cells = [(float(r["drop"]), int(r["epochs"]), float(r["learning_rate"])) for r in rows]
