@@ -270,6 +270,7 @@ def main(argv=None) -> int:
     name = results_name(args.attack)
     out = Path(args.out or rf.REPO / "outputs" / "experiments" / name)
     import defense.config  # noqa: F401  (registers the config schemas before any compose)
+    from defense.errors import DefenseError
 
     try:
         rf.compose([*BASE, *attack_overrides(args.attack)])
@@ -293,7 +294,11 @@ def main(argv=None) -> int:
                 per_seed.append(found["record"])
                 print(f"seed {seed}: reused {saved}", flush=True)
                 continue
-        per_seed.append(run_seed(seed, args.attack, out))
+        try:
+            per_seed.append(run_seed(seed, args.attack, out))
+        except DefenseError as err:  # e.g. an attack the scenario builder does not know: one line, exit 2
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         saved.write_text(json.dumps(rf._clean({"settings": settings, "record": per_seed[-1]}), indent=1) + "\n")
         print(f"seed {seed} done in {time.perf_counter() - t0:.0f} s", flush=True)
     data = {"seeds": args.seeds, "settings": settings, "std": "sample (n - 1)",

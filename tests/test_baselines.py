@@ -286,3 +286,39 @@ def test_bad_ablation_grids_name_the_key():
         with pytest.raises(DefenseError, match=words.replace(".", r"\.")):
             check_config(compose(["experiment=finetune_ablation", override]), "run")
     assert math.isfinite(compose(["experiment=finetune_ablation"]).ablation.learning_rate[0])
+
+
+# ---- experiments/finetune_ablation_seeds.py ----------------------------------------------------------
+def test_ablation_seeds_study_statistics_and_bad_attack():
+    """The study's per-cell statistics on two hand-made seeds (numpy mean and n - 1 std as the oracle),
+    and an attack this checkout does not know: one error line, exit 2, nothing run."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    import finetune_ablation_seeds as study
+
+    def record(seed, b_acc, ft_asr, fp_asr):
+        def cell(drop, asr):
+            return {"drop": drop, "epochs": 1, "learning_rate": 0.05, "reached": True,
+                    "channels_pruned": 0 if drop == 0 else 7,
+                    "ft_test_acc": 90.0, "ft_test_asr": asr, "ft_der": 0.9, "ft_g_test_acc": 89.0,
+                    "ft_g_test_asr": asr, "ft_g_der": 0.89}
+        pruning = [{"drop": 4.0, "reached": True, "channels_pruned": 7, "b_prime_acc": 92.0, "b_prime_asr": 100.0,
+                    "g_acc": 91.0, "g_asr": 100.0, "b_prime_der": 0.48, "g_der": 0.47}]
+        return {"seed": seed, "b_test_acc": b_acc, "b_test_asr": 100.0, "seconds": {"activation_run": 1.0},
+                "drop0_runs_agree": True, "pruning": {"activation": pruning, "random": pruning},
+                "cells": {"activation": [cell(0.0, ft_asr), cell(4.0, fp_asr)],
+                          "random": [cell(0.0, ft_asr), cell(4.0, 50.0)]}}
+
+    summary = study.summarize([record(1, 97.0, 30.0, 10.0), record(2, 96.0, 50.0, 2.0)])
+    rows = {(r["defense"], r["drop"], r["epochs"]): r for r in summary["rows"]}
+    assert rows[("fine_tuning", 0.0, 1)]["asr"]["mean"] == pytest.approx(40.0)
+    assert rows[("fine_tuning", 0.0, 1)]["asr"]["std"] == pytest.approx(float(np.std([30.0, 50.0], ddof=1)))
+    assert rows[("fine_pruning", 4.0, 1)]["asr"]["max"] == 10.0
+    assert rows[("random_fine_tuning", 4.0, 1)]["asr"]["mean"] == 50.0
+    assert rows[("fine_tuning", 0.0, 0)]["acc"]["mean"] == pytest.approx(96.5)  # B itself at 0 epochs
+    assert rows[("fine_pruning", 4.0, 0)]["asr"]["mean"] == 100.0  # B' (pruning alone) at 0 epochs
+    proc = subprocess.run([sys.executable, "experiments/finetune_ablation_seeds.py", "--attack", "no_such_attack",
+                           "--seeds", "1", "--out", str(REPO / "outputs" / "never")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "no_such_attack" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (REPO / "outputs" / "never").exists()
