@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import textwrap
 import time
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> 
     title = (f"Fine-tuning budget of {cfg.model.name} after pruning {cfg.prune.layer} by {cfg.prune.criterion} "
              f"({settings['optimizer']}, {settings['lr_schedule']} schedule; {len(valid.clean)} clean validation / "
              f"{len(test.clean)} test images)")
-    plot_ablation(rows, base, out_dir / "ablation.png", title)
+    plot_ablation(rows, base, out_dir / "ablation.png", title, str(cfg.prune.criterion))
     table = markdown(rows, title)
     (out_dir / "ablation.md").write_text(table + "\n")
     log.info("%s", table)
@@ -169,9 +170,10 @@ def markdown(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def plot_ablation(rows: list[dict], base: dict, path: str | Path, title: str) -> Path:
+def plot_ablation(rows: list[dict], base: dict, path: str | Path, title: str, criterion: str = "activation") -> Path:
     """ASR (top) and clean accuracy (bottom) of B'' against the epochs, one column per learning rate,
-    one line per drop; B's own scores as a grey dashed line."""
+    one line per drop (pruned by `criterion` first, then fine-tuned: fine-pruning when it is activation);
+    B's own scores as a grey dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +195,8 @@ def plot_ablation(rows: list[dict], base: dict, path: str | Path, title: str) ->
                                 if r["drop"] == drop and r["learning_rate"] == rate and math.isfinite(r[key]))
                 if not points:
                     continue
-                name = "fine-tuning alone (drop 0)" if drop == 0 else f"fine-pruning, drop {drop_name(drop)} pt"
+                pruned = "fine-pruning" if criterion == "activation" else f"{criterion} pruning + fine-tuning"
+                name = "fine-tuning alone (drop 0)" if drop == 0 else f"{pruned}, drop {drop_name(drop)} pt"
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, lw=1.6, label=name)
             ax.axhline(base[base_key], color="grey", ls="--", lw=1, label="B (no defense)")
             ax.set_xscale("log")
@@ -209,7 +212,7 @@ def plot_ablation(rows: list[dict], base: dict, path: str | Path, title: str) ->
             if i == len(metrics) - 1:
                 ax.set_xlabel("fine-tuning epochs")
     axes[0][0].legend(loc="best", fontsize=7, framealpha=0.9)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, width=70 * len(rates))), fontsize=9)  # fits one panel too
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
