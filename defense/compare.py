@@ -6,7 +6,9 @@
     python -m defense.compare tracking.uri=http://mlflow.example.org:5000
 
 Writes to its run folder (Hydra's output dir):
-- comparison.csv: one row per run: run id, network, criterion, layer, finetune, data set, the unpruned
+- comparison.csv: one row per run: run id, the defense (`defense_name`: the conf/defense preset, e.g. none,
+  fine_tuning, random_pruning, fp, fine_pruning, or for a custom defense its criterion, "+ft" when
+  fine-tuned), network, criterion, layer, finetune, data set, the unpruned
   B's clean test accuracy and ASR, and per accuracy-drop threshold D the channels pruned
   (`drop{D}_channels_pruned`), test accuracy, ASR and DER of the defended network
   (`drop{D}_test_acc`, `drop{D}_test_asr`, `drop{D}_der`); blank where a threshold was not reached;
@@ -185,6 +187,7 @@ def describe_run(client, run, tmp: Path) -> dict:
     return {
         "run_id": run_id,
         "run_name": run.info.run_name or "",
+        "defense_name": run_defense_name(tags, params),
         "network": tags.get("model") or params.get("model.name", ""),
         "criterion": tags.get("criterion") or params.get("prune.criterion", ""),
         "layer": tags.get("layer") or params.get("prune.layer", ""),
@@ -199,6 +202,19 @@ def describe_run(client, run, tmp: Path) -> dict:
     }
 
 
+def run_defense_name(tags: dict, params: dict) -> str:
+    """The defense of a run: its tag `defense_name`, else its param `defense_name` (a conf/defense
+    preset), else named as defense/config.py::defense_name names a custom defense (criterion, "+ft")."""
+    from defense.config import defense_name
+
+    if tags.get("defense_name"):
+        return tags["defense_name"]
+    given = params.get("defense_name")
+    return defense_name({"defense_name": None if given in (None, "", "None") else given,
+                         "prune": {"criterion": params.get("prune.criterion", "activation")},
+                         "finetune": {"kind": params.get("finetune.kind", "none")}})
+
+
 def drop_key(drop: float) -> str:
     return f"drop{drop:g}"
 
@@ -208,30 +224,33 @@ def table_rows(runs: list[dict]) -> tuple[list[dict], list[float]]:
     drops = sorted({d for r in runs for d in r["thresholds"]})
     rows = []
     for r in runs:
-        row = {k: r[k] for k in ("run_id", "run_name", "network", "criterion", "layer", "finetune", "dataset",
-                                 "defended", "base_test_acc", "base_test_asr")}
+        row = {k: r[k] for k in ("run_id", "run_name", "defense_name", "network", "criterion", "layer", "finetune",
+                                 "dataset", "defended", "base_test_acc", "base_test_asr")}
         for drop in drops:
+            # "": not reached; None: the run has no such threshold (e.g. defense=none has only drop 0)
             t = r["thresholds"].get(drop)
             for key in ("channels_pruned", "test_acc", "test_asr", "der"):
-                row[f"{drop_key(drop)}_{key}"] = "" if t is None else t[key]
+                row[f"{drop_key(drop)}_{key}"] = None if drop not in r["thresholds"] else "" if t is None else t[key]
         rows.append(row)
     return rows, drops
 
 
 def markdown(rows: list[dict], drops: list[float], title: str) -> str:
     def cell(value, digits=2):
-        if value == "" or value is None:
+        if value is None:
+            return ""
+        if value == "":
             return "n/r"
         if isinstance(value, float):
             return "-" if math.isnan(value) else f"{value:.{digits}f}"
         return str(value)
 
-    head = ["run", "network", "criterion", "layer", "finetune", "B acc", "B ASR"]
+    head = ["run", "defense", "network", "criterion", "layer", "finetune", "B acc", "B ASR"]
     for drop in drops:
         head += [f"-{drop:g}pt ch", f"-{drop:g}pt acc", f"-{drop:g}pt ASR", f"-{drop:g}pt DER"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
-        cells = [row["run_id"][:8], row["network"], row["criterion"], row["layer"], row["finetune"],
+        cells = [row["run_id"][:8], row["defense_name"], row["network"], row["criterion"], row["layer"], row["finetune"],
                  cell(row["base_test_acc"]), cell(row["base_test_asr"])]
         for drop in drops:
             k = drop_key(drop)
@@ -240,15 +259,16 @@ def markdown(rows: list[dict], drops: list[float], title: str) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     defended = sorted({row["defended"] for row in rows})
     lines += ["", f"acc / ASR / DER: clean test accuracy, attack success rate (%) and DER of the defended network "
-                  f"({', '.join(defended)}) at each accuracy-drop threshold; ch: channels pruned; n/r: not reached; "
-                  f"B: the unpruned network."]
+                  f"({', '.join(defended)}) at each accuracy-drop threshold (drop 0: no channel pruned); ch: channels "
+                  f"pruned; n/r: not reached; blank: not a threshold of that run; B: the unpruned network (its DER "
+                  f"would be 0.5)."]
     return "\n".join(lines)
 
 
 def run_labels(runs: list[dict]) -> list[str]:
-    """Legend labels: network / criterion, plus layer and finetune where the runs differ in them."""
-    varied = [k for k in ("layer", "finetune", "dataset") if len({r[k] for r in runs}) > 1]
-    labels = [" / ".join([r["network"], r["criterion"], *(f"{k} {r[k]}" for k in varied)]) for r in runs]
+    """Legend labels: network / defense, plus layer and dataset where the runs differ in them."""
+    varied = [k for k in ("layer", "dataset") if len({r[k] for r in runs}) > 1]
+    labels = [" / ".join([r["network"], r["defense_name"], *(f"{k} {r[k]}" for k in varied)]) for r in runs]
     return [f"{lab} ({r['run_id'][:6]})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
 
 

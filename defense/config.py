@@ -182,6 +182,15 @@ class FinetuneCleanConfig:
 
 
 @dataclass
+class AblationConfig:
+    """`ablation` of conf/experiment/finetune_ablation.yaml: the fine-tuning budgets of the grid
+    (defense/ablation.py); every other fine-tuning setting comes from the `finetune` group."""
+
+    epochs: List[int] = field(default_factory=lambda: [2, 5, 10, 30])  # each >= 1
+    learning_rate: List[float] = field(default_factory=lambda: [0.01, 0.05])  # each > 0
+
+
+@dataclass
 class TrackingConfig:
     """conf/tracking/*.yaml."""
 
@@ -224,10 +233,14 @@ class RunConfig:
     stop: Any = MISSING
     finetune: Any = MISSING
     tracking: Any = MISSING
+    # set by every conf/defense preset; null: a custom defense (defense/config.py::defense_name)
+    defense_name: Optional[str] = None
     batch_size: int = 512
     progress: bool = True
     compact: bool = True
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # set by experiment=finetune_ablation only: the grid of fine-tuning budgets
+    ablation: Optional[AblationConfig] = None
     # set by experiment=csaw2020 only
     csaw2020: Optional[Csaw2020Config] = None
 
@@ -367,13 +380,42 @@ def check_config(cfg, app: str = "run") -> None:
         from defense import sweep
 
         sweep.check_prune_config(cfg)
+        check_unpruned_defense(cfg)
         finetune = cfg.get("finetune") or {}
         if finetune.get("kind", "none") != "none":
             from defense.finetune import finetune_settings
 
             finetune_settings(finetune)
+        if cfg.get("ablation") is not None:
+            from defense.ablation import check_ablation
+
+            check_ablation(cfg)
     if app == "evaluate" and cfg.get("split") not in ("valid", "test", "all"):
         raise DefenseError(f"split={cfg.get('split')!r} is not known; use split=valid, split=test or split=all")
+
+
+UNPRUNED_DEFENSES = ("none", "fine_tuning")  # conf/defense presets that prune no channel (prune.drops=[0])
+
+
+def check_unpruned_defense(cfg) -> None:
+    """defense=none and defense=fine_tuning prune no channel: a prune.drops other than [0] (e.g. given on
+    the command line of a multirun over the defenses) would make them prune."""
+    name = cfg.get("defense_name")
+    drops = [float(d) for d in cfg.prune.drops]
+    if name in UNPRUNED_DEFENSES and drops != [0.0]:
+        raise DefenseError(f"defense={name} prunes no channel (prune.drops=[0]), but prune.drops={drops}: "
+                           f"leave prune.drops out of the command line with defense={name}")
+
+
+def defense_name(cfg) -> str:
+    """The defense's name in reports and MLflow: `defense_name` (set by the conf/defense presets), or for
+    a custom defense the criterion, with "+ft" when it fine-tunes (e.g. "l1+ft")."""
+    name = cfg.get("defense_name")
+    if name:
+        return str(name)
+    finetune = (cfg.get("finetune") or {}).get("kind", "none")
+    criterion = str((cfg.get("prune") or {}).get("criterion", "activation"))
+    return criterion + ("+ft" if finetune not in (None, "none") else "")
 
 
 # ---------------------------------------------------------------------------------------------------

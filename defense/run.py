@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from defense import interrupt
-from defense.config import check_config, seed_everything, warn_if_near_chance
+from defense.config import check_config, defense_name, seed_everything, warn_if_near_chance
 from defense.errors import exit_on_user_error
 
 log = logging.getLogger("defense.run")
@@ -35,6 +35,7 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
 
 def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     from defense import autodetect, datasets, models, plots, report, sweep, tracking
+    from defense.finetune import der
     from defense.safe_files import Limits
 
     # input checks first: a bad option fails here, before any data is read or any run is logged
@@ -58,6 +59,7 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             tracker = tracking.make_tracker(
                 cfg, {"model": cfg.model.name, "criterion": cfg.prune.criterion, "dataset": cfg.dataset.get("kind"),
                       "layer": cfg.prune.layer, "finetune": cfg.get("finetune", {}).get("kind", "none"),
+                      "defense_name": defense_name(cfg),
                       "defense.run_dir": str(out_dir.resolve()), **tracking.run_tags()}
             )
         valid = datasets.load_split(cfg.dataset, cfg.model, "valid", limits)
@@ -79,8 +81,12 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         tracker.log_metrics(result.curves, step_key="channels_pruned")
 
         models_dir = out_dir / "models"
+        base_curve = result.curves[0]
         summary = report.summary_rows(result.thresholds)
         for row in summary:
+            # DER of G(B, B') against the unpruned B (0.5: nothing changed, e.g. defense=none)
+            row["der"] = der(base_curve["pruned_test_acc"], row["test_acc"], base_curve["pruned_test_asr"],
+                             row["test_asr"]) if row["reached"] else float("nan")
             row["model_path"] = ""
             if not row["reached"]:
                 continue
@@ -135,9 +141,15 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
 
 
 def _finetune(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
-    """Fine-pruning hook (finetune group); `none` adds nothing."""
+    """Fine-pruning hook (finetune group); `none` adds nothing. With `ablation` (experiment=finetune_ablation)
+    the grid of fine-tuning budgets replaces the one fine-tuning of each threshold (defense/ablation.py)."""
     kind = cfg.get("finetune", {}).get("kind", "none")
     if kind == "none":
+        return {}
+    if cfg.get("ablation") is not None:
+        from defense.ablation import run_ablation
+
+        run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker)
         return {}
     from defense.finetune import finetune_thresholds
 
