@@ -319,7 +319,7 @@ def sweep_axis(key: str, _root_) -> str:
         texts.append(text)
     repeated = sorted({t for t in texts if texts.count(t) > 1})
     if repeated:
-        raise DefenseError(f"{key}={values} repeats {repeated}: each value once")
+        raise DefenseError(f"{key}=[{','.join(texts)}] repeats {', '.join(repeated)}: give each value once")
     return ",".join(texts)
 
 

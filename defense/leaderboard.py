@@ -240,8 +240,8 @@ def markdown(board: dict, title: str, notes: list[str]) -> str:
             elif cell["n"] == 0:
                 cells.append("n/r")
             else:
-                text = " / ".join([_pm(cell["test_acc_mean"], cell["test_acc_std"], 1),
-                                   _pm(cell["test_asr_mean"], cell["test_asr_std"], 1),
+                text = " / ".join([_pm(cell["test_acc_mean"], cell["test_acc_std"], 2),
+                                   _pm(cell["test_asr_mean"], cell["test_asr_std"], 2),
                                    _pm(cell["der_mean"], cell["der_std"], 3)])
                 if cell["n"] < len(cell["seeds"]):
                     text += f" ({cell['n']} of {len(cell['seeds'])} seeds)"
@@ -286,8 +286,7 @@ def plot_heatmaps(board: dict, path: Path, title: str) -> Path:
                 if cell is not None:
                     grid[i, j], stds[i, j] = cell[f"{key}_mean"], cell[f"{key}_std"]
         top = vmax if vmax is not None else max(10.0, float(np.nanmax(grid)) if np.isfinite(grid).any() else 10.0)
-        color_map = plt.get_cmap(cmap).copy()
-        color_map.set_bad("#dddddd")
+        color_map = plt.get_cmap(cmap).with_extremes(bad="#dddddd")  # cells not run or not reached
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=color_map, vmin=vmin, vmax=top, aspect="auto")
         for i in range(len(attacks)):
             for j in range(len(defenses)):
