@@ -130,7 +130,8 @@ def run_entry(run: dict, drop: float) -> dict:
     row, point = operating_row(run.get("summary", []), drop, run["run_id"])
     base_acc, base_asr = run["base_test_acc"], run["base_test_asr"]
     scores = defended_scores(row, base_acc, base_asr)
-    entry = {"attack": attack_of(params, tags), "defense": defense_of(params, tags), "seed": seed_of(params),
+    defense = run.get("defense_name") or defense_of(params, tags)  # describe_run's name where it gives one
+    entry = {"attack": attack_of(params, tags), "defense": defense, "seed": seed_of(params),
              "run_id": run["run_id"], "point": point, "reached": scores is not None,
              "defended": "" if scores is None else scores["defended"],
              "channels_pruned": NAN if scores is None else float(scores["channels_pruned"]),

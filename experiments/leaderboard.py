@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         f"    {shlex.join(report)}",
         "",
         f"The sweep took {sweep_seconds:.0f} s ({minutes:.1f} min) wall clock, scenario builds included "
-        f"({before} scenarios were in the cache before it, {after} after); the report {compare_seconds:.0f} s.",
+        f"(the scenario cache held {before} scenario{'' if before == 1 else 's'} before it, {after} after); "
+        f"the report {compare_seconds:.0f} s.",
         "",
         table,
         "",
