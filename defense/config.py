@@ -20,6 +20,7 @@ before any data is read or any MLflow run is created.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -218,6 +219,17 @@ class Csaw2020Config:
     stems: Dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class LeaderboardSweepConfig:
+    """`leaderboard` of conf/experiment/leaderboard.yaml: the axes of the attacks x defenses sweep.
+
+    Each list becomes one axis of the multirun through the `sweep_axis` resolver (below)."""
+
+    attacks: List[str] = field(default_factory=list)  # dataset.scenario.attack of each row
+    defenses: List[str] = field(default_factory=list)  # defense preset (conf/defense/) of each column
+    seeds: List[int] = field(default_factory=lambda: [1])  # dataset.scenario.seed: data split, poison, training
+
+
 # ---------------------------------------------------------------------------------------------------
 # schemas of the primary configs (conf/config.yaml, evaluate.yaml, predict.yaml, compare.yaml); the
 # groups are typed Any here: each option file brings its own schema above
@@ -243,6 +255,8 @@ class RunConfig:
     ablation: Optional[AblationConfig] = None
     # set by experiment=csaw2020 only
     csaw2020: Optional[Csaw2020Config] = None
+    # set by experiment=leaderboard only
+    leaderboard: Optional[LeaderboardSweepConfig] = None
 
 
 @dataclass
@@ -280,6 +294,14 @@ class CompareSection:
     parent: Optional[str] = None
     experiment: Optional[str] = None
     x: str = "fraction_pruned"
+    layout: str = "runs"  # runs (one row per run) | leaderboard (attacks x defenses, defense/leaderboard.py)
+
+
+@dataclass
+class LeaderboardCompareConfig:
+    """`leaderboard` of conf/compare.yaml: where compare.layout=leaderboard reads a defense's scores."""
+
+    drop: float = 4.0  # accuracy-drop threshold (points) of a defense without its own operating point
 
 
 @dataclass
@@ -288,6 +310,7 @@ class CompareConfig:
 
     tracking: Any = MISSING
     compare: CompareSection = field(default_factory=CompareSection)
+    leaderboard: LeaderboardCompareConfig = field(default_factory=LeaderboardCompareConfig)
 
 
 SCHEMAS = {
@@ -323,7 +346,67 @@ def register() -> None:
         store.store(group=group, name=name, node=node)
 
 
+# ---------------------------------------------------------------------------------------------------
+# a list of the config as one axis of a Hydra sweep
+
+SWEEP_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def sweep_axis(key: str, _root_) -> str:
+    """`${sweep_axis:leaderboard.seeds}` in `hydra.sweeper.params`: the list at `key` as the comma list
+    that Hydra's sweepers read as one axis ([1, 2, 3] -> "1,2,3").
+
+    A sweeper param may not interpolate a list directly (Hydra would pass "[1, 2, 3]", one job with a
+    list value); the sweeper resolves its params when it starts, after the command line's overrides,
+    so `leaderboard.seeds=[1,2,3]` on the command line gives three jobs per cell. An empty list, a
+    repeated value or one that is not a plain name or number is a DefenseError naming the key.
+    """
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.select(_root_, key, throw_on_missing=False)
+    if OmegaConf.is_list(values):
+        values = list(values)
+    if not isinstance(values, list) or not values:
+        raise DefenseError(f"{key}={values!r} must be a non-empty list, e.g. {key}=[1,2,3]")
+    texts = []
+    for value in values:
+        text = str(value)
+        if isinstance(value, bool) or value is None or not SWEEP_VALUE.fullmatch(text):
+            raise DefenseError(f"{key}: {value!r} is not a plain name or number (letters, digits, _ . + -)")
+        texts.append(text)
+    repeated = sorted({t for t in texts if texts.count(t) > 1})
+    if repeated:
+        raise DefenseError(f"{key}=[{','.join(texts)}] repeats {', '.join(repeated)}: give each value once")
+    return ",".join(texts)
+
+
+def check_sweep_axes(config) -> None:
+    """Resolve `hydra.sweeper.params` now: a bad axis (sweep_axis) is one DefenseError before any run starts."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    if params is None:
+        return
+    try:
+        OmegaConf.to_container(params, resolve=True)
+    except InterpolationResolutionError as err:
+        cause = err  # OmegaConf re-raises the resolver's error; it stays in the exception chain
+        while cause is not None and not isinstance(cause, DefenseError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("sweep_axis", sweep_axis, replace=True)
+
+
 register()
+register_resolvers()
 
 
 # ---------------------------------------------------------------------------------------------------
