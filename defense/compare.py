@@ -10,6 +10,9 @@ Writes to its run folder (Hydra's output dir):
   B's clean test accuracy and ASR, and per accuracy-drop threshold D the channels pruned
   (`drop{D}_channels_pruned`), test accuracy, ASR and DER of the defended network
   (`drop{D}_test_acc`, `drop{D}_test_asr`, `drop{D}_der`); blank where a threshold was not reached;
+  and, where a run's criterion has its own operating point (summary.csv rows with `point` =
+  `operating_point`), the same four columns for it (`op_channels_pruned`, `op_test_acc`, `op_test_asr`,
+  `op_der`; blank for runs without one);
 - comparison.md: the same table in Markdown;
 - comparison.png: the clean accuracy and attack success rate curves of every run, overlaid.
 When it compares a sweep the three files are also logged to the sweep's parent run under comparison/.
@@ -39,6 +42,7 @@ CURVE_KEYS = ("valid_acc", "valid_asr", "test_acc", "test_asr", "pruned_test_acc
 X_AXES = ("fraction_pruned", "channels_pruned")
 FILES = ("comparison.csv", "comparison.md", "comparison.png")
 NAN = float("nan")
+OP_TEXT = " and at the criterion's own operating point (op)"
 
 
 def open_client(uri: str):
@@ -153,10 +157,23 @@ def _summary(client, run_id: str, tmp: Path) -> list[dict]:
     return report.read_csv(path)
 
 
-def describe_run(client, run, tmp: Path) -> dict:
-    """One run: its labels, curves, the unpruned B and the defended network at every threshold."""
+def _defended(row: dict, base_acc: float, base_asr: float) -> dict:
+    """Channels pruned, test accuracy, ASR and DER of the defended network of one summary row: B'' where the
+    row has fine-tuning columns, G(B, B') otherwise."""
     from defense.metrics import defense_effectiveness_rating
 
+    channels = _float(row.get("channels_pruned"))
+    if str(row.get("ft_der", "")).strip():
+        acc, asr, der = _float(row.get("ft_test_acc")), _float(row.get("ft_test_asr")), _float(row["ft_der"])
+    else:
+        acc, asr = _float(row.get("test_acc")), _float(row.get("test_asr"))
+        der = defense_effectiveness_rating(base_acc, acc, base_asr, asr) if _finite(base_acc, acc, base_asr, asr) else NAN
+    return {"channels_pruned": int(channels) if math.isfinite(channels) else "", "test_acc": acc, "test_asr": asr,
+            "der": der}
+
+
+def describe_run(client, run, tmp: Path) -> dict:
+    """One run: its labels, curves, the unpruned B and the defended network at every threshold."""
     tags, params = run.data.tags, run.data.params
     run_id = run.info.run_id
     curves = _history(client, run_id)
@@ -166,8 +183,11 @@ def describe_run(client, run, tmp: Path) -> dict:
     if summary and not math.isfinite(base_acc):
         base_acc = _float(summary[0].get("base_test_acc"))
         base_asr = _float(summary[0].get("base_test_asr"))
-    thresholds, defended = {}, "G(B,B')"
+    thresholds, defended, operating = {}, "G(B,B')", None
     for row in summary:
+        if row.get("point") == "operating_point":
+            operating = _defended(row, base_acc, base_asr)
+            continue
         drop = _float(row.get("drop"))
         if not math.isfinite(drop):
             continue
@@ -177,11 +197,7 @@ def describe_run(client, run, tmp: Path) -> dict:
             continue
         if str(row.get("ft_der", "")).strip():
             defended = "B''"
-            acc, asr, der = _float(row.get("ft_test_acc")), _float(row.get("ft_test_asr")), _float(row["ft_der"])
-        else:
-            acc, asr = _float(row.get("test_acc")), _float(row.get("test_asr"))
-            der = defense_effectiveness_rating(base_acc, acc, base_asr, asr) if _finite(base_acc, acc, base_asr, asr) else NAN
-        thresholds[drop] = {"channels_pruned": int(channels), "test_acc": acc, "test_asr": asr, "der": der}
+        thresholds[drop] = _defended(row, base_acc, base_asr)
     return {
         "run_id": run_id,
         "run_name": run.info.run_name or "",
@@ -194,6 +210,7 @@ def describe_run(client, run, tmp: Path) -> dict:
         "base_test_acc": base_acc,
         "base_test_asr": base_asr,
         "thresholds": thresholds,
+        "operating_point": operating,
         "curves": curves,
         "start_time": run.info.start_time or 0,
     }
@@ -214,6 +231,10 @@ def table_rows(runs: list[dict]) -> tuple[list[dict], list[float]]:
             t = r["thresholds"].get(drop)
             for key in ("channels_pruned", "test_acc", "test_asr", "der"):
                 row[f"{drop_key(drop)}_{key}"] = "" if t is None else t[key]
+        if any(other.get("operating_point") for other in runs):
+            op = r.get("operating_point")
+            for key in ("channels_pruned", "test_acc", "test_asr", "der"):
+                row[f"op_{key}"] = "" if op is None else op[key]
         rows.append(row)
     return rows, drops
 
@@ -229,6 +250,9 @@ def markdown(rows: list[dict], drops: list[float], title: str) -> str:
     head = ["run", "network", "criterion", "layer", "finetune", "B acc", "B ASR"]
     for drop in drops:
         head += [f"-{drop:g}pt ch", f"-{drop:g}pt acc", f"-{drop:g}pt ASR", f"-{drop:g}pt DER"]
+    with_op = any("op_der" in row for row in rows)
+    if with_op:
+        head += ["op ch", "op acc", "op ASR", "op DER"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
         cells = [row["run_id"][:8], row["network"], row["criterion"], row["layer"], row["finetune"],
@@ -237,11 +261,15 @@ def markdown(rows: list[dict], drops: list[float], title: str) -> str:
             k = drop_key(drop)
             cells += [cell(row[f"{k}_channels_pruned"]), cell(row[f"{k}_test_acc"]), cell(row[f"{k}_test_asr"]),
                       cell(row[f"{k}_der"], 3)]
+        if with_op:
+            cells += [cell(row["op_channels_pruned"]), cell(row["op_test_acc"]), cell(row["op_test_asr"]),
+                      cell(row["op_der"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     defended = sorted({row["defended"] for row in rows})
     lines += ["", f"acc / ASR / DER: clean test accuracy, attack success rate (%) and DER of the defended network "
-                  f"({', '.join(defended)}) at each accuracy-drop threshold; ch: channels pruned; n/r: not reached; "
-                  f"B: the unpruned network."]
+                  f"({', '.join(defended)}) at each accuracy-drop threshold"
+                  f"{OP_TEXT if with_op else ''}; ch: channels "
+                  f"pruned; n/r: not reached (op: the criterion has none); B: the unpruned network."]
     return "\n".join(lines)
 
 
