@@ -59,9 +59,9 @@ def l1_two_layers(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("two_layers")
     overrides = ["prune.criterion=l1", "prune.layer=[conv_2,conv_4]", "prune.eval_steps=7", "prune.drops=[2,10]",
-                 f"tracking.uri=sqlite:///{out / 'mlflow.db'}", "progress=false"]
+                 "tracking=none", "compact=false", "progress=false"]
     result = run_defense(compose(overrides), out / "run")
-    return result, out / "run", out / "mlflow.db"
+    return result, out / "run"
 
 
 def test_several_layers_rank_globally_and_evaluate_evenly_spaced_steps(l1_two_layers):
@@ -69,7 +69,7 @@ def test_several_layers_rank_globally_and_evaluate_evenly_spaced_steps(l1_two_la
     set_weights + predict loop at those steps."""
     from defense import models
 
-    result, run, _ = l1_two_layers
+    result, run = l1_two_layers
     cfg, model, valid, test = scenario()
     order = l1_global_order(model, ["conv_2", "conv_4"])
     assert [tuple(p) for p in result["order"]] == order
@@ -78,12 +78,15 @@ def test_several_layers_rank_globally_and_evaluate_evenly_spaced_steps(l1_two_la
     steps = [int(r["channels_pruned"]) for r in curves]
     assert steps == [0, 20, 40, 60, 80, 100, 120]  # round(linspace(0, 40 + 80, 7))
     columns = {"valid_acc": valid.clean, "valid_asr": valid.poisoned["square"], "pruned_test_acc": test.clean}
+    x = models.scale_inputs(np.concatenate([images.x for images in columns.values()]), cfg.model)
+    labels = set_weights_predictions_pairs(model, x, order, steps)  # one clone and predict per step
+    start = 0
     for key, images in columns.items():
-        labels = set_weights_predictions_pairs(model, models.scale_inputs(images.x, cfg.model), order, steps)
-        np.testing.assert_allclose([float(r[key]) for r in curves], accuracy_per_step(labels, images.y), atol=1e-3,
-                                   err_msg=key)
+        expected = accuracy_per_step(labels[start : start + len(images.x)], images.y)
+        start += len(images.x)
+        np.testing.assert_allclose([float(r[key]) for r in curves], expected, atol=1e-3, err_msg=key)
         if key == "valid_acc":
-            acc = accuracy_per_step(labels, images.y)
+            acc = expected
     summary = read_rows(run / "summary.csv")
     for row in summary:  # the first evaluated step whose clean valid accuracy fell by the drop (hand rule)
         drop = float(row["drop"])
@@ -96,7 +99,7 @@ def test_several_layers_rank_globally_and_evaluate_evenly_spaced_steps(l1_two_la
 def test_channel_scores_and_pruned_json_list_every_kept_network(l1_two_layers):
     from defense import models
 
-    result, run, _ = l1_two_layers
+    result, run = l1_two_layers
     cfg, model, _, _ = scenario()
     order = l1_global_order(model, ["conv_2", "conv_4"])
     rows = read_rows(run / "channel_scores.csv")
@@ -117,20 +120,25 @@ def test_channel_scores_and_pruned_json_list_every_kept_network(l1_two_layers):
         assert pruned[key] == expected
         path = run / "models" / f"model_B_{float(row['drop']):g}.h5"
         assert zeroed(models.load_model(cfg.model, str(path)), expected) == expected  # B' has exactly those zeroed
-        compact = models.load_model(cfg.model, str(path.with_name(path.stem + "_compact.h5")))
-        for name in expected:
-            assert compact.get_layer(name).filters == model.get_layer(name).filters - len(expected[name])
 
 
-def test_mlflow_keeps_the_channel_records(l1_two_layers):
-    from mlflow import MlflowClient
+def test_evaluated_steps_by_hand():
+    from omegaconf import OmegaConf
 
-    result, _, db = l1_two_layers
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    run = client.get_run(result["run_id"])
-    assert run.info.status == "FINISHED" and run.data.tags["layer"] == "conv_2+conv_4"
-    assert {"channel_scores.csv", "pruned.json", "curves.csv", "summary.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "valid_acc")) == [0, 20, 40, 60, 80, 100, 120]
+    from defense.errors import DefenseError
+    from defense.steps import evaluated_steps
+
+    every = OmegaConf.create({"rule": "all"})
+    assert list(evaluated_steps(every, 60, None)) == list(range(61))  # one layer: every step
+    assert list(evaluated_steps(every, 100, None, several_layers=True)) == list(range(101))
+    assert list(evaluated_steps(every, 200, None, several_layers=True)) == list(range(0, 201, 2))  # 101 steps
+    assert list(evaluated_steps(every, 200, 5, several_layers=True)) == [0, 50, 100, 150, 200]
+    assert list(evaluated_steps(every, 10, 4)) == [0, 3, 7, 10]  # round(0, 3.33, 6.67, 10)
+    assert list(evaluated_steps(every, 3, 50)) == [0, 1, 2, 3]
+    assert list(evaluated_steps(OmegaConf.create({"rule": "fraction", "fraction": 0.5}), 200, 3)) == [0, 50, 100]
+    for bad in (1, 0, -3, True, 2.5, "10"):
+        with pytest.raises(DefenseError, match="prune.eval_steps"):
+            evaluated_steps(every, 60, bad)
 
 
 def fixed_criterion(op):
@@ -158,7 +166,7 @@ def test_a_criterion_with_its_own_operating_point(tmp_path, monkeypatch):
     op = {"conv_3": [2, 7, 11], "conv_4": [0, 5]}
     real_get = criteria.get
     monkeypatch.setattr(criteria, "get", lambda name: fixed_criterion(op) if name == "fixed" else real_get(name))
-    overrides = ["prune.criterion=fixed", "prune.layer=[conv_3,conv_4]", "prune.drops=[4]", "prune.eval_steps=5",
+    overrides = ["prune.criterion=fixed", "prune.layer=[conv_3,conv_4]", "prune.drops=[]", "prune.eval_steps=5",
                  "stop=fraction", "stop.fraction=0.25", "finetune=clean", "finetune.epochs=1", "tracking=none"]
     result = run_defense(compose(["progress=false", *overrides]), tmp_path)
     cfg, model, valid, test = scenario()
@@ -166,13 +174,17 @@ def test_a_criterion_with_its_own_operating_point(tmp_path, monkeypatch):
     summary = read_rows(tmp_path / "summary.csv")
     (row,) = [r for r in summary if r["point"] == "operating_point"]
     pairs = [(name, c) for name, channels in op.items() for c in channels]
-    for key, images, repaired in [("valid_acc", valid.clean, False), ("valid_asr", valid.poisoned["square"], False),
-                                  ("test_acc", test.clean, True), ("test_asr", test.poisoned["square"], True),
-                                  ("pruned_test_acc", test.clean, False)]:
-        labels = set_weights_predictions_pairs(model, models.scale_inputs(images.x, cfg.model), pairs, [0, len(pairs)])
+    sets = [("valid_acc", valid.clean, False), ("valid_asr", valid.poisoned["square"], False),
+            ("test_acc", test.clean, True), ("test_asr", test.poisoned["square"], True)]
+    x = models.scale_inputs(np.concatenate([images.x for _, images, _ in sets]), cfg.model)
+    labels = set_weights_predictions_pairs(model, x, pairs, [0, len(pairs)])  # B, B'
+    start = 0
+    for key, images, repaired in sets:
+        part = labels[start : start + len(images.x)]
+        start += len(images.x)
         if repaired:  # G(B, B'): B's label where B and B' agree, num_classes (10) where they differ
-            labels = np.where(labels == labels[:, :1], labels[:, :1], 10)
-        assert float(row[key]) == pytest.approx(accuracy_per_step(labels, images.y)[1], abs=1e-3), key
+            part = np.where(part == part[:, :1], part[:, :1], 10)
+        assert float(row[key]) == pytest.approx(accuracy_per_step(part, images.y)[1], abs=1e-3), key
     assert int(row["channels_pruned"]) == 5 and row["drop"] == ""
     assert float(row["fraction_pruned"]) == pytest.approx(100 * 5 / (60 + 80), abs=1e-3)
     assert row["ft_der"] != ""  # B'' of the operating point was fine-tuned and scored
