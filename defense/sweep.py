@@ -84,7 +84,8 @@ def check_prune_config(cfg) -> None:
 
 
 def pruned_layers(cfg, model) -> list[str]:
-    """The conv layers prune.layer names, in model order for `all`, in the order given for a list.
+    """The conv layers prune.layer names, in model order (a list is sorted into it; criteria score layers in
+    model order, defense/criteria/__init__.py).
 
     Null is filled with the default layer (defense.autodetect); a name that is no layer of the model
     or a layer that is no Conv2D is one DefenseError listing the Conv2D layers there are.
@@ -104,7 +105,8 @@ def pruned_layers(cfg, model) -> list[str]:
     convs = [layer.name for layer in conv_layers(model)]
     if value == "all":
         if not convs:
-            conv_layer(model, "all")  # the error naming the layers there are
+            found = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in model.layers)
+            raise DefenseError(f"prune.layer=all: model {model.name!r} has no Conv2D layer to prune (its layers: {found})")
         names = convs
     else:
         names = [str(n) for n in value]
@@ -112,6 +114,8 @@ def pruned_layers(cfg, model) -> list[str]:
         for name in names:
             if name not in known:
                 raise DefenseError(f"prune.layer={names}: the model has no layer {name!r}; its Conv2D layers are {convs}")
+        position = {layer.name: i for i, layer in enumerate(model.layers)}
+        names = sorted(names, key=position.__getitem__)
     for name in names:
         try:
             conv_layer(model, name)

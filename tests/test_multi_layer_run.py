@@ -234,3 +234,22 @@ def test_cli_unknown_layer_in_the_list_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
     assert "the model has no layer 'conv_9'" in errors[0] and "conv_1" in errors[0]  # lists the Conv2D layers there are
     assert not db.exists()
+
+
+def test_layer_lists_are_taken_in_model_order_and_all_needs_a_conv_layer():
+    import keras
+
+    from defense.errors import DefenseError
+    from defense.sweep import pruned_layers
+
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(3, 3, name="c1")(inp)
+    h = keras.layers.Conv2D(4, 3, name="c2")(h)
+    out = keras.layers.Dense(2, name="d")(keras.layers.Flatten()(h))
+    model = keras.Model(inp, out)
+    assert pruned_layers(compose(["prune.layer=[c2,c1]"]), model) == ["c1", "c2"]
+    assert pruned_layers(compose(["prune.layer=all"]), model) == ["c1", "c2"]
+    assert pruned_layers(compose(["prune.layer=[c2]"]), model) == ["c2"]
+    dense_only = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    with pytest.raises(DefenseError, match="prune.layer=all: .* has no Conv2D layer to prune"):
+        pruned_layers(compose(["prune.layer=all"]), dense_only)
