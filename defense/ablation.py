@@ -77,7 +77,7 @@ def ablation_cells(summary: list[dict]) -> list[dict]:
     summary (a threshold of 0 in prune.drops is the same network and is not repeated)."""
     cells = [{"drop": 0.0, "channels_pruned": 0, "reached": True}]
     for row in summary:
-        if float(row["drop"]) == 0.0:
+        if row.get("point") == "operating_point" or float(row["drop"]) == 0.0:  # drop thresholds only
             continue
         cells.append({"drop": float(row["drop"]), "channels_pruned": int(row["channels_pruned"]),
                       "reached": bool(row["reached"])})
@@ -104,7 +104,7 @@ def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> 
     quiet = Tracker()  # per-epoch curves of 40-odd fine-tunings are not logged; each cell's scores are
     rows = []
     for cell in cells:
-        pruned = result.order[: cell["channels_pruned"]] if cell["reached"] else None
+        pruned = result.pruned_at(cell["channels_pruned"]) if cell["reached"] else None
         for epochs in epochs_grid:
             for rate in rates:
                 row = {"drop": cell["drop"], "epochs": epochs, "learning_rate": rate,
@@ -120,7 +120,7 @@ def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> 
                 cell_cfg.finetune.epochs = int(epochs)
                 cell_cfg.finetune.learning_rate = float(rate)
                 name = f"drop_{drop_name(cell['drop'])}_e{epochs}_lr{rate:g}"
-                b_prime = models.pruned_copy(model, cfg.prune.layer, pruned)
+                b_prime = models.pruned_copy_layers(model, pruned)
                 b2, info = fine_tune(cell_cfg, b_prime, pruned, valid.clean, quiet, name)
                 pred_clean = models.predict_labels(b2, test.clean.x, cfg.model, batch_size)
                 poisoned = {n: (test.poisoned[n].y, test.poisoned[n].clean_label, base_preds[n],

@@ -13,6 +13,9 @@ Writes to its run folder (Hydra's output dir):
   B's clean test accuracy and ASR, and per accuracy-drop threshold D the channels pruned
   (`drop{D}_channels_pruned`), test accuracy, ASR and DER of the defended network
   (`drop{D}_test_acc`, `drop{D}_test_asr`, `drop{D}_der`); blank where a threshold was not reached;
+  and, where a run's criterion has its own operating point (summary.csv rows with `point` =
+  `operating_point`), the same four columns for it (`op_channels_pruned`, `op_test_acc`, `op_test_asr`,
+  `op_der`; blank for runs without one);
 - comparison.md: the same table in Markdown;
 - comparison.png: the clean accuracy and attack success rate curves of every run, overlaid.
 When it compares a sweep the three files are also logged to the sweep's parent run under comparison/.
@@ -49,6 +52,7 @@ NAN = float("nan")
 # `operating_point`; the rows of accuracy-drop thresholds have `point` = `drop` (or no such column)
 POINT_COLUMN = "point"
 OWN_POINT = "operating_point"
+OP_TEXT = " and at the criterion's own operating point (op)"
 
 
 def open_client(uri: str):
@@ -197,8 +201,13 @@ def describe_run(client, run, tmp: Path) -> dict:
     if summary and not math.isfinite(base_acc):
         base_acc = _float(summary[0].get("base_test_acc"))
         base_asr = _float(summary[0].get("base_test_asr"))
-    thresholds, defended = {}, "G(B,B')"
+    thresholds, defended, operating = {}, "G(B,B')", None
     for row in summary:
+        if is_own_point(row):
+            scores = defended_scores(row, base_acc, base_asr)
+            operating = None if scores is None else {k: scores[k] for k in ("channels_pruned", "test_acc",
+                                                                             "test_asr", "der")}
+            continue
         drop = _float(row.get("drop"))
         if not math.isfinite(drop) or is_own_point(row):
             continue
@@ -220,6 +229,7 @@ def describe_run(client, run, tmp: Path) -> dict:
         "base_test_acc": base_acc,
         "base_test_asr": base_asr,
         "thresholds": thresholds,
+        "operating_point": operating,
         "curves": curves,
         "start_time": run.info.start_time or 0,
         "summary": summary,
@@ -257,6 +267,10 @@ def table_rows(runs: list[dict]) -> tuple[list[dict], list[float]]:
             t = r["thresholds"].get(drop)
             for key in ("channels_pruned", "test_acc", "test_asr", "der"):
                 row[f"{drop_key(drop)}_{key}"] = None if drop not in r["thresholds"] else "" if t is None else t[key]
+        if any(other.get("operating_point") for other in runs):
+            op = r.get("operating_point")
+            for key in ("channels_pruned", "test_acc", "test_asr", "der"):
+                row[f"op_{key}"] = "" if op is None else op[key]
         rows.append(row)
     return rows, drops
 
@@ -274,6 +288,9 @@ def markdown(rows: list[dict], drops: list[float], title: str) -> str:
     head = ["run", "defense", "network", "criterion", "layer", "finetune", "B acc", "B ASR"]
     for drop in drops:
         head += [f"-{drop:g}pt ch", f"-{drop:g}pt acc", f"-{drop:g}pt ASR", f"-{drop:g}pt DER"]
+    with_op = any("op_der" in row for row in rows)
+    if with_op:
+        head += ["op ch", "op acc", "op ASR", "op DER"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
         cells = [row["run_id"][:8], row["defense_name"], row["network"], row["criterion"], row["layer"], row["finetune"],
@@ -282,12 +299,15 @@ def markdown(rows: list[dict], drops: list[float], title: str) -> str:
             k = drop_key(drop)
             cells += [cell(row[f"{k}_channels_pruned"]), cell(row[f"{k}_test_acc"]), cell(row[f"{k}_test_asr"]),
                       cell(row[f"{k}_der"], 3)]
+        if with_op:
+            cells += [cell(row["op_channels_pruned"]), cell(row["op_test_acc"]), cell(row["op_test_asr"]),
+                      cell(row["op_der"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     defended = sorted({row["defended"] for row in rows})
     lines += ["", f"acc / ASR / DER: clean test accuracy, attack success rate (%) and DER of the defended network "
-                  f"({', '.join(defended)}) at each accuracy-drop threshold (drop 0: no channel pruned); ch: channels "
-                  f"pruned; n/r: not reached; blank: not a threshold of that run; B: the unpruned network (its DER "
-                  f"would be 0.5)."]
+                  f"({', '.join(defended)}) at each accuracy-drop threshold (drop 0: no channel pruned)"
+                  f"{OP_TEXT if with_op else ''}; ch: channels pruned; n/r: not reached (op: the criterion has "
+                  f"none); blank: not a threshold of that run; B: the unpruned network (its DER would be 0.5)."]
     return "\n".join(lines)
 
 

@@ -143,10 +143,15 @@ class PruneConfig:
     """conf/prune/default.yaml."""
 
     criterion: str = "activation"
-    layer: Optional[str] = None  # null: defense/autodetect.py::default_layer (DeepID: conv_3)
+    # a Conv2D layer name, a list of them, or `all` (every Conv2D); null: defense/autodetect.py::default_layer
+    # (DeepID: conv_3); typed Any because it is a string or a list, checked by defense/sweep.py::check_layer_option
+    layer: Any = None
     probe: Optional[str] = None  # null: defense/autodetect.py::default_probe (DeepID: pool_3)
     drops: List[float] = field(default_factory=lambda: [2.0, 4.0, 10.0, 30.0])
     seed: int = 0
+    # null: every step (several layers and over 100 steps: 101 evenly spaced); N >= 2: N evenly spaced
+    # steps, the first and last included (defense/steps.py)
+    eval_steps: Optional[int] = None
 
 
 @dataclass
@@ -453,7 +458,7 @@ def check_config(cfg, app: str = "run") -> None:
     """Every numeric bound of the config of `app` (run, evaluate, predict); DefenseError on the first bad key.
 
     Reuses the checkers of the modules that read the keys: defense/sweep.py::check_prune_config
-    (criterion, drops, stop), defense/ranking.py::check_stop and defense/finetune.py::finetune_settings.
+    (criterion and its own options, layer, eval_steps, drops, stop), defense/steps.py::check_stop and defense/finetune.py::finetune_settings.
     """
     check_batch_size(cfg)
     check_limits(cfg)
