@@ -399,9 +399,9 @@ def export_compact(model, layer_name: str, pruned_channels, path, tracker=None, 
                    tag: str | None = None, batch_size: int = 256) -> dict:
     """Save the compact copy of `model` (a B', or a fine-tuned B'') to `path`, log its size and speed.
 
-    `x`: scaled model inputs to time and check both models on (random inputs when None). Logs
-    `compact/<tag>/{compact_params,full_params,compact_predict_s,full_predict_s}` to `tracker` at
-    step = number of pruned channels; `tag` defaults to `drop_10` for `model_B_10_compact.h5`
+    `x`: scaled model inputs to time and check both models on (random inputs when None). Logs the
+    params `compact.<tag>.{compact_params,full_params,compact_predict_s,full_predict_s}` to `tracker`
+    (static facts, not step metrics); `tag` defaults to `drop_10` for `model_B_10_compact.h5`
     (`drop_10_ft` for `model_B_10_ft_compact.h5`). Returns the statistics and the path.
     """
     from defense import models
@@ -416,9 +416,9 @@ def export_compact(model, layer_name: str, pruned_channels, path, tracker=None, 
     models.save_model(compact, path)
     stats = compare(model, compact, x, batch_size)
     tag = tag or _tag(path)
-    if tracker is not None:
-        for key in ("compact_params", "full_params", "compact_predict_s", "full_predict_s"):
-            tracker.log_metric(f"compact/{tag}/{key}", stats[key], step=len(pruned))
+    if tracker is not None:  # static facts: params, not metrics over steps
+        tracker.log_params({f"compact.{tag}.{key}": (f"{stats[key]:.6f}" if key.endswith("_s") else int(stats[key]))
+                            for key in ("compact_params", "full_params", "compact_predict_s", "full_predict_s")})
     if stats["agree"] < 1.0 or stats["max_abs_diff"] > 1e-4:
         log.warning("%s: the compact model differs from the full one (top-1 agreement %.2f %%, max |dp| %.2g)",
                     path.name, stats["agree"] * 100, stats["max_abs_diff"])

@@ -66,6 +66,8 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             tracker.set_tags({"input_divisor": f"{divisor:g}"})
             OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
         test = datasets.load_split(cfg.dataset, cfg.model, "test", limits)
+        tracker.log_datasets(valid, "validation", str(cfg.dataset.get("kind")))
+        tracker.log_datasets(test, "test", str(cfg.dataset.get("kind")))
         log.info(
             "model %s (%s); %d clean + %s poisoned validation images, %d clean + %s poisoned test images",
             cfg.model.name, model_path, len(valid.clean), [len(v) for v in valid.poisoned.values()],
@@ -95,6 +97,8 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         finetune_extra = _finetune(cfg, model, result, summary, valid, test, out_dir, tracker)
 
         report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)
+        tracker.log_params(report.threshold_params(summary))
+        tracker.log_table(summary, "thresholds.json")
         with open(out_dir / "pruning_order.txt", "w") as f:
             f.write(" ".join(str(int(c)) for c in result.order) + "\n")
         title = (f"Pruning {cfg.prune.layer} of {cfg.model.name} by {cfg.prune.criterion} "
