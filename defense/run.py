@@ -30,7 +30,12 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     the files written so far, and Interrupted (a KeyboardInterrupt) propagates.
     """
     with interrupt.stop_on_signals():
-        return _run_defense(cfg, out_dir)
+        result = _run_defense(cfg, out_dir)
+    if cfg.tracking.get("register"):  # after the run is logged: a refused registration leaves it whole
+        from defense.mlflow_model import register
+
+        result["registered"] = register(cfg.tracking, result["run_id"], result["summary"], result["model_uris"])
+    return result
 
 
 def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
@@ -121,9 +126,14 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             tracker.log_artifact(out_dir / name)
         if cfg.tracking.get("log_models", True) and models_dir.is_dir():
             tracker.log_artifact(models_dir, "models")
+        model_uris = {}
+        if cfg.tracking.get("log_models", True):  # G(B, B') of each kept threshold as an MLflow model
+            from defense.mlflow_model import log_repaired_models
+
+            model_uris = log_repaired_models(cfg, tracker, model, summary, valid.clean.x)
         status = "FINISHED"
         return {"curves": result.curves, "summary": summary, "order": result.order, "run_id": tracker.run_id,
-                "out_dir": out_dir, "result": result}
+                "out_dir": out_dir, "result": result, "model_uris": model_uris}
     except BaseException as err:
         status = interrupt.run_status(err)
         if status == "KILLED":
