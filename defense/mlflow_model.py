@@ -145,7 +145,8 @@ def chosen_drop(summary: list[dict], register_drop) -> float:
     except (TypeError, ValueError):
         value = float("nan")
     if not math.isfinite(value) or value not in drops:
-        raise DefenseError(f"tracking.register_drop={register_drop}: not one of prune.drops {[f'{d:g}' for d in drops]}; "
+        shown = f"{value:g}" if math.isfinite(value) else register_drop
+        raise DefenseError(f"tracking.register_drop={shown}: not one of prune.drops {[f'{d:g}' for d in drops]}; "
                            "give one of them, or leave it unset for the largest threshold reached")
     if value not in reached:
         raise DefenseError(f"tracking.register_drop={value:g}: that threshold was not reached in this run (reached: "
