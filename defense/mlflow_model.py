@@ -88,6 +88,8 @@ def log_repaired_models(cfg, tracker, model_b, summary: list[dict], example_imag
     if tracker.run_id is None:
         return {}
     import mlflow
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
     from mlflow.models import Model
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
@@ -103,8 +105,14 @@ def log_repaired_models(cfg, tracker, model_b, summary: list[dict], example_imag
         code = _code_folder(tmp / "code")
         example = np.asarray(example_images[:INPUT_EXAMPLE_IMAGES], dtype=np.float32)
         divisor = float(models.input_divisor(cfg.model))
+        client = MlflowClient(tracking_uri=tracker.uri)
+        experiment_id = client.get_run(tracker.run_id).info.experiment_id
         with _use_tracking_uri(tracker.uri):
             for name, drop, repaired in files:
+                tags = {"drop": f"{drop:g}", "repaired_file": Path(repaired).name}
+                # created here, in the run's experiment (Model.log alone would use the active experiment)
+                logged = client.create_logged_model(experiment_id, name=name, source_run_id=tracker.run_id,
+                                                    tags=tags, model_type="G(B, B')")
                 settings = tmp / name / "settings.json"  # the model's settings (not model_config: MLflow
                 settings.parent.mkdir()                     # would copy that into the run's params)
                 settings.write_text(json.dumps({
@@ -123,8 +131,9 @@ def log_repaired_models(cfg, tracker, model_b, summary: list[dict], example_imag
                         signature=_signature(cfg.model.input_shape),
                         input_example=example,
                         pip_requirements=requirements(),
-                        tags={"drop": f"{drop:g}", "repaired_file": Path(repaired).name},
+                        model_id=logged.model_id,
                     )
+                client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
                 uris[name] = info.model_uri
                 log.info("logged G(B, B') %s (%s) as %s", name, Path(repaired).name, info.model_uri)
     tracker.set_tags({"defense.models": " ".join(uris)})

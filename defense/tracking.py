@@ -259,7 +259,7 @@ class MultirunParentRun(Callback):
         with interrupt.held():  # a signal must not fall between creating the parent and keeping its id
             run = client.create_run(
                 exp_id,
-                run_name=f"sweep {Path(sweep_dir).name}",
+                run_name=sweep_run_name(list(config.hydra.overrides.task), sweep_dir),
                 tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true"},
             )
             self._run = (client, run.info.run_id)
@@ -414,6 +414,13 @@ def job_overrides() -> list[str]:
         return [str(o) for o in HydraConfig.get().overrides.task]
     except Exception:  # noqa: BLE001 - no Hydra context (tests composing configs, library use)
         return []
+
+
+def sweep_run_name(sweep_overrides: list[str], sweep_dir: str) -> str:
+    """A sweep's parent run: `sweep prune.criterion=activation,l1` (what it varies), else its folder."""
+    keys = swept_keys(sweep_overrides)
+    swept = [o for o in sweep_overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    return ("sweep " + " ".join(swept))[:250] if swept else f"sweep {Path(sweep_dir).name}"
 
 
 def default_run_name(cfg, client=None, parent_run_id: str | None = None) -> str:

@@ -92,6 +92,9 @@ def test_each_threshold_is_a_logged_pyfunc_and_the_largest_reached_is_champion(r
     assert run.info.status == "FINISHED"
     logged = {m.model_id for m in run.outputs.model_outputs}
     assert logged == {uri.split("/")[-1] for uri in result["model_uris"].values()}
+    for model_id in logged:  # in the run's experiment, ready: the UI's Models column lists them
+        model = client.get_logged_model(model_id)
+        assert model.experiment_id == run.info.experiment_id and str(model.status) == "READY"
     version = client.get_model_version_by_alias(REGISTERED, "champion")
     assert result["registered"] == {"name": REGISTERED, "version": version.version, "drop": 30.0,
                                     "source": result["model_uris"]["g_drop_30"]}

@@ -256,6 +256,7 @@ def test_multirun_groups_two_jobs_under_one_parent(csaw_dir, tmp_path):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("defense.parent") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_name == "sweep prune.criterion=activation,l1"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.params["prune.criterion"] for r in children) == ["activation", "l1"]
     # each child is named by the values its job sweeps; the experiment opens on the runs table
