@@ -4,6 +4,10 @@ One run per defense job: params = the flattened config, one metric per curve col
 `step=channels_pruned`, artifacts = plot, csvs, resolved config and the B' models, tags = model,
 criterion, dataset. A multirun (`-m`) groups its jobs under one parent run, created by the Hydra
 callback `MultirunParentRun` before the first job starts.
+
+The experiment is tagged as a model-training experiment (MLflow 3 then opens it on the runs table),
+runs are named after what ran (`default_run_name`), the data sets are logged as dataset inputs with
+content digests (`dataset_inputs`), and static facts (compact sizes, thresholds reached) are params.
 """
 
 from __future__ import annotations

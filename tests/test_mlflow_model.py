@@ -101,8 +101,9 @@ def test_each_threshold_is_a_logged_pyfunc_and_the_largest_reached_is_champion(r
     assert version.run_id == result["run_id"]
 
 
-def test_pyfunc_predicts_what_defense_predict_prints_without_the_project(registered_run, faces, tmp_path):
-    """Every logged G(B, B'), loaded by mlflow.pyfunc in a process where this project cannot be imported,
+def test_pyfunc_predicts_what_defense_predict_prints_without_the_project(registered_run, faces, champion_expected,
+                                                                       tmp_path):
+    """The registered G(B, B'), loaded by mlflow.pyfunc in a process where this project cannot be imported,
     gives on the real faces exactly the classes `python -m defense.predict` prints for its B and B'."""
     from mlflow import MlflowClient
 
@@ -110,40 +111,34 @@ def test_pyfunc_predicts_what_defense_predict_prints_without_the_project(registe
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     x, names, _ = faces
     np.save(tmp_path / "faces.npy", x)
-    checked = 0
-    for name, uri in sorted(result["model_uris"].items()):
-        if name not in ("g_drop_10", "g_drop_30"):  # two thresholds: an attack kept (10) and broken (30)
-            continue
-        stored = client.get_logged_model(uri.split("/")[-1]).artifact_location  # file:// beside the store
-        local = str(shutil.copytree(urllib.parse.urlparse(stored).path, tmp_path / name))  # a copy, read alone
-        mlmodel = (Path(local) / "MLmodel").read_text()
-        assert "signature" in mlmodel and "input_example" in mlmodel
-        repaired_file = json.loads((Path(local) / "artifacts" / "settings.json").read_text())["repaired_file"]
-        assert repaired_file == f"model_B_{name[len('g_drop_'):]}_compact.h5"
-        script = (
-            "import sys, json, importlib.util, numpy as np\n"
-            # this project must not be importable: drop its editable-install finder, as if not installed
-            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
-            "assert importlib.util.find_spec('defense') is None, 'the project is importable'\n"
-            "import mlflow.pyfunc\n"
-            f"model = mlflow.pyfunc.load_model({local!r})\n"
-            f"labels = model.predict(np.load({str(tmp_path / 'faces.npy')!r}))\n"
-            "import defense\n"
-            "print(json.dumps({'labels': labels.tolist(), 'defense': defense.__file__,\n"
-            "                  'project': sorted(m for m in sys.modules if m.startswith('defense'))}))\n"
-        )
-        proc = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        answer = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert answer["defense"].startswith(str(Path(local).resolve() / "code")), answer["defense"]
-        assert answer["project"] == ["defense", "defense.errors", "defense.safe_files"]
-        expected = _predict_cli(faces, str(out / "run" / "models" / repaired_file), tmp_path)
-        assert answer["labels"] == expected
-        checked += 1
-        if name == "g_drop_30":  # the 30-point B' breaks the attack: sunglasses faces are flagged N
-            assert sum(label == 1283 for label in expected[FACES_PER_SET:]) >= FACES_PER_SET // 2
-    assert checked == 2
+    uri = result["registered"]["source"]
+    stored = client.get_logged_model(uri.split("/")[-1]).artifact_location  # file:// beside the store
+    local = str(shutil.copytree(urllib.parse.urlparse(stored).path, tmp_path / "model"))  # a copy, read alone
+    mlmodel = (Path(local) / "MLmodel").read_text()
+    assert "signature" in mlmodel and "input_example" in mlmodel
+    settings = json.loads((Path(local) / "artifacts" / "settings.json").read_text())
+    assert settings["repaired_file"] == "model_B_30_compact.h5" and settings["num_classes"] == 1283
+    script = (
+        "import sys, json, importlib.util, numpy as np\n"
+        # this project must not be importable: drop its editable-install finder, as if not installed
+        "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "assert importlib.util.find_spec('defense') is None, 'the project is importable'\n"
+        "import mlflow.pyfunc\n"
+        f"model = mlflow.pyfunc.load_model({local!r})\n"
+        f"labels = model.predict(np.load({str(tmp_path / 'faces.npy')!r}))\n"
+        "import defense\n"
+        "print(json.dumps({'labels': labels.tolist(), 'defense': defense.__file__,\n"
+        "                  'project': sorted(m for m in sys.modules if m.startswith('defense'))}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-P", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["defense"].startswith(str(Path(local).resolve() / "code")), answer["defense"]
+    assert answer["project"] == ["defense", "defense.errors", "defense.safe_files"]
+    assert answer["labels"] == champion_expected
+    # the 30-point B' breaks the attack: most sunglasses faces are flagged N (csaw_extracts table: G test ASR 8 %)
+    assert sum(label == 1283 for label in champion_expected[FACES_PER_SET:]) >= FACES_PER_SET // 2
 
 
 def _free_port() -> int:
