@@ -86,10 +86,10 @@ class ChannelMasks:
         return {name: m.numpy().astype(np.float64) for name, m in zip(self.layers, self.masks)}
 
     def stats(self, threshold: float) -> dict:
-        """Mean and minimum mask value and how many channels are below `threshold`."""
+        """Mean and minimum mask value and how many channels the operating point would prune (mask <= `threshold`)."""
         every = np.concatenate([m.numpy() for m in self.masks])
         return {"mask_mean": float(every.mean()), "mask_min": float(every.min()),
-                "masks_below_threshold": int((every < threshold).sum())}
+                "masks_to_prune": int((every <= threshold).sum())}
 
 
 def sgd_step(variables, grads, velocity, lr, momentum: float, weight_decay: float = 0.0) -> None:

@@ -21,7 +21,7 @@ weight * (m + d), bias * (1 + e)), this module masks and perturbs the Conv2D cha
 exactly this framework's pruning of the channel (kernel and bias zeroed). The network runs in inference
 mode (BatchNormalization with its moving statistics) and its weights are never changed.
 
-Score = 1 - m (the lowest masks are pruned first); operating point: channels with m < `threshold`
+Score = 1 - m (the lowest masks are pruned first); operating point: channels with m <= `threshold`
 (default 0.2). History: every `log_every` iterations, the mean loss and natural accuracy of that block
 and the mask statistics.
 """
@@ -139,8 +139,8 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
             row = {"step": it, "loss": float(np.mean(losses)), "accuracy": 100.0 * hits / seen,
                    **learner.masks.stats(s["threshold"]), "seconds": time.perf_counter() - started}
             history.append(row)
-            log.info("ANP iteration %d: loss %.4f, accuracy %.2f %%, mask mean %.3f, %d masks < %g",
-                     it, row["loss"], row["accuracy"], row["mask_mean"], row["masks_below_threshold"], s["threshold"])
+            log.info("ANP iteration %d: loss %.4f, accuracy %.2f %%, mask mean %.3f, %d masks <= %g",
+                     it, row["loss"], row["accuracy"], row["mask_mean"], row["masks_to_prune"], s["threshold"])
             losses, hits, seen = [], 0.0, 0
     return learner, history
 
@@ -158,7 +158,7 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
     return Scores(
         values={n: 1.0 - m for n, m in masks.items()},
         prune_first="high",
-        operating_point={n: [int(c) for c in np.flatnonzero(m < s["threshold"])] for n, m in masks.items()},
+        operating_point={n: [int(c) for c in np.flatnonzero(m <= s["threshold"])] for n, m in masks.items()},
         columns={"mask": masks},
         history=history,
     )

@@ -13,7 +13,7 @@ reference code github.com/bboylyg/RNP (`main.py`, `models/mask_batchnorm.py`).
    the pruned Conv2D layers that minimises alpha * CE on the same clean data (SGD lr `recover_lr` 0.2,
    momentum 0.9, alpha 0.2, `recover_epochs` 20; `main.py::train_step_recovering`), masks clipped to
    [0, 1] after each step.
-3. Prune: the ORIGINAL network's channels with low masks. Score = 1 - mask; operating point: mask <
+3. Prune: the ORIGINAL network's channels with low masks. Score = 1 - mask; operating point: mask <=
    `threshold` (default 0.2, see conf/prune/rnp.yaml for its source).
 
 The reference masks the BatchNormalization after each convolution (`MaskBatchNorm2d`: weight * m, bias
@@ -176,7 +176,7 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
     return Scores(
         values={n: 1.0 - m for n, m in masks.items()},
         prune_first="high",
-        operating_point={n: [int(c) for c in np.flatnonzero(m < s["threshold"])] for n, m in masks.items()},
+        operating_point={n: [int(c) for c in np.flatnonzero(m <= s["threshold"])] for n, m in masks.items()},
         columns={"mask": masks},
         history=history,
     )
