@@ -33,10 +33,32 @@ def correct(y, out) -> tf.Tensor:
     return tf.reduce_sum(tf.cast(tf.equal(tf.argmax(out, axis=-1), tf.cast(y, tf.int64)), tf.float32))
 
 
-def step_signature(model):
+def step_signature(network):
     """One input signature for every batch size: one trace per compiled step."""
-    shape = [None, *[int(s) for s in model.input_shape[1:]]]
+    shape = [None, *[int(s) for s in network.input_shape[1:]]]
     return [tf.TensorSpec(shape, tf.float32), tf.TensorSpec([None], tf.int64)]
+
+
+def split_before(model, layers: list[str], probe: np.ndarray):
+    """(prefix, suffix): the network cut at the input of the first of `layers`, so that masks on `layers`
+    act only in `suffix` and the prefix's outputs can be computed once per image.
+
+    The suffix shares the network's layers (and variables). Where the cut does not separate the graph
+    (a path to the output bypasses it) or suffix(prefix(probe)) differs from the network on the probe
+    images, the prefix is None and the suffix is the whole network."""
+    first = model.get_layer(layers[0])
+    if first.input is model.inputs[0] or first.input is model.input:
+        return None, model
+    try:
+        prefix = keras.Model(model.inputs, first.input)
+        suffix = keras.Model(first.input, model.outputs)
+        whole = np.asarray(model(probe, training=False))
+        cut = np.asarray(suffix(prefix(probe, training=False), training=False))
+    except Exception:  # noqa: BLE001 - any failure to cut: use the whole network
+        return None, model
+    if whole.shape != cut.shape or not np.allclose(whole, cut, rtol=1e-4, atol=1e-5):
+        return None, model
+    return prefix, suffix
 
 
 class ChannelMasks:
@@ -45,8 +67,9 @@ class ChannelMasks:
     base: optional {id(variable): tf.Variable} of replacement values for the network's variables (RNP's
     unlearned copy); masked kernels and biases scale those replacements."""
 
-    def __init__(self, model, layers: list[str]):
+    def __init__(self, model, layers: list[str], network=None):
         self.model = model
+        self.network = model if network is None else network  # what forward() runs: model or a suffix of it
         self.layers = list(layers)
         self.convs = [model.get_layer(name) for name in self.layers]
         self.masks = [tf.Variable(tf.ones([int(conv.filters)]), trainable=False, name=f"mask_{name}")
@@ -76,14 +99,20 @@ class ChannelMasks:
 
     def forward(self, x, masked: bool = True, noise_w=None, noise_b=None):
         with keras.StatelessScope(state_mapping=self.mapping(masked, noise_w, noise_b)):
-            return self.model(x, training=False)
+            return self.network(x, training=False)
 
     def clip(self) -> None:
         for m in self.masks:
             m.assign(tf.clip_by_value(m, 0.0, 1.0))
 
-    def values(self) -> dict[str, np.ndarray]:
-        return {name: m.numpy().astype(np.float64) for name, m in zip(self.layers, self.masks)}
+    def values(self, what: str = "") -> dict[str, np.ndarray]:
+        """The masks per layer; a DefenseError when the learning diverged (a mask is NaN), naming `what` to lower."""
+        from defense.errors import DefenseError
+
+        values = {name: m.numpy().astype(np.float64) for name, m in zip(self.layers, self.masks)}
+        if not all(np.all(np.isfinite(v)) for v in values.values()):
+            raise DefenseError(f"the mask learning diverged (a mask is NaN); lower {what or 'the learning rates'}")
+        return values
 
     def stats(self, threshold: float) -> dict:
         """Mean and minimum mask value and how many channels the operating point would prune (mask <= `threshold`)."""

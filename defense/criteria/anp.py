@@ -36,7 +36,8 @@ import tensorflow as tf
 
 from defense.config import _bound
 from defense.criteria import Scores
-from defense.criteria._masking import ChannelMasks, clean_subset, correct, cross_entropy, sgd_step, step_signature
+from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, sgd_step, split_before,
+                                       step_signature)
 
 NEEDS_DATA = True
 log = logging.getLogger(__name__)
@@ -77,17 +78,20 @@ def check_config(prune_cfg) -> None:
 
 
 class MaskLearner:
-    """The masks, the perturbations and the one compiled training step of ANP."""
+    """The masks, the perturbations and the one compiled training step of ANP.
 
-    def __init__(self, model, layers: list[str], s: dict, seed: int):
+    network: what a step runs, the whole model (its inputs are images) or the suffix of it from the
+    first masked layer's input (its inputs are the prefix's outputs; defense.criteria._masking.split_before)."""
+
+    def __init__(self, model, layers: list[str], s: dict, seed: int, network=None):
         self.model, self.s = model, s
-        self.masks = ChannelMasks(model, layers)
+        self.masks = ChannelMasks(model, layers, network)
         zeros = [tf.zeros_like(m) for m in self.masks.masks]
         self.noise_w = [tf.Variable(z, trainable=False) for z in zeros]
         self.noise_b = [tf.Variable(z, trainable=False) for z in zeros]
         self.velocity = [tf.Variable(z, trainable=False) for z in zeros]
         self.rng = tf.random.Generator.from_seed(int(seed))
-        self._step = tf.function(self._train_step, input_signature=step_signature(model), jit_compile=True)
+        self._step = tf.function(self._train_step, input_signature=step_signature(self.masks.network))
 
     def _train_step(self, x, y):
         s, masks = self.s, self.masks
@@ -119,14 +123,21 @@ class MaskLearner:
         return loss, correct(y, out)
 
     def step(self, x: np.ndarray, y: np.ndarray):
-        """One iteration on the batch (x, y) of clean validation images; (loss, correct predictions)."""
+        """One iteration on the batch (x, y) of clean validation images (or their prefix outputs, where the
+        learner runs a suffix); (loss, correct predictions)."""
         loss, hits = self._step(tf.convert_to_tensor(x), tf.convert_to_tensor(y))
         return float(loss), float(hits)
 
 
 def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict, seed: int):
-    """Run ANP's mask learning on (x, y); the learner (its masks) and the history rows."""
-    learner = MaskLearner(model, layers, s, seed)
+    """Run ANP's mask learning on the scaled clean images (x, y); the learner (its masks) and the history rows.
+
+    The layers before the first masked one carry no mask and the network runs in inference mode, so
+    their outputs are computed once per image (`split_before`) and each iteration runs only the rest."""
+    prefix, network = split_before(model, layers, x[: min(len(x), 8)])
+    if prefix is not None:
+        x = np.concatenate([np.asarray(prefix(x[i:i + 256], training=False)) for i in range(0, len(x), 256)])
+    learner = MaskLearner(model, layers, s, seed, network)
     rng = np.random.default_rng(seed)
     history, losses, hits, seen = [], [], 0.0, 0
     started = time.perf_counter()
@@ -154,7 +165,7 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
              sum(model.get_layer(n).filters for n in layers), ", ".join(layers), len(x), s["iterations"],
              s["batch_size"])
     learner, history = learn_masks(model, layers, x, y, s, seed)
-    masks = learner.masks.values()
+    masks = learner.masks.values("prune.anp.lr or prune.anp.eps")
     return Scores(
         values={n: 1.0 - m for n, m in masks.items()},
         prune_first="high",

@@ -172,7 +172,7 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
     x, y = clean_subset(clean, s["fraction"], seed, divisor, "prune.criterion=rnp")
     log.info("RNP: unlearning and recovering on %d clean validation images; masks on %s", len(x), ", ".join(layers))
     r, history = learn_masks(model, layers, x, y, s, seed)
-    masks = r.masks.values()
+    masks = r.masks.values("prune.rnp.unlearn_lr or prune.rnp.recover_lr")
     return Scores(
         values={n: 1.0 - m for n, m in masks.items()},
         prune_first="high",
