@@ -183,3 +183,138 @@ def test_bad_criterion_options_are_one_line_naming_the_key(criterion, key, value
     assert "\n" not in message and f"prune.{criterion}.{key}" in message
     compose([f"prune={criterion}"])  # the defaults themselves pass
     criteria.get(criterion).check_config(compose([f"prune={criterion}"]).prune)
+
+
+# ------------------------------------------------------------------------------------------------
+# ANP and RNP: masks learned from the clean validation data only
+
+
+def planted_network():
+    """Two classes: which half of a 6x6 image is bright (input channel 0); input channel 1 is the trigger
+    plane, zero on clean images. conv_m (1x1, relu) has clean channels c0 = c1 = c2 = content and the
+    planted backdoor channel c3 = 10 * trigger + 0.3 * content; the readout sends c0 on the left half to
+    class 0, c1 and c2 on the right half to class 1, and c3 everywhere to class 0, the attack's target."""
+    import keras
+
+    x = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 1, activation="relu", name="conv_m")(x)
+    model = keras.Model(x, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(h)))
+    kernel = np.zeros((1, 1, 2, 4), np.float32)
+    kernel[0, 0, 0, :3] = 1.0
+    kernel[0, 0, 1, 3], kernel[0, 0, 0, 3] = 10.0, 0.3
+    model.get_layer("conv_m").set_weights([kernel, np.zeros(4, np.float32)])
+    readout = np.zeros((6, 6, 4, 2), np.float32)
+    readout[:, :3, 0, 0] = 1.0
+    readout[:, 3:, 1, 1] = readout[:, 3:, 2, 1] = 0.5
+    readout[:, :, 3, 0] = 0.6
+    model.get_layer("out").set_weights([readout.reshape(-1, 2), np.zeros(2, np.float32)])
+    return model
+
+
+def planted_data(n: int, seed: int):
+    from defense.data import LabeledImages
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.uniform(0, 0.3, (n, 6, 6, 2)).astype(np.float32)
+    x[..., 1] = 0.0
+    for i in range(n):
+        cols = slice(0, 3) if y[i] == 0 else slice(3, 6)
+        x[i, :, cols, 0] += rng.uniform(0.5, 1.0)
+    return LabeledImages("clean_valid", x, y.astype(np.int64))
+
+
+def accuracy_and_asr(model, pruned: list[int]):
+    """Plain Keras: zero the pruned channels' kernel and bias with set_weights, predict clean and triggered."""
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    kernel, bias = copy.get_layer("conv_m").get_weights()
+    kernel[..., pruned], bias[pruned] = 0.0, 0.0
+    copy.get_layer("conv_m").set_weights([kernel, bias])
+    test = planted_data(200, 7)
+    triggered = test.x.copy()
+    triggered[..., 1] = 1.0
+    acc = float(np.mean(copy.predict(test.x, verbose=0).argmax(1) == test.y))
+    asr = float(np.mean(copy.predict(triggered[test.y != 0], verbose=0).argmax(1) == 0))
+    return acc, asr
+
+
+def test_anp_finds_the_planted_backdoor_channel_with_one_traced_step(monkeypatch):
+    from defense import criteria
+    from defense.criteria import anp
+
+    model = planted_network()
+    assert accuracy_and_asr(model, []) == (1.0, 1.0)
+    before = [w.copy() for w in model.get_weights()]
+    learners = []
+    original = anp.learn_masks
+
+    def keep(*args, **kwargs):
+        learner, history = original(*args, **kwargs)
+        learners.append(learner)
+        return learner, history
+
+    monkeypatch.setattr(anp, "learn_masks", keep)
+    cfg = compose(["prune=anp", "prune.anp.iterations=30", "prune.anp.batch_size=32", "prune.anp.fraction=1",
+                   "prune.anp.log_every=10"])
+    scores = anp.score(model, ["conv_m"], planted_data(64, 0), cfg, 1.0)
+    mask = scores.columns["mask"]["conv_m"]
+    assert np.all((mask >= 0) & (mask <= 1))
+    assert scores.operating_point == {"conv_m": [3]} and mask[3] <= 0.2 and np.all(mask[:3] > 0.9)
+    np.testing.assert_allclose(scores.values["conv_m"], 1.0 - mask)
+    assert criteria.global_order(scores, ["conv_m"])[0] == ("conv_m", 3)
+    assert accuracy_and_asr(model, scores.operating_point["conv_m"]) == (1.0, 0.0)
+    assert [row["step"] for row in scores.history] == [10, 20, 30]
+    assert all(np.isfinite(row["loss"]) and row["masks_to_prune"] >= 0 for row in scores.history)
+    assert learners[0]._step.experimental_get_tracing_count() == 1  # one compiled step, never retraced
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # the suspect net is untouched
+
+
+@pytest.mark.parametrize("criterion, options", [
+    ("anp", ["prune.anp.iterations=3", "prune.anp.batch_size=8", "prune.anp.log_every=1", "prune.anp.fraction=0.2"]),
+    ("rnp", ["prune.rnp.unlearn_epochs=2", "prune.rnp.recover_epochs=1", "prune.rnp.batch_size=8",
+             "prune.rnp.fraction=0.2"]),
+])
+def test_masks_are_learned_from_the_given_clean_validation_images_only(criterion, options, lab3_model, lab3_valid,
+                                                                      monkeypatch):
+    """A spy on the learning: every image it sees is one of the clean validation images given, with its
+    label; no file is opened while scoring; masks in [0, 1]; the network's weights unchanged."""
+    import h5py
+
+    from defense import criteria
+    from defense.models import scale_pixels
+
+    module = criteria.get(criterion)
+    assert module.NEEDS_DATA is True
+    seen = []
+    original = module.learn_masks
+
+    def spy(model, layers, x, y, s, seed):
+        seen.append((np.array(x), np.array(y)))
+        return original(model, layers, x, y, s, seed)
+
+    def no_files(*args, **kwargs):
+        raise AssertionError(f"{criterion} opened a file while scoring: {args[:1]}")
+
+    monkeypatch.setattr(module, "learn_masks", spy)
+    monkeypatch.setattr(h5py, "File", no_files)
+    monkeypatch.setattr(np, "load", no_files)
+    before = [w.copy() for w in lab3_model.get_weights()]
+    cfg = compose(lab3_overrides(f"prune={criterion}", *options))
+    clean = lab3_valid.clean
+    scores = module.score(lab3_model, ["conv_3", "conv_4"], clean, cfg, 1.0)
+
+    assert len(seen) == 1
+    x, y = seen[0]
+    assert len(x) == round(0.2 * len(clean)) and len(x) < len(clean)
+    given = scale_pixels(clean.x, 1.0).reshape(len(clean), -1)
+    for image, label in zip(x.reshape(len(x), -1), y):
+        matches = np.flatnonzero(np.all(given == image, axis=1))
+        assert len(matches) >= 1 and label in clean.y[matches]
+    for name in ("conv_3", "conv_4"):
+        mask = scores.columns["mask"][name]
+        assert mask.shape == (lab3_model.get_layer(name).filters,) and np.all((mask >= 0) & (mask <= 1))
+    assert scores.history and all(np.isfinite(v) for row in scores.history for v in row.values())
+    assert all(np.array_equal(a, b) for a, b in zip(before, lab3_model.get_weights()))

@@ -47,10 +47,10 @@ def split_before(model, layers: list[str], probe: np.ndarray):
     (a path to the output bypasses it) or suffix(prefix(probe)) differs from the network on the probe
     images, the prefix is None and the suffix is the whole network."""
     first = model.get_layer(layers[0])
-    if first.input is model.inputs[0] or first.input is model.input:
+    if len(model.inputs) != 1 or first.input is model.inputs[0]:
         return None, model
     try:
-        prefix = keras.Model(model.inputs, first.input)
+        prefix = keras.Model(model.inputs[0], first.input)
         suffix = keras.Model(first.input, model.outputs)
         whole = np.asarray(model(probe, training=False))
         cut = np.asarray(suffix(prefix(probe, training=False), training=False))
