@@ -318,3 +318,19 @@ def test_masks_are_learned_from_the_given_clean_validation_images_only(criterion
         assert mask.shape == (lab3_model.get_layer(name).filters,) and np.all((mask >= 0) & (mask <= 1))
     assert scores.history and all(np.isfinite(v) for row in scores.history for v in row.values())
     assert all(np.array_equal(a, b) for a, b in zip(before, lab3_model.get_weights()))
+
+
+def test_anp_learns_the_same_masks_with_the_prefix_computed_once(lab3_model, lab3_valid, monkeypatch):
+    """The speed-up (the layers before the first masked one run once per image) changes nothing: the masks
+    equal those learned running the whole network every iteration."""
+    from defense.criteria import _masking, anp
+
+    cfg = compose(lab3_overrides("prune=anp", "prune.anp.iterations=4", "prune.anp.batch_size=8",
+                                 "prune.anp.fraction=0.2"))
+    prefix, suffix = _masking.split_before(lab3_model, ["conv_3"], lab3_valid.clean.x[:2])
+    assert prefix is not None and suffix.layers[1].name == "conv_3"
+    cut = anp.score(lab3_model, ["conv_3"], lab3_valid.clean, cfg, 1.0).columns["mask"]["conv_3"]
+    monkeypatch.setattr(anp, "split_before", lambda model, layers, probe: (None, model))
+    whole = anp.score(lab3_model, ["conv_3"], lab3_valid.clean, cfg, 1.0).columns["mask"]["conv_3"]
+    assert np.any(cut < 1.0)
+    np.testing.assert_allclose(cut, whole, atol=1e-4)
