@@ -329,6 +329,8 @@ def test_anp_learns_the_same_masks_with_the_prefix_computed_once(lab3_model, lab
                                  "prune.anp.fraction=0.2"))
     prefix, suffix = _masking.split_before(lab3_model, ["conv_3"], lab3_valid.clean.x[:2])
     assert prefix is not None and suffix.layers[1].name == "conv_3"
+    _, suffix = _masking.split_before(lab3_model, ["conv_4", "conv_3"], lab3_valid.clean.x[:2])  # any list order
+    assert suffix.layers[1].name == "conv_3"
     cut = anp.score(lab3_model, ["conv_3"], lab3_valid.clean, cfg, 1.0).columns["mask"]["conv_3"]
     monkeypatch.setattr(anp, "split_before", lambda model, layers, probe: (None, model))
     whole = anp.score(lab3_model, ["conv_3"], lab3_valid.clean, cfg, 1.0).columns["mask"]["conv_3"]

@@ -40,13 +40,14 @@ def step_signature(network):
 
 
 def split_before(model, layers: list[str], probe: np.ndarray):
-    """(prefix, suffix): the network cut at the input of the first of `layers`, so that masks on `layers`
-    act only in `suffix` and the prefix's outputs can be computed once per image.
+    """(prefix, suffix): the network cut at the input of the earliest of `layers` in the network, so that
+    masks on `layers` act only in `suffix` and the prefix's outputs can be computed once per image.
 
     The suffix shares the network's layers (and variables). Where the cut does not separate the graph
     (a path to the output bypasses it) or suffix(prefix(probe)) differs from the network on the probe
     images, the prefix is None and the suffix is the whole network."""
-    first = model.get_layer(layers[0])
+    position = {layer.name: i for i, layer in enumerate(model.layers)}
+    first = model.get_layer(min(layers, key=lambda name: position[name]))  # the earliest, whatever the list order
     if len(model.inputs) != 1 or first.input is model.inputs[0]:
         return None, model
     try:
@@ -55,6 +56,8 @@ def split_before(model, layers: list[str], probe: np.ndarray):
         whole = np.asarray(model(probe, training=False))
         cut = np.asarray(suffix(prefix(probe, training=False), training=False))
     except Exception:  # noqa: BLE001 - any failure to cut: use the whole network
+        return None, model
+    if not set(layers) <= {layer.name for layer in suffix.layers}:
         return None, model
     if whole.shape != cut.shape or not np.allclose(whole, cut, rtol=1e-4, atol=1e-5):
         return None, model
