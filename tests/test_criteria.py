@@ -268,6 +268,7 @@ def test_anp_finds_the_planted_backdoor_channel_with_one_traced_step(monkeypatch
     assert accuracy_and_asr(model, scores.operating_point["conv_m"]) == (1.0, 0.0)
     assert [row["step"] for row in scores.history] == [10, 20, 30]
     assert all(np.isfinite(row["loss"]) and row["masks_to_prune"] >= 0 for row in scores.history)
+    assert [scores.history[-1][f"mask/conv_m/{c}"] for c in range(4)] == pytest.approx(list(mask))  # every mask logged
     assert learners[0]._step.experimental_get_tracing_count() == 1  # one compiled step, never retraced
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # the suspect net is untouched
 

@@ -118,10 +118,15 @@ class ChannelMasks:
         return values
 
     def stats(self, threshold: float) -> dict:
-        """Mean and minimum mask value and how many channels the operating point would prune (mask <= `threshold`)."""
-        every = np.concatenate([m.numpy() for m in self.masks])
-        return {"mask_mean": float(every.mean()), "mask_min": float(every.min()),
-                "masks_to_prune": int((every <= threshold).sum())}
+        """Mean and minimum mask value, how many channels the operating point would prune (mask <= `threshold`),
+        and every mask value, as `mask/<layer>/<channel>`."""
+        values = [m.numpy() for m in self.masks]
+        every = np.concatenate(values)
+        row = {"mask_mean": float(every.mean()), "mask_min": float(every.min()),
+               "masks_to_prune": int((every <= threshold).sum())}
+        for name, v in zip(self.layers, values):
+            row.update({f"mask/{name}/{c}": float(m) for c, m in enumerate(v)})
+        return row
 
 
 def sgd_step(variables, grads, velocity, lr, momentum: float, weight_decay: float = 0.0) -> None:

@@ -22,8 +22,8 @@ exactly this framework's pruning of the channel (kernel and bias zeroed). The ne
 mode (BatchNormalization with its moving statistics) and its weights are never changed.
 
 Score = 1 - m (the lowest masks are pruned first); operating point: channels with m <= `threshold`
-(default 0.2). History: every `log_every` iterations, the mean loss and natural accuracy of that block
-and the mask statistics.
+(default 0.2). History: every `log_every` iterations, the mean loss and natural accuracy of that block,
+the mask statistics and every mask value (`mask/<layer>/<channel>`).
 """
 
 from __future__ import annotations

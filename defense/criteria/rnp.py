@@ -136,7 +136,8 @@ def _epoch(step, x, y, batch_size: int, rng) -> tuple[float, float]:
 
 
 def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict, seed: int):
-    """Unlearn, then recover; the Reconstructor (its masks) and the history rows (one per epoch)."""
+    """Unlearn, then recover; the Reconstructor (its masks) and the history rows (one per epoch: loss and clean
+    accuracy; while recovering also the mask statistics and every mask value, `mask/<layer>/<channel>`)."""
     r = Reconstructor(model, layers, s)
     rng = np.random.default_rng(seed)
     history, step = [], 0
