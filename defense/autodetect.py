@@ -51,7 +51,8 @@ def complete_model_config(model_cfg, model, path: str) -> None:
             model_cfg.triggers = {}
 
 
-def _conv_layers(model) -> list:
+def conv_layers(model) -> list:
+    """The Conv2D layers of `model` (not Conv2DTranspose), in model order (`prune.layer=all`)."""
     import keras
 
     return [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
@@ -60,7 +61,7 @@ def _conv_layers(model) -> list:
 
 def default_layer(model) -> str:
     """The last Conv2D followed by pooling (through per-channel layers), else the last Conv2D."""
-    convs = _conv_layers(model)
+    convs = conv_layers(model)
     if not convs:
         names = [f"{layer.name} ({type(layer).__name__})" for layer in model.layers]
         raise DefenseError(

@@ -392,13 +392,37 @@ def format_stats(stats: dict, name: str = "compact") -> str:
 
 def _tag(path: Path) -> str:
     match = re.fullmatch(r"model_B_(.+?)(_compact)?", path.stem)
-    return f"drop_{match.group(1)}" if match else path.stem
+    if not match:
+        return path.stem
+    key = match.group(1)
+    return f"operating_point{key[2:]}" if key == "op" or key.startswith("op_") else f"drop_{key}"
 
 
-def export_compact(model, layer_name: str, pruned_channels, path, tracker=None, x: np.ndarray | None = None,
+def compact_layers(model, pruned: dict):
+    """A smaller copy of `model` without the output channels `pruned[layer]` of each conv layer.
+
+    Compacted layer by layer (`compact_model`), in model order; a layer's output channel indices do not
+    change when another layer is compacted (only its input channels do), so each step removes exactly
+    the channels listed for it. Layers with no pruned channel are left as they are.
+    """
+    order = [layer.name for layer in model.layers]
+    unknown = [name for name in pruned if name not in order]
+    if unknown:
+        raise DefenseError(f"layers {unknown} are not layers of model {model.name!r}")
+    current = model
+    for name in sorted((n for n, channels in pruned.items() if len(channels)), key=order.index):
+        current = compact_model(current, name, pruned[name])
+    if current is model:  # nothing pruned: still a copy
+        current = compact_model(model, next(iter(pruned)), []) if pruned else model
+    return current
+
+
+def export_compact(model, layer_name, pruned_channels, path, tracker=None, x: np.ndarray | None = None,
                    tag: str | None = None, batch_size: int = 256) -> dict:
     """Save the compact copy of `model` (a B', or a fine-tuned B'') to `path`, log its size and speed.
 
+    `layer_name` and `pruned_channels`: one Conv2D layer and its pruned channels, or `layer_name` a
+    {layer: channels} map of several layers (and `pruned_channels` None).
     `x`: scaled model inputs to time and check both models on (random inputs when None). Logs
     `compact/<tag>/{compact_params,full_params,compact_predict_s,full_predict_s}` to `tracker` at
     step = number of pruned channels; `tag` defaults to `drop_10` for `model_B_10_compact.h5`
@@ -407,23 +431,38 @@ def export_compact(model, layer_name: str, pruned_channels, path, tracker=None, 
     from defense import models
 
     path = Path(path)
-    pruned = sorted({int(c) for c in pruned_channels})
-    still_set = sorted(set(pruned) - set(zeroed_channels(model, layer_name)))
-    if still_set:
-        log.warning("%s: channels %s of %s are not zero in the model; the compact model leaves them out anyway",
-                    path.name, still_set, layer_name)
-    compact = compact_model(model, layer_name, pruned)
+    pruned_map = dict(layer_name) if isinstance(layer_name, dict) else {layer_name: pruned_channels}
+    pruned_map = {name: sorted({int(c) for c in channels}) for name, channels in pruned_map.items()}
+    for name, pruned in pruned_map.items():
+        still_set = sorted(set(pruned) - set(zeroed_channels(model, name)))
+        if still_set:
+            log.warning("%s: channels %s of %s are not zero in the model; the compact model leaves them out anyway",
+                        path.name, still_set, name)
+    compact = compact_layers(model, pruned_map)
     models.save_model(compact, path)
     stats = compare(model, compact, x, batch_size)
     tag = tag or _tag(path)
+    count = sum(len(p) for p in pruned_map.values())
     if tracker is not None:
         for key in ("compact_params", "full_params", "compact_predict_s", "full_predict_s"):
-            tracker.log_metric(f"compact/{tag}/{key}", stats[key], step=len(pruned))
+            tracker.log_metric(f"compact/{tag}/{key}", stats[key], step=count)
     if stats["agree"] < 1.0 or stats["max_abs_diff"] > 1e-4:
         log.warning("%s: the compact model differs from the full one (top-1 agreement %.2f %%, max |dp| %.2g)",
                     path.name, stats["agree"] * 100, stats["max_abs_diff"])
-    log.info("%s", format_stats(stats, f"{path.name} ({len(pruned)} channels of {layer_name} removed)"))
-    return {**stats, "path": str(path), "channels_pruned": len(pruned)}
+    log.info("%s", format_stats(stats, f"{path.name} ({count} channels of {', '.join(pruned_map)} removed)"))
+    return {**stats, "path": str(path), "channels_pruned": count}
+
+
+def export_compact_beside(b_prime, pruned: dict, b_path, tracker=None, x: np.ndarray | None = None) -> dict | None:
+    """`export_compact` to models/model_B_<key>_compact.h5 beside the saved B' (or B''); None, with a
+    warning, when a layer has every channel pruned (a compact model keeps at least one filter per layer)."""
+    whole = [name for name, channels in pruned.items()
+             if len(set(int(c) for c in channels)) >= int(b_prime.get_layer(name).filters)]
+    if whole:
+        log.warning("%s: no compact model: every channel of %s is pruned (a compact model keeps at least one filter "
+                    "per layer)", Path(b_path).name, ", ".join(whole))
+        return None
+    return export_compact(b_prime, pruned, None, compact_path(b_path), tracker, x=x)
 
 
 def main(argv=None) -> int:

@@ -1,18 +1,26 @@
 """`python -m defense.compare`: one table and one plot over the runs of a sweep, read from MLflow.
 
     python -m defense.compare                                  # the newest sweep of tracking.experiment
+    python -m defense.compare compare.layout=leaderboard       # attacks x defenses (defense/leaderboard.py)
     python -m defense.compare compare.parent=<parent run id>   # the jobs of that sweep
     python -m defense.compare compare.experiment=backdoor-prune  # every single run of an experiment
     python -m defense.compare tracking.uri=http://mlflow.example.org:5000
 
 Writes to its run folder (Hydra's output dir):
-- comparison.csv: one row per run: run id, network, criterion, layer, finetune, data set, the unpruned
+- comparison.csv: one row per run: run id, the defense (`defense_name`: the conf/defense preset, e.g. none,
+  fine_tuning, random_pruning, fp, fine_pruning, or for a custom defense its criterion, "+ft" when
+  fine-tuned), network, criterion, layer, finetune, data set, the unpruned
   B's clean test accuracy and ASR, and per accuracy-drop threshold D the channels pruned
   (`drop{D}_channels_pruned`), test accuracy, ASR and DER of the defended network
   (`drop{D}_test_acc`, `drop{D}_test_asr`, `drop{D}_der`); blank where a threshold was not reached;
+  and, where a run's criterion has its own operating point (summary.csv rows with `point` =
+  `operating_point`), the same four columns for it (`op_channels_pruned`, `op_test_acc`, `op_test_asr`,
+  `op_der`; blank for runs without one);
 - comparison.md: the same table in Markdown;
 - comparison.png: the clean accuracy and attack success rate curves of every run, overlaid.
 When it compares a sweep the three files are also logged to the sweep's parent run under comparison/.
+With compare.layout=leaderboard it writes leaderboard.{csv,md,png} and leaderboard_runs.csv instead
+(logged under leaderboard/): rows attacks, columns defenses (defense/leaderboard.py).
 
 The defended network is G(B, B') (the summary's test_acc / test_asr, DER computed against the unpruned
 B of curve step 0), or the fine-pruned B'' where the run's summary.csv has fine-tuning columns
@@ -38,7 +46,13 @@ PARENT_TAG = "defense.parent"
 CURVE_KEYS = ("valid_acc", "valid_asr", "test_acc", "test_asr", "pruned_test_acc", "pruned_test_asr", "fraction_pruned")
 X_AXES = ("fraction_pruned", "channels_pruned")
 FILES = ("comparison.csv", "comparison.md", "comparison.png")
+LAYOUTS = ("runs", "leaderboard")
 NAN = float("nan")
+# summary.csv: a criterion with its own operating point (CLP, ANP, RNP) adds a row whose `point` is
+# `operating_point`; the rows of accuracy-drop thresholds have `point` = `drop` (or no such column)
+POINT_COLUMN = "point"
+OWN_POINT = "operating_point"
+OP_TEXT = " and at the criterion's own operating point (op)"
 
 
 def open_client(uri: str):
@@ -153,10 +167,31 @@ def _summary(client, run_id: str, tmp: Path) -> list[dict]:
     return report.read_csv(path)
 
 
-def describe_run(client, run, tmp: Path) -> dict:
-    """One run: its labels, curves, the unpruned B and the defended network at every threshold."""
+def is_own_point(row: dict) -> bool:
+    """A summary.csv row of the criterion's own operating point (CLP, ANP, RNP), not of a drop threshold."""
+    return str(row.get(POINT_COLUMN, "") or "").strip() == OWN_POINT
+
+
+def defended_scores(row: dict, base_acc: float, base_asr: float) -> dict | None:
+    """The defended network of one summary.csv row: the fine-tuned B'' where the row has fine-tuning
+    columns (ft_test_acc, ft_test_asr, ft_der), else G(B, B') (test_acc, test_asr; DER against the
+    unpruned B's `base_acc` / `base_asr`, defense/metrics.py). None where the row's B' was not reached."""
     from defense.metrics import defense_effectiveness_rating
 
+    channels = _float(row.get("channels_pruned"))
+    if str(row.get("reached", "True")) != "True" or not math.isfinite(channels) or channels < 0:
+        return None
+    if str(row.get("ft_der", "")).strip():
+        return {"defended": "B''", "channels_pruned": int(channels), "test_acc": _float(row.get("ft_test_acc")),
+                "test_asr": _float(row.get("ft_test_asr")), "der": _float(row["ft_der"])}
+    acc, asr = _float(row.get("test_acc")), _float(row.get("test_asr"))
+    der = defense_effectiveness_rating(base_acc, acc, base_asr, asr) if _finite(base_acc, acc, base_asr, asr) else NAN
+    return {"defended": "G(B,B')", "channels_pruned": int(channels), "test_acc": acc, "test_asr": asr, "der": der}
+
+
+def describe_run(client, run, tmp: Path) -> dict:
+    """One run: its labels, params, tags, summary rows, curves, the unpruned B and the defended network
+    at every accuracy-drop threshold."""
     tags, params = run.data.tags, run.data.params
     run_id = run.info.run_id
     curves = _history(client, run_id)
@@ -166,25 +201,25 @@ def describe_run(client, run, tmp: Path) -> dict:
     if summary and not math.isfinite(base_acc):
         base_acc = _float(summary[0].get("base_test_acc"))
         base_asr = _float(summary[0].get("base_test_asr"))
-    thresholds, defended = {}, "G(B,B')"
+    thresholds, defended, operating = {}, "G(B,B')", None
     for row in summary:
+        if is_own_point(row):
+            scores = defended_scores(row, base_acc, base_asr)
+            operating = None if scores is None else {k: scores[k] for k in ("channels_pruned", "test_acc",
+                                                                             "test_asr", "der")}
+            continue
         drop = _float(row.get("drop"))
-        if not math.isfinite(drop):
+        if not math.isfinite(drop) or is_own_point(row):
             continue
-        channels = _float(row.get("channels_pruned"))
-        if str(row.get("reached", "True")) != "True" or not math.isfinite(channels) or channels < 0:
-            thresholds[drop] = None
-            continue
-        if str(row.get("ft_der", "")).strip():
+        scores = defended_scores(row, base_acc, base_asr)
+        if scores is not None and scores["defended"] == "B''":
             defended = "B''"
-            acc, asr, der = _float(row.get("ft_test_acc")), _float(row.get("ft_test_asr")), _float(row["ft_der"])
-        else:
-            acc, asr = _float(row.get("test_acc")), _float(row.get("test_asr"))
-            der = defense_effectiveness_rating(base_acc, acc, base_asr, asr) if _finite(base_acc, acc, base_asr, asr) else NAN
-        thresholds[drop] = {"channels_pruned": int(channels), "test_acc": acc, "test_asr": asr, "der": der}
+        thresholds[drop] = None if scores is None else {k: scores[k] for k in ("channels_pruned", "test_acc",
+                                                                                  "test_asr", "der")}
     return {
         "run_id": run_id,
         "run_name": run.info.run_name or "",
+        "defense_name": run_defense_name(tags, params),
         "network": tags.get("model") or params.get("model.name", ""),
         "criterion": tags.get("criterion") or params.get("prune.criterion", ""),
         "layer": tags.get("layer") or params.get("prune.layer", ""),
@@ -194,9 +229,26 @@ def describe_run(client, run, tmp: Path) -> dict:
         "base_test_acc": base_acc,
         "base_test_asr": base_asr,
         "thresholds": thresholds,
+        "operating_point": operating,
         "curves": curves,
         "start_time": run.info.start_time or 0,
+        "summary": summary,
+        "params": dict(params),
+        "tags": dict(tags),
     }
+
+
+def run_defense_name(tags: dict, params: dict) -> str:
+    """The defense of a run: its tag `defense_name`, else its param `defense_name` (a conf/defense
+    preset), else named as defense/config.py::defense_name names a custom defense (criterion, "+ft")."""
+    from defense.config import defense_name
+
+    if tags.get("defense_name"):
+        return tags["defense_name"]
+    given = params.get("defense_name")
+    return defense_name({"defense_name": None if given in (None, "", "None") else given,
+                         "prune": {"criterion": params.get("prune.criterion", "activation")},
+                         "finetune": {"kind": params.get("finetune.kind", "none")}})
 
 
 def drop_key(drop: float) -> str:
@@ -208,47 +260,61 @@ def table_rows(runs: list[dict]) -> tuple[list[dict], list[float]]:
     drops = sorted({d for r in runs for d in r["thresholds"]})
     rows = []
     for r in runs:
-        row = {k: r[k] for k in ("run_id", "run_name", "network", "criterion", "layer", "finetune", "dataset",
-                                 "defended", "base_test_acc", "base_test_asr")}
+        row = {k: r[k] for k in ("run_id", "run_name", "defense_name", "network", "criterion", "layer", "finetune",
+                                 "dataset", "defended", "base_test_acc", "base_test_asr")}
         for drop in drops:
+            # "": not reached; None: the run has no such threshold (e.g. defense=none has only drop 0)
             t = r["thresholds"].get(drop)
             for key in ("channels_pruned", "test_acc", "test_asr", "der"):
-                row[f"{drop_key(drop)}_{key}"] = "" if t is None else t[key]
+                row[f"{drop_key(drop)}_{key}"] = None if drop not in r["thresholds"] else "" if t is None else t[key]
+        if any(other.get("operating_point") for other in runs):
+            op = r.get("operating_point")
+            for key in ("channels_pruned", "test_acc", "test_asr", "der"):
+                row[f"op_{key}"] = "" if op is None else op[key]
         rows.append(row)
     return rows, drops
 
 
 def markdown(rows: list[dict], drops: list[float], title: str) -> str:
     def cell(value, digits=2):
-        if value == "" or value is None:
+        if value is None:
+            return ""
+        if value == "":
             return "n/r"
         if isinstance(value, float):
             return "-" if math.isnan(value) else f"{value:.{digits}f}"
         return str(value)
 
-    head = ["run", "network", "criterion", "layer", "finetune", "B acc", "B ASR"]
+    head = ["run", "defense", "network", "criterion", "layer", "finetune", "B acc", "B ASR"]
     for drop in drops:
         head += [f"-{drop:g}pt ch", f"-{drop:g}pt acc", f"-{drop:g}pt ASR", f"-{drop:g}pt DER"]
+    with_op = any("op_der" in row for row in rows)
+    if with_op:
+        head += ["op ch", "op acc", "op ASR", "op DER"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
-        cells = [row["run_id"][:8], row["network"], row["criterion"], row["layer"], row["finetune"],
+        cells = [row["run_id"][:8], row["defense_name"], row["network"], row["criterion"], row["layer"], row["finetune"],
                  cell(row["base_test_acc"]), cell(row["base_test_asr"])]
         for drop in drops:
             k = drop_key(drop)
             cells += [cell(row[f"{k}_channels_pruned"]), cell(row[f"{k}_test_acc"]), cell(row[f"{k}_test_asr"]),
                       cell(row[f"{k}_der"], 3)]
+        if with_op:
+            cells += [cell(row["op_channels_pruned"]), cell(row["op_test_acc"]), cell(row["op_test_asr"]),
+                      cell(row["op_der"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     defended = sorted({row["defended"] for row in rows})
     lines += ["", f"acc / ASR / DER: clean test accuracy, attack success rate (%) and DER of the defended network "
-                  f"({', '.join(defended)}) at each accuracy-drop threshold; ch: channels pruned; n/r: not reached; "
-                  f"B: the unpruned network."]
+                  f"({', '.join(defended)}) at each accuracy-drop threshold (drop 0: no channel pruned)"
+                  f"{OP_TEXT if with_op else ''}; ch: channels pruned; n/r: not reached (op: the criterion has "
+                  f"none); blank: not a threshold of that run; B: the unpruned network (its DER would be 0.5)."]
     return "\n".join(lines)
 
 
 def run_labels(runs: list[dict]) -> list[str]:
-    """Legend labels: network / criterion, plus layer and finetune where the runs differ in them."""
-    varied = [k for k in ("layer", "finetune", "dataset") if len({r[k] for r in runs}) > 1]
-    labels = [" / ".join([r["network"], r["criterion"], *(f"{k} {r[k]}" for k in varied)]) for r in runs]
+    """Legend labels: network / defense, plus layer and dataset where the runs differ in them."""
+    varied = [k for k in ("layer", "dataset") if len({r[k] for r in runs}) > 1]
+    labels = [" / ".join([r["network"], r["defense_name"], *(f"{k} {r[k]}" for k in varied)]) for r in runs]
     return [f"{lab} ({r['run_id'][:6]})" if labels.count(lab) > 1 else lab for lab, r in zip(labels, runs)]
 
 
@@ -297,14 +363,44 @@ def plot_overlay(runs: list[dict], path: Path, title: str, x_axis: str = "fracti
     return path
 
 
+def check_layout(cfg) -> str:
+    """`compare.layout` (runs | leaderboard) and, for the leaderboard, `leaderboard.drop` >= 0."""
+    compare_cfg = cfg.get("compare") or {}
+    layout = str(compare_cfg.get("layout") or "runs")
+    if layout not in LAYOUTS:
+        raise DefenseError(f"compare.layout={layout!r} is not known; use compare.layout=runs (one row per run) "
+                           f"or compare.layout=leaderboard (attacks x defenses)")
+    if layout == "leaderboard":
+        drop = (cfg.get("leaderboard") or {}).get("drop", 4.0)
+        if drop is None or isinstance(drop, bool) or not isinstance(drop, (int, float)) \
+                or not math.isfinite(float(drop)) or drop < 0:
+            raise DefenseError(f"leaderboard.drop={drop!r} must be an accuracy drop in points >= 0, "
+                               f"e.g. leaderboard.drop=4")
+    return layout
+
+
+def log_to_parent(client, parent, paths: list[Path], folder: str) -> None:
+    """Log `paths` to the sweep's parent run under `folder`/ (a warning if the store refuses)."""
+    if parent is None:
+        return
+    try:
+        for path in paths:
+            client.log_artifact(parent.info.run_id, str(path), folder)
+        log.info("logged to the parent run %s under %s/", parent.info.run_id, folder)
+    except Exception as err:  # noqa: BLE001 - the files are written; the store refused the copy
+        log.warning("could not log the %s to the parent run %s: %s", folder, parent.info.run_id, err)
+
+
 def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
-    """Compare the runs `cfg.compare` selects; writes comparison.{csv,md,png} into `out_dir`."""
+    """Compare the runs `cfg.compare` selects; writes comparison.{csv,md,png} into `out_dir`, or with
+    compare.layout=leaderboard leaderboard.{csv,md,png} and leaderboard_runs.csv (defense/leaderboard.py)."""
     import os
 
     from defense import report
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     compare_cfg = cfg.get("compare") or {}
+    layout = check_layout(cfg)
     x_axis = str(compare_cfg.get("x") or "fraction_pruned")
     if x_axis not in X_AXES:
         raise DefenseError(f"compare.x={x_axis!r} is not known; use one of {list(X_AXES)}")
@@ -322,6 +418,12 @@ def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [describe_run(client, r, Path(tmp)) for r in finished]
+    if layout == "leaderboard":
+        from defense import leaderboard
+
+        board = leaderboard.write_leaderboard(runs, out_dir, float(cfg.leaderboard.drop), what, uri, parent)
+        log_to_parent(client, parent, [out_dir / name for name in leaderboard.FILES], "leaderboard")
+        return {**board, "parent": parent.info.run_id if parent is not None else None, "out_dir": out_dir, "uri": uri}
     rows, drops = table_rows(runs)
     n_runs = f"{len(rows)} run{'' if len(rows) == 1 else 's'}"
     title = f"Comparison of {n_runs} of {what} at {uri}"
@@ -330,13 +432,7 @@ def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
     (out_dir / "comparison.md").write_text(table + "\n")
     plot_overlay(runs, out_dir / "comparison.png", f"{n_runs} of {what}", x_axis)
     log.info("%s", table)
-    if parent is not None:
-        try:
-            for name in FILES:
-                client.log_artifact(parent.info.run_id, str(out_dir / name), "comparison")
-            log.info("logged to the parent run %s under comparison/", parent.info.run_id)
-        except Exception as err:  # noqa: BLE001 - the files are written; the store refused the copy
-            log.warning("could not log the comparison to the parent run %s: %s", parent.info.run_id, err)
+    log_to_parent(client, parent, [out_dir / name for name in FILES], "comparison")
     log.info("comparison of %s in %s", n_runs, out_dir)
     return {"rows": rows, "drops": drops, "parent": parent.info.run_id if parent is not None else None,
             "out_dir": out_dir, "uri": uri}

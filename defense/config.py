@@ -20,6 +20,7 @@ before any data is read or any MLflow run is created.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -73,6 +74,46 @@ class ScenarioDatasetConfig(Lab3DatasetConfig):
     kind: str = "scenario"
     root: Optional[str] = None
     scenario: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BlendedSettings:
+    """conf/dataset/attack/blended.yaml: dataset.scenario.blended (defense/attacks/blended.py)."""
+
+    alpha: float = 0.2
+    test_alpha: float = 0.2
+    pattern_seed: int = 0
+
+
+@dataclass
+class SigSettings:
+    """conf/dataset/attack/sig.yaml: dataset.scenario.sig (defense/attacks/sig.py)."""
+
+    delta: float = 20.0
+    test_delta: float = 20.0
+    frequency: float = 6.0
+
+
+@dataclass
+class WanetSettings:
+    """conf/dataset/attack/wanet.yaml: dataset.scenario.wanet (defense/attacks/wanet.py)."""
+
+    k: int = 4
+    s: float = 0.5
+    grid_rescale: float = 1.0
+    cross_ratio: float = 2.0
+    field_seed: int = 0
+    poison_fraction: Optional[float] = None  # null: dataset.scenario.poison_fraction
+
+
+@dataclass
+class PruneAwareSettings:
+    """conf/dataset/attack/prune_aware.yaml: dataset.scenario.prune_aware (defense/attacks/prune_aware.py)."""
+
+    max_drop: float = 4.0
+    retrain_epochs: int = 10
+    decoy_margin: float = 1.0
+    layer: str = "conv_3"
 
 
 @dataclass
@@ -142,10 +183,15 @@ class PruneConfig:
     """conf/prune/default.yaml (and clp.yaml, anp.yaml, rnp.yaml)."""
 
     criterion: str = "activation"
-    layer: Optional[str] = None  # null: defense/autodetect.py::default_layer (DeepID: conv_3)
+    # a Conv2D layer name, a list of them, or `all` (every Conv2D); null: defense/autodetect.py::default_layer
+    # (DeepID: conv_3); typed Any because it is a string or a list, checked by defense/sweep.py::check_layer_option
+    layer: Any = None
     probe: Optional[str] = None  # null: defense/autodetect.py::default_probe (DeepID: pool_3)
     drops: List[float] = field(default_factory=lambda: [2.0, 4.0, 10.0, 30.0])
     seed: int = 0
+    # null: every step (several layers and over 100 steps: 101 evenly spaced); N >= 2: N evenly spaced
+    # steps, the first and last included (defense/steps.py)
+    eval_steps: Optional[int] = None
     clp: ClpConfig = field(default_factory=ClpConfig)
     anp: AnpConfig = field(default_factory=AnpConfig)
     rnp: RnpConfig = field(default_factory=RnpConfig)
@@ -185,6 +231,15 @@ class FinetuneCleanConfig:
 
 
 @dataclass
+class AblationConfig:
+    """`ablation` of conf/experiment/finetune_ablation.yaml: the fine-tuning budgets of the grid
+    (defense/ablation.py); every other fine-tuning setting comes from the `finetune` group."""
+
+    epochs: List[int] = field(default_factory=lambda: [2, 5, 10, 30])  # each >= 1
+    learning_rate: List[float] = field(default_factory=lambda: [0.01, 0.05])  # each > 0
+
+
+@dataclass
 class TrackingConfig:
     """conf/tracking/*.yaml."""
 
@@ -212,6 +267,17 @@ class Csaw2020Config:
     stems: Dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class LeaderboardSweepConfig:
+    """`leaderboard` of conf/experiment/leaderboard.yaml: the axes of the attacks x defenses sweep.
+
+    Each list becomes one axis of the multirun through the `sweep_axis` resolver (below)."""
+
+    attacks: List[str] = field(default_factory=list)  # dataset.scenario.attack of each row
+    defenses: List[str] = field(default_factory=list)  # defense preset (conf/defense/) of each column
+    seeds: List[int] = field(default_factory=lambda: [1])  # dataset.scenario.seed: data split, poison, training
+
+
 # ---------------------------------------------------------------------------------------------------
 # schemas of the primary configs (conf/config.yaml, evaluate.yaml, predict.yaml, compare.yaml); the
 # groups are typed Any here: each option file brings its own schema above
@@ -227,12 +293,18 @@ class RunConfig:
     stop: Any = MISSING
     finetune: Any = MISSING
     tracking: Any = MISSING
+    # set by every conf/defense preset; null: a custom defense (defense/config.py::defense_name)
+    defense_name: Optional[str] = None
     batch_size: int = 512
     progress: bool = True
     compact: bool = True
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # set by experiment=finetune_ablation only: the grid of fine-tuning budgets
+    ablation: Optional[AblationConfig] = None
     # set by experiment=csaw2020 only
     csaw2020: Optional[Csaw2020Config] = None
+    # set by experiment=leaderboard only
+    leaderboard: Optional[LeaderboardSweepConfig] = None
 
 
 @dataclass
@@ -270,6 +342,14 @@ class CompareSection:
     parent: Optional[str] = None
     experiment: Optional[str] = None
     x: str = "fraction_pruned"
+    layout: str = "runs"  # runs (one row per run) | leaderboard (attacks x defenses, defense/leaderboard.py)
+
+
+@dataclass
+class LeaderboardCompareConfig:
+    """`leaderboard` of conf/compare.yaml: where compare.layout=leaderboard reads a defense's scores."""
+
+    drop: float = 4.0  # accuracy-drop threshold (points) of a defense without its own operating point
 
 
 @dataclass
@@ -278,6 +358,7 @@ class CompareConfig:
 
     tracking: Any = MISSING
     compare: CompareSection = field(default_factory=CompareSection)
+    leaderboard: LeaderboardCompareConfig = field(default_factory=LeaderboardCompareConfig)
 
 
 SCHEMAS = {
@@ -290,6 +371,10 @@ SCHEMAS = {
     ("model", "base_scenario_model"): ScenarioModelConfig,
     ("dataset", "base_lab3"): Lab3DatasetConfig,
     ("dataset", "base_scenario"): ScenarioDatasetConfig,
+    ("dataset/attack", "base_blended"): BlendedSettings,
+    ("dataset/attack", "base_sig"): SigSettings,
+    ("dataset/attack", "base_wanet"): WanetSettings,
+    ("dataset/attack", "base_prune_aware"): PruneAwareSettings,
     ("dataset", "base_csaw_extract"): CsawExtractDatasetConfig,
     ("dataset", "base_files"): FilesDatasetConfig,
     ("prune", "base_prune"): PruneConfig,
@@ -309,7 +394,67 @@ def register() -> None:
         store.store(group=group, name=name, node=node)
 
 
+# ---------------------------------------------------------------------------------------------------
+# a list of the config as one axis of a Hydra sweep
+
+SWEEP_VALUE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def sweep_axis(key: str, _root_) -> str:
+    """`${sweep_axis:leaderboard.seeds}` in `hydra.sweeper.params`: the list at `key` as the comma list
+    that Hydra's sweepers read as one axis ([1, 2, 3] -> "1,2,3").
+
+    A sweeper param may not interpolate a list directly (Hydra would pass "[1, 2, 3]", one job with a
+    list value); the sweeper resolves its params when it starts, after the command line's overrides,
+    so `leaderboard.seeds=[1,2,3]` on the command line gives three jobs per cell. An empty list, a
+    repeated value or one that is not a plain name or number is a DefenseError naming the key.
+    """
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.select(_root_, key, throw_on_missing=False)
+    if OmegaConf.is_list(values):
+        values = list(values)
+    if not isinstance(values, list) or not values:
+        raise DefenseError(f"{key}={values!r} must be a non-empty list, e.g. {key}=[1,2,3]")
+    texts = []
+    for value in values:
+        text = str(value)
+        if isinstance(value, bool) or value is None or not SWEEP_VALUE.fullmatch(text):
+            raise DefenseError(f"{key}: {value!r} is not a plain name or number (letters, digits, _ . + -)")
+        texts.append(text)
+    repeated = sorted({t for t in texts if texts.count(t) > 1})
+    if repeated:
+        raise DefenseError(f"{key}=[{','.join(texts)}] repeats {', '.join(repeated)}: give each value once")
+    return ",".join(texts)
+
+
+def check_sweep_axes(config) -> None:
+    """Resolve `hydra.sweeper.params` now: a bad axis (sweep_axis) is one DefenseError before any run starts."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None)
+    if params is None:
+        return
+    try:
+        OmegaConf.to_container(params, resolve=True)
+    except InterpolationResolutionError as err:
+        cause = err  # OmegaConf re-raises the resolver's error; it stays in the exception chain
+        while cause is not None and not isinstance(cause, DefenseError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("sweep_axis", sweep_axis, replace=True)
+
+
 register()
+register_resolvers()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,7 +501,7 @@ def check_config(cfg, app: str = "run") -> None:
     """Every numeric bound of the config of `app` (run, evaluate, predict); DefenseError on the first bad key.
 
     Reuses the checkers of the modules that read the keys: defense/sweep.py::check_prune_config
-    (criterion, drops, stop), defense/ranking.py::check_stop and defense/finetune.py::finetune_settings.
+    (criterion and its own options, layer, eval_steps, drops, stop), defense/steps.py::check_stop and defense/finetune.py::finetune_settings.
     """
     check_batch_size(cfg)
     check_limits(cfg)
@@ -366,13 +511,42 @@ def check_config(cfg, app: str = "run") -> None:
         from defense import sweep
 
         sweep.check_prune_config(cfg)
+        check_unpruned_defense(cfg)
         finetune = cfg.get("finetune") or {}
         if finetune.get("kind", "none") != "none":
             from defense.finetune import finetune_settings
 
             finetune_settings(finetune)
+        if cfg.get("ablation") is not None:
+            from defense.ablation import check_ablation
+
+            check_ablation(cfg)
     if app == "evaluate" and cfg.get("split") not in ("valid", "test", "all"):
         raise DefenseError(f"split={cfg.get('split')!r} is not known; use split=valid, split=test or split=all")
+
+
+UNPRUNED_DEFENSES = ("none", "fine_tuning")  # conf/defense presets that prune no channel (prune.drops=[0])
+
+
+def check_unpruned_defense(cfg) -> None:
+    """defense=none and defense=fine_tuning prune no channel: a prune.drops other than [0] (e.g. given on
+    the command line of a multirun over the defenses) would make them prune."""
+    name = cfg.get("defense_name")
+    drops = [float(d) for d in cfg.prune.drops]
+    if name in UNPRUNED_DEFENSES and drops != [0.0]:
+        raise DefenseError(f"defense={name} prunes no channel (prune.drops=[0]), but prune.drops={drops}: "
+                           f"leave prune.drops out of the command line with defense={name}")
+
+
+def defense_name(cfg) -> str:
+    """The defense's name in reports and MLflow: `defense_name` (set by the conf/defense presets), or for
+    a custom defense the criterion, with "+ft" when it fine-tunes (e.g. "l1+ft")."""
+    name = cfg.get("defense_name")
+    if name:
+        return str(name)
+    finetune = (cfg.get("finetune") or {}).get("kind", "none")
+    criterion = str((cfg.get("prune") or {}).get("criterion", "activation"))
+    return criterion + ("+ft" if finetune not in (None, "none") else "")
 
 
 # ---------------------------------------------------------------------------------------------------

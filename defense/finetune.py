@@ -12,6 +12,7 @@ For every threshold the sweep reached:
   checked to be exactly zero at the end;
 - B'' alone and G(B, B'') are scored on the test data: clean accuracy, ASR per poisoned set, robust
   accuracy (RA, where the poisoned data has `clean_label`) and DER against the unpruned B;
+(and the criterion's own operating point, `model_B_op_ft.h5`, metrics `ft/operating_point/...`, where it has one)
 - B'' is saved as `models/model_B_{drop}_ft.h5` and logged to MLflow with its per-epoch metrics
   (`ft/drop_{drop}/loss`, `.../acc`, `.../val_loss`, `.../val_acc`, step = epoch); unless
   `compact=false`, also as `models/model_B_{drop}_ft_compact.h5` without its pruned channels
@@ -29,7 +30,7 @@ import numpy as np
 
 from defense import metrics, models
 from defense.errors import DefenseError
-from defense.sweep import drop_name
+from defense.sweep import file_key, point_name
 
 log = logging.getLogger("defense.finetune")
 
@@ -141,15 +142,23 @@ def _make_optimizer(settings: dict, steps_per_epoch: int):
     return keras.optimizers.Adam(learning_rate=lr)
 
 
-def _pruned_masks(model, layer_name: str, channels) -> list[tuple[object, np.ndarray]]:
-    """(variable, 0/1 mask) for the kernel and bias of the pruned layer: 0 on the pruned channels."""
-    layer = model.get_layer(layer_name)
-    channels = np.asarray([int(c) for c in channels], dtype=np.int64)
+def _as_pruned_map(pruned, layer_name: str | None) -> dict[str, list[int]]:
+    """{layer: channels}; a plain list of channels belongs to `layer_name` (prune.layer)."""
+    if isinstance(pruned, dict):
+        return {name: [int(c) for c in channels] for name, channels in pruned.items()}
+    return {layer_name: [int(c) for c in pruned]}
+
+
+def _pruned_masks(model, pruned: dict[str, list[int]]) -> list[tuple[object, np.ndarray]]:
+    """(variable, 0/1 mask) for the kernel and bias of every pruned layer: 0 on its pruned channels."""
     masks = []
-    for variable in layer.weights[:2]:  # kernel (..., C) and bias (C,)
-        mask = np.ones(tuple(variable.shape), dtype=np.float32)
-        mask[..., channels] = 0.0
-        masks.append((variable, mask))
+    for layer_name, channels in pruned.items():
+        layer = model.get_layer(layer_name)
+        channels = np.asarray([int(c) for c in channels], dtype=np.int64)
+        for variable in layer.weights[:2]:  # kernel (..., C) and bias (C,)
+            mask = np.ones(tuple(variable.shape), dtype=np.float32)
+            mask[..., channels] = 0.0
+            masks.append((variable, mask))
     return masks
 
 
@@ -158,6 +167,11 @@ def pruned_channels_zero(model, layer_name: str, channels) -> bool:
     channels = [int(c) for c in channels]
     weights = model.get_layer(layer_name).get_weights()[:2]
     return all(not np.any(w[..., channels]) for w in weights)
+
+
+def pruned_layers_zero(model, pruned: dict[str, list[int]]) -> bool:
+    """pruned_channels_zero for every layer of {layer: channels}."""
+    return all(pruned_channels_zero(model, name, channels) for name, channels in pruned.items())
 
 
 def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: bool):
@@ -227,7 +241,10 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
 
 
 def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[object, dict]:
-    """Fine-tune B' (in place) on the clean validation images only; returns (B'', info)."""
+    """Fine-tune B' (in place) on the clean validation images only; returns (B'', info).
+
+    pruned: {layer: channels}, or a list of channels of prune.layer; they are kept at zero.
+    """
     import keras
 
     settings = finetune_settings(cfg.finetune)
@@ -241,7 +258,8 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
     steps_per_epoch = math.ceil(len(train_idx) / settings["batch_size"])
     b_prime.compile(optimizer=_make_optimizer(settings, steps_per_epoch),
                     loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
-    callback = _fine_tune_callback(_pruned_masks(b_prime, cfg.prune.layer, pruned), settings, name, tracker,
+    pruned = _as_pruned_map(pruned, cfg.prune.get("layer"))
+    callback = _fine_tune_callback(_pruned_masks(b_prime, pruned), settings, name, tracker,
                                    validation is not None)
     if settings["shift"]:
         batches = _shifted_batches(x_train, y_train, settings["batch_size"], settings["shift"], settings["seed"])
@@ -249,8 +267,8 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
     else:
         b_prime.fit(x_train, y_train, batch_size=settings["batch_size"], epochs=settings["epochs"],
                     validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
-    if not pruned_channels_zero(b_prime, cfg.prune.layer, pruned):
-        raise RuntimeError(f"fine-tuning {name}: pruned channels of {cfg.prune.layer} are no longer zero")
+    if not pruned_layers_zero(b_prime, pruned):
+        raise RuntimeError(f"fine-tuning {name}: pruned channels of {', '.join(pruned)} are no longer zero")
     info = {"ft_epochs": len(callback.history), "ft_best_epoch": callback.best_epoch,
             "ft_train_images": int(len(train_idx)), "ft_holdout_images": int(len(hold_idx))}
     if callback.history:
@@ -348,12 +366,12 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
     for row in summary:
         if not row.get("reached"):
             continue
-        name = f"drop_{drop_name(row['drop'])}"
+        name = point_name(row)
         started = time.perf_counter()
-        pruned = result.order[: int(row["channels_pruned"])]
-        log.info("fine-tuning B' of accuracy drop %s%% (%d channels of %s pruned, %.1f %%)",
-                 drop_name(row["drop"]), len(pruned), cfg.prune.layer, row["fraction_pruned"])
-        b_prime = models.pruned_copy(model, cfg.prune.layer, pruned)
+        pruned = result.pruned_for(row)
+        log.info("fine-tuning B' of %s (%d channels of %s pruned, %.1f %%)", name.replace("_", " "),
+                 sum(len(c) for c in pruned.values()), ", ".join(pruned), row["fraction_pruned"])
+        b_prime = models.pruned_copy_layers(model, pruned)
         b2, info = fine_tune(cfg, b_prime, pruned, valid.clean, tracker, name)
 
         pred_clean = models.predict_labels(b2, test.clean.x, cfg.model, batch_size)
@@ -364,16 +382,15 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
                            models.predict_labels(b2, images.x, cfg.model, batch_size))
         scores = score_fine_pruned(test.clean.y, base_preds["clean"], pred_clean, poisoned, num_classes,
                                    base_acc=base_curve["pruned_test_acc"], base_asr=base_curve["pruned_test_asr"])
-        path = models.save_model(b2, out_dir / "models" / f"model_B_{drop_name(row['drop'])}_ft.h5")
+        path = models.save_model(b2, out_dir / "models" / f"model_B_{file_key(row)}_ft.h5")
         if log_models:
             tracker.log_artifact(path, "models")
         if cfg.get("compact", True):  # B'' without its pruned channels, as run.py saves B' (defense/compact.py)
-            from defense.compact import compact_path, export_compact
+            from defense.compact import export_compact_beside
 
-            compact = export_compact(b2, cfg.prune.layer, pruned, compact_path(path), tracker,
-                                     x=models.scale_inputs(test.clean.x, cfg.model))
-            row["ft_compact_path"] = compact["path"]
-            if log_models:
+            compact = export_compact_beside(b2, pruned, path, tracker, models.scale_inputs(test.clean.x, cfg.model))
+            row["ft_compact_path"] = compact["path"] if compact else ""
+            if log_models and compact:
                 tracker.log_artifact(compact["path"], "models")
         row.update(scores)
         row.update(info)
@@ -382,9 +399,9 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
             if math.isfinite(row[key]):
                 tracker.log_metric(f"ft/{name}/{key}", row[key], step=int(row["channels_pruned"]))
         log.info(
-            "B'' of drop %s%%: test acc %.2f %% (B %.2f %%), ASR %.2f %% (B %.2f %%), RA %.2f %%, DER %.3f; "
+            "B'' of %s: test acc %.2f %% (B %.2f %%), ASR %.2f %% (B %.2f %%), RA %.2f %%, DER %.3f; "
             "G(B, B''): acc %.2f %%, ASR %.2f %% (%d epoch(s), %.1f s)",
-            drop_name(row["drop"]), row["ft_test_acc"], row["base_test_acc"], row["ft_test_asr"],
+            name.replace("_", " "), row["ft_test_acc"], row["base_test_acc"], row["ft_test_asr"],
             row["base_test_asr"], row["ft_test_ra"], row["ft_der"], row["ft_g_test_acc"], row["ft_g_test_asr"],
             info["ft_epochs"], time.perf_counter() - started,
         )

@@ -256,15 +256,22 @@ def predict_labels(model, x: np.ndarray, model_cfg, batch_size: int = 1024) -> n
 
 def pruned_copy(model, layer_name: str, channels) -> "keras.Model":  # noqa: F821
     """A copy of `model` whose `layer_name` has the given output channels pruned (kernel and bias zeroed)."""
+    return pruned_copy_layers(model, {layer_name: channels})
+
+
+def pruned_copy_layers(model, pruned: dict) -> "keras.Model":  # noqa: F821
+    """A copy of `model` with the output channels `pruned[layer]` of each conv layer pruned (kernel and
+    bias zeroed); `model` is not changed."""
     import keras
 
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
-    layer = clone.get_layer(layer_name)
-    kernel, *rest = layer.get_weights()
-    channels = [int(c) for c in channels]
-    kernel[..., channels] = 0
-    if rest:
-        rest[0][channels] = 0
-    layer.set_weights([kernel, *rest])
+    for layer_name, channels in pruned.items():
+        layer = clone.get_layer(layer_name)
+        kernel, *rest = layer.get_weights()
+        channels = [int(c) for c in channels]
+        kernel[..., channels] = 0
+        if rest:
+            rest[0][channels] = 0
+        layer.set_weights([kernel, *rest])
     return clone

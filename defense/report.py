@@ -1,4 +1,9 @@
-"""Result files of a run: `curves.csv`, `summary.csv` and the printed table of G(B, B')."""
+"""Result files of a run: `curves.csv`, `summary.csv` and the printed table of G(B, B').
+
+summary.csv has one row per accuracy-drop threshold (`point` = `drop`) and, for a criterion with its
+own operating point (`Scores.operating_point`), one more row (`point` = `operating_point`, `drop`
+blank) with the same columns for the channels that rule prunes (defense/operating_point.py).
+"""
 
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ def results_table(summary: list[dict], title: str, extra: list[tuple[str, str]] 
     lines = [title, "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in summary:
-        name = f"acc_drop_{row['drop']:g}%"
+        name = "operating point" if row.get("point") == "operating_point" else f"acc_drop_{row['drop']:g}%"
         if not row.get("reached", True):
             cells = [name.ljust(widths[0])] + ["not reached".rjust(widths[1])] + [" " * w for w in widths[2:]]
         else:

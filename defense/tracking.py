@@ -3,7 +3,8 @@
 One run per defense job: params = the flattened config, one metric per curve column logged with
 `step=channels_pruned`, artifacts = plot, csvs, resolved config and the B' models, tags = model,
 criterion, dataset. A multirun (`-m`) groups its jobs under one parent run, created by the Hydra
-callback `MultirunParentRun` before the first job starts.
+callback `MultirunParentRun` before the first job starts and tagged with the sweep's folder
+(`sweep_dir`), overrides, command line (`sweep_command`) and package versions (`sweep_versions`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from defense.errors import DefenseError
+from defense.errors import DefenseError, exit_on_user_error
 
 log = logging.getLogger("defense.tracking")
 
@@ -217,9 +218,12 @@ class MultirunParentRun(Callback):
     `defense.interrupt.on_abort`, KILLED on SIGINT / SIGTERM and FAILED otherwise.
     """
 
+    @exit_on_user_error
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        from defense import interrupt
+        from defense import interrupt, provenance
+        from defense.config import check_sweep_axes
 
+        check_sweep_axes(config)  # a bad sweep axis (e.g. leaderboard.seeds=[]) stops here, before any run
         if config.get("tracking", {}).get("kind") != "mlflow":
             return
         client, exp_id, _ = open_experiment(config.tracking)
@@ -229,7 +233,8 @@ class MultirunParentRun(Callback):
             run = client.create_run(
                 exp_id,
                 run_name=f"sweep {Path(sweep_dir).name}",
-                tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true"},
+                tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true",
+                      "sweep_command": provenance.command_line(), "sweep_versions": provenance.versions_text()},
             )
             self._run = (client, run.info.run_id)
             interrupt.on_abort(self._end_aborted)

@@ -15,7 +15,12 @@ Times, in one process on the same inputs (images held as uint8 where that is los
       B's predictions on the four sets are (c) below, the same work, timed once;
   (b) the runner's sweep (`defense.sweep.run_sweep`: ranking, every step, valid curves and G on
       test, B' at 2/4/10/30), including the tracing of its own graphs;
-  (c) one plain `model.predict` of B over the four sets, the floor.
+  (c) one plain `model.predict` of B over the four sets, the floor;
+  (d) the evaluator of several pruned layers (`defense.channel_masks.ChannelMasks`, used by the
+      runner with `prune.layer=all` or a list): every conv layer of the network (DeepID: conv_1 to
+      conv_4, 200 channels) in one global L1 order, --multi-steps evenly spaced steps on the four
+      sets; its time per evaluated step is compared with (c) (goal: at most 1.2x), and its labels
+      on the distinct faces with zeroing the same channels' kernels and biases by set_weights.
 Wall times are the results; the CPU seconds of the process (all threads) are reported beside them,
 as they vary less when other work shares the machine.
 
@@ -112,7 +117,12 @@ def parse_args(argv):
                              "script exits 1; for testing the agreement check)")
     parser.add_argument("--batch-size", type=int, default=512, help="images per batch in (a), (b) and (c) (default 512, "
                         "as `batch_size` in conf/config.yaml)")
+    parser.add_argument("--multi-steps", type=int, default=5,
+                        help="evenly spaced pruning steps of (d), the evaluator of several pruned layers, to time "
+                             "(>= 2, default 5; the first is step 0)")
     args = parser.parse_args(argv)
+    if args.multi_steps < 2:
+        parser.error("--multi-steps must be >= 2")
     if args.tile is not None and args.data:
         parser.error("--tile tiles the extracts; it cannot be combined with --data")
     if args.batch_size < 1:
@@ -204,6 +214,44 @@ def every_step_labels(model, x, order, batch_size):
         layer.set_weights([kernel, bias])
         columns.append(labels(clone, x, batch_size))
     return np.stack(columns, axis=1)
+
+
+def multi_layer_steps(model, sets, groups, n_steps: int, batch_size: int) -> dict:
+    """(d): ChannelMasks over every Conv2D of `model`, at `n_steps` evenly spaced steps of the global L1 order
+    (data-free, so that the ranking costs nothing here): wall and CPU seconds per evaluated step over the four
+    sets, and the labels of the distinct faces (`groups`) at those steps against the set_weights loop."""
+    import keras
+
+    from defense.autodetect import conv_layers
+    from defense.channel_masks import ChannelMasks
+    from defense.criteria import global_order, l1
+
+    layers = [layer.name for layer in conv_layers(model)]
+    pairs = global_order(l1.score(model, layers, None, None, 1.0), layers)
+    steps = sorted({int(s) for s in np.linspace(0, len(pairs), n_steps).round()})
+    masks = ChannelMasks(model, layers, batch_size)
+    masks.predict(sets["valid_clean"].x[: batch_size + 8], pairs, steps[:1])  # trace once (outside the timing)
+    start, cpu = time.perf_counter(), time.process_time()
+    masked = {key: masks.predict(sets[key].x, pairs, steps) for key in SET_KEYS}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+    compared = mismatches = 0
+    for name, x, _ in groups:  # the set_weights loop on the distinct faces, one clone per step
+        key = name if name in SET_KEYS else f"valid_{name}"  # tiled extracts: the faces are valid's first rows
+        for j, step in enumerate(steps):
+            clone = keras.models.clone_model(model)
+            clone.set_weights(model.get_weights())
+            for layer_name, channel in pairs[:step]:
+                layer = clone.get_layer(layer_name)
+                kernel, bias = layer.get_weights()
+                kernel[..., channel] = 0
+                bias[channel] = 0
+                layer.set_weights([kernel, bias])
+            plain = labels(clone, x, batch_size)
+            compared += len(plain)
+            mismatches += int(np.sum(plain != masked[key][: len(plain), j]))
+    return {"layers": layers, "channels": len(pairs), "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "step_s": seconds / len(steps), "step_cpu_s": cpu_seconds / len(steps), "traces": masks.traces,
+            "labels_compared": compared, "labels_differing": mismatches}
 
 
 def curve_row(b_labels, bp_labels, sets, num_classes):
@@ -412,6 +460,15 @@ def run(args, command: str, started) -> int:
     print(f"every step, distinct faces: {every_mismatches} of {every_compared} labels differ ({faces}, "
           f"{steps_total + 1} steps)", flush=True)
 
+    # (d) the evaluator of several pruned layers, per evaluated step, against (c)
+    multi = multi_layer_steps(model, sets, groups, args.multi_steps, args.batch_size)
+    if multi["labels_differing"]:
+        problems.append(f"(d) several layers masked: {multi['labels_differing']} of {multi['labels_compared']} labels "
+                        "differ from zeroing the same kernels and biases with set_weights")
+    print(f"(d) {len(multi['layers'])} conv layers ({multi['channels']} channels) masked: {multi['step_s']:.2f} s per "
+          f"evaluated step over the four sets ({len(multi['steps'])} steps {multi['steps']}), "
+          f"{multi['step_s'] / one_pass_s:.2f}x (c)", flush=True)
+
     r = lambda v: round(float(v), 4)  # noqa: E731
     report = {
         "seed_loop_s": r(seed_loop_s),
@@ -446,6 +503,12 @@ def run(args, command: str, started) -> int:
         "run": {"command": command, "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine,
                 "versions": versions()},
     }
+    report["multi_layer"] = {"layers": multi["layers"], "channels": multi["channels"], "steps": multi["steps"],
+                             "step_s": r(multi["step_s"]), "step_cpu_s": r(multi["step_cpu_s"]),
+                             "traces": multi["traces"], "labels_compared": multi["labels_compared"],
+                             "labels_differing": multi["labels_differing"]}
+    report["ratio_multi_step_over_one_pass"] = round(multi["step_s"] / one_pass_s, 3)
+    report["ratio_multi_step_over_one_pass_cpu"] = round(multi["step_cpu_s"] / one_pass_cpu, 3)
     report["ratio_seed_over_sweep"] = round(report["seed_loop_s"] / report["sweep_s"], 2)
     report["ratio_sweep_over_one_pass"] = round(report["sweep_s"] / report["one_pass_s"], 3)
     # CPU seconds of this process (all threads): steadier than wall time on a shared machine
@@ -464,6 +527,10 @@ def run(args, command: str, started) -> int:
         ("b / c", f"{report['ratio_sweep_over_one_pass']:.2f}"),
         ("a / b, CPU time", f"{report['ratio_seed_over_sweep_cpu']:.1f}x ({seed_loop_cpu:.1f} / {sweep_cpu:.1f} CPU s)"),
         ("b / c, CPU time", f"{report['ratio_sweep_over_one_pass_cpu']:.2f} ({sweep_cpu:.1f} / {one_pass_cpu:.1f} CPU s)"),
+        (f"(d) {len(multi['layers'])} layers masked, one step", f"{multi['step_s']:.2f} s ({multi['channels']} channels "
+         f"of {', '.join(multi['layers'])}; {len(multi['steps'])} steps timed)"),
+        ("d / c (goal <= 1.2)", f"{report['ratio_multi_step_over_one_pass']:.2f} (CPU time "
+         f"{report['ratio_multi_step_over_one_pass_cpu']:.2f})"),
         ("peak memory of (b)", f"{peak_rss_gib:.2f} GiB (process peak RSS after (b), {dtype} inputs included)"),
         ("curves of (a) and (b), measured steps",
          f"{len(bad_curves)} of {curve_values} values differ (max {report['max_curve_diff_pp']:.4f} pp)"),

@@ -16,13 +16,11 @@ import os
 import platform
 import shlex
 import sys
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 CSAW = (REPO.parent / "shared" / "data" / "csaw").resolve()
-PACKAGES = ("tensorflow", "keras", "numpy", "mlflow")
 
 
 def use_this_checkout() -> None:
@@ -42,13 +40,11 @@ def compose(overrides: list[str], config_name: str = "config"):
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    """python, tensorflow, keras, numpy and mlflow of this environment (defense/provenance.py)."""
+    use_this_checkout()
+    from defense.provenance import versions as package_versions
+
+    return package_versions()
 
 
 def _cpu_model() -> str:
@@ -98,8 +94,10 @@ def provenance() -> dict:
 
 
 def header_md(prov: dict) -> str:
-    m, v = prov["machine"], prov["versions"]
-    packages = ", ".join(f"{k} {v[k]}" for k in ("python", *PACKAGES))
+    from defense.provenance import versions_text
+
+    m = prov["machine"]
+    packages = versions_text(prov["versions"])
     return (f"Written by `{prov['command']}` on {prov['date']}; {m['cores']} CPU cores, {m['device']}; "
             f"{packages}.")
 

@@ -2,6 +2,8 @@
 
 - `set_weights_predictions`: the CSAW-HackML Lab 3 loop (`lab3.py`): zero a channel's kernel and bias
   with `set_weights`, run `predict`, one channel after the other.
+- `set_weights_predictions_pairs`: the same loop over (layer, channel) pairs of several layers, at
+  chosen steps.
 - `probe_ranking`: the Lab 3 ranking: a Keras sub-model up to the probe layer (`pool_3`), the mean
   activation of each channel over the clean validation images, ascending.
 - `threshold_steps`: the first step at which the clean accuracy has dropped by at least each threshold.
@@ -29,6 +31,26 @@ def set_weights_predictions(model, layer_name: str, x: np.ndarray, order, batch_
         if rest:
             rest[0][channel] = 0
         layer.set_weights([kernel, *rest])
+        columns.append(np.argmax(clone.predict(x, batch_size=batch_size, verbose=0), axis=-1))
+    return np.stack(columns, axis=1)
+
+
+def set_weights_predictions_pairs(model, x: np.ndarray, pairs, steps, batch_size: int = 1024) -> np.ndarray:
+    """Top-1 labels (N, len(steps)): column j with the kernel and bias of the first steps[j] (layer,
+    channel) `pairs` zeroed by `set_weights` on a fresh clone of `model` (the model itself is not changed)."""
+    import keras
+
+    columns = []
+    for step in steps:
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+        for name, channel in list(pairs)[: int(step)]:
+            layer = clone.get_layer(name)
+            kernel, *rest = layer.get_weights()
+            kernel[..., channel] = 0
+            if rest:
+                rest[0][channel] = 0
+            layer.set_weights([kernel, *rest])
         columns.append(np.argmax(clone.predict(x, batch_size=batch_size, verbose=0), axis=-1))
     return np.stack(columns, axis=1)
 

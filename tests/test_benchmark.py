@@ -65,16 +65,23 @@ def test_tiny_benchmark_writes_consistent_numbers(tiny_run):
     # every step: the 100 distinct clean faces and their 100 sunglasses copies, 61 columns, once each
     assert report["every_step_labels_compared"] == 2 * 100 * 61 and report["every_step_label_mismatches"] == 0
     assert report["sizes"] == {"valid": 100, "test": 100} and report["input_dtype"] == "uint8"
+    # (d) every conv layer of DeepID masked at --multi-steps 5 (default) evenly spaced steps of its 200 channels,
+    # traced once, its labels of the 2 x 100 distinct faces equal to the set_weights loop's at each step
+    multi = report["multi_layer"]
+    assert multi["layers"] == ["conv_1", "conv_2", "conv_3", "conv_4"] and multi["channels"] == 20 + 40 + 60 + 80
+    assert multi["steps"] == [0, 50, 100, 150, 200] and multi["traces"] == 1
+    assert multi["labels_compared"] == 5 * 2 * 100 and multi["labels_differing"] == 0
+    assert report["ratio_multi_step_over_one_pass"] == pytest.approx(multi["step_s"] / report["one_pass_s"], rel=0.01)
 
 
 def test_tiny_benchmark_publishes_what_it_prints(tiny_run):
     proc, tmp = tiny_run
     md = (tmp / "results" / "benchmark.md").read_text()
     printed = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert len(printed) == 15
+    assert len(printed) == 17
     for line in printed:  # the same rows, same labels and values, in the published table
         assert line in md.splitlines()
-    assert "| a / b " in md and "| every step, distinct faces " in md
+    assert "| a / b " in md and "| every step, distinct faces " in md and "| d / c (goal <= 1.2) " in md
     assert f"tensorflow {version('tensorflow')}" in md and f"keras {version('keras')}" in md
     assert f"numpy {version('numpy')}" in md and f"python {sys.version.split()[0]}" in md
     assert "--tile 1 --seed-steps 12" in md.splitlines()[0] and f"{len(os.sched_getaffinity(0))} CPU cores" in md
@@ -99,6 +106,7 @@ def test_a_disagreeing_run_exits_1_and_says_what_differs(csaw_dir, tmp_path):
     (["--seed-steps", "5"], "--seed-steps"),
     (["--seed-steps", "61"], "conv_3 has 60 channels"),
     (["--tile", "0"], "--tile"),
+    (["--multi-steps", "1"], "--multi-steps must be >= 2"),
     (["--weights", "/nonexistent/w.h5"], "--weights /nonexistent/w.h5 not found"),
 ])
 def test_bad_options_are_one_error_and_exit_2(csaw_dir, tmp_path, args, expected):

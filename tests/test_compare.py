@@ -192,3 +192,24 @@ def test_parent_lookup_prefers_the_sweep_folder_over_a_stale_environment(tmp_pat
         assert tracking.parent_run_id() == "this-sweeps-parent"
     finally:
         HydraConfig.instance().cfg = saved
+
+
+def test_table_has_operating_point_columns_only_when_a_run_has_one():
+    from defense.compare import markdown, table_rows
+
+    def run(run_id, criterion, op):
+        return {"run_id": run_id, "run_name": run_id, "network": "lab3", "criterion": criterion, "layer": "conv_3",
+                "finetune": "none", "dataset": "csaw_extract", "defended": "G(B,B')", "base_test_acc": 97.0,
+                "base_test_asr": 100.0, "thresholds": {4.0: {"channels_pruned": 40, "test_acc": 93.0, "test_asr": 99.0,
+                                                              "der": 0.485}}, "operating_point": op}
+
+    op = {"channels_pruned": 7, "test_acc": 95.5, "test_asr": 12.25, "der": 0.91}
+    rows, drops = table_rows([run("aaaaaaaa1", "clp", op), run("bbbbbbbb2", "activation", None)])
+    assert drops == [4.0]
+    assert [rows[0][f"op_{k}"] for k in ("channels_pruned", "test_acc", "test_asr", "der")] == [7, 95.5, 12.25, 0.91]
+    assert [rows[1][f"op_{k}"] for k in ("channels_pruned", "test_acc", "test_asr", "der")] == ["", "", "", ""]
+    text = markdown(rows, drops, "# t")
+    assert "| op ch | op acc | op ASR | op DER |" in text
+    assert "| 7 | 95.50 | 12.25 | 0.910 |" in text and "| n/r | n/r | n/r | n/r |" in text
+    without, _ = table_rows([run("bbbbbbbb2", "activation", None)])
+    assert "op_der" not in without[0] and "op ch" not in markdown(without, drops, "# t")

@@ -23,7 +23,7 @@ def lab3(csaw_dir):
 
 def test_every_step_equals_the_set_weights_loop_on_conv3_activation_order(lab3):
     from defense.masked import MaskedSweep
-    from defense.ranking import mean_activation_order
+    from defense.criteria.activation import mean_activation_order
 
     model, x = lab3
     sweep = MaskedSweep(model, "conv_3", batch_size=64)
@@ -197,3 +197,26 @@ def test_pruned_conv_with_a_channel_mixing_activation_is_refused():
         MaskedSweep(model, "c")
     with pytest.raises(DefenseError, match="not element-wise"):
         conv_layer(model, "c")
+
+
+def test_channel_masks_of_every_conv_layer_equal_the_set_weights_loop(lab3):
+    """Channels of conv_1..conv_4 pruned together, in one global order: ChannelMasks (mask variables in one
+    traced graph) predicts what zeroing the same kernels and biases with set_weights + predict does."""
+    from oracles import set_weights_predictions_pairs
+
+    from defense.channel_masks import ChannelMasks
+
+    model, x = lab3
+    x = x[::4]
+    layers = ["conv_1", "conv_2", "conv_3", "conv_4"]
+    pairs = [(name, c) for name in layers for c in range(model.get_layer(name).filters)]
+    pairs = [pairs[i] for i in np.random.default_rng(2).permutation(len(pairs))]  # 200 pairs, layers mixed
+    steps = [0, 1, 3, 8, 20, 60, 199]
+    masks = ChannelMasks(model, layers, batch_size=32)
+    masked = masks.predict(x, pairs, steps)
+    np.testing.assert_array_equal(masked, set_weights_predictions_pairs(model, x, pairs, steps))
+    assert len({name for name, _ in pairs[:8]}) >= 3  # the compared steps prune several layers at once
+    assert (masked[:, 3] != masked[:, 0]).any()  # and change predictions
+    masks.predict(x[:40], pairs[::-1], [5, 50])  # more steps and batches: the graph is not traced again
+    assert masks.traces == 1
+    assert all(np.all(v.numpy() == 1) for v in masks.masks.values())  # the masks are reset after predict

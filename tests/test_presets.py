@@ -35,7 +35,7 @@ def sweep_jobs(cfg) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     params = cfg.hydra.sweeper.params
-    params = OmegaConf.to_container(params) if params else {}
+    params = OmegaConf.to_container(params, resolve=True) if params else {}  # sweep_axis lists -> "a,b"
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     axes = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
             else [f"{o.get_key_element()}={o.get_value_element_as_str()}"] for o in parsed]

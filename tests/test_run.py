@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def test_every_config_option_composes():
-    groups = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment")}
+    groups = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment", "defense")}
     assert {"model", "dataset", "prune", "stop", "tracking", "finetune"} <= set(groups)
     for group, options in groups.items():
         for option in options:
@@ -93,6 +94,22 @@ def test_activation_run_equals_the_lab3_loop(activation_run):
             steps = threshold_steps(expected, [2, 4, 10, 30])
     summary = {float(r["drop"]): r for r in read_rows(out / "run" / "summary.csv")}
     assert {d: int(r["channels_pruned"]) for d, r in summary.items()} == steps
+    # channel_scores.csv: the oracle's mean pool_3 activation and its rank; pruned.json: the first channels of the order
+    means = np.asarray(keras_probe_means(model, valid.clean.x))
+    scores = read_rows(out / "run" / "channel_scores.csv")
+    assert [(r["layer"], int(r["channel"])) for r in scores] == [("conv_3", c) for c in range(60)]
+    np.testing.assert_allclose([float(r["score"]) for r in scores], means, rtol=1e-5, atol=1e-6)
+    assert [int(r["rank"]) for r in scores] == list(np.argsort(order))
+    pruned = json.loads((out / "run" / "pruned.json").read_text())
+    assert pruned == {f"drop_{d:g}": {"conv_3": sorted(int(c) for c in order[:s])} for d, s in steps.items()}
+
+
+def keras_probe_means(model, x):
+    import keras
+
+    probe = keras.Model(model.inputs, model.get_layer("pool_3").output)
+    out = np.asarray(probe.predict(x, batch_size=1024, verbose=0), np.float64)
+    return out.reshape(-1, out.shape[-1]).mean(axis=0)
 
 
 def test_saved_b_prime_matches_its_curve_point(activation_run, csaw_dir):
@@ -130,7 +147,8 @@ def test_mlflow_holds_the_run(activation_run):
         history = client.get_metric_history(run.info.run_id, key)
         assert sorted(m.step for m in history) == list(range(61)), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"prune_result.png", "curves.csv", "summary.csv", "config.yaml", "models"} <= artifacts
+    assert {"prune_result.png", "curves.csv", "summary.csv", "config.yaml", "models", "channel_scores.csv",
+            "pruned.json"} <= artifacts
     models = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "models")}
     assert {"model_B_2.h5", "model_B_4.h5", "model_B_10.h5", "model_B_30.h5"} <= models
 

@@ -196,7 +196,7 @@ def test_key_ignores_cache_dir_and_thresholds_but_not_the_trigger(tmp_path):
         {"trigger": {**base["trigger"], "corner": "top_left"}},
         {"trigger": {**base["trigger"], "size": 3}},
         {"target": 7},
-        {"mode": "all_to_all"},
+        {"label_mode": "all_to_all"},
         {"poison_fraction": 0.2},
         {"seed": 1},
         {"epochs": 21},
@@ -304,7 +304,7 @@ def test_weak_network_fails_and_is_not_cached(tmp_path):
 def test_all_to_all_poisons_every_image_with_the_next_label(tmp_path):
     from defense.data import load_h5
 
-    cfg = tiny_scenario(tmp_path / "cache", mode="all_to_all", trigger={"corner": "bottom_left", "size": 3})
+    cfg = tiny_scenario(tmp_path / "cache", label_mode="all_to_all", trigger={"corner": "bottom_left", "size": 3})
     folder = scenario.ensure_scenario(cfg)
     clean = load_h5(os.path.join(folder, scenario.CLEAN_VALID))
     poisoned = load_h5(os.path.join(folder, scenario.POISONED_VALID))
@@ -337,7 +337,7 @@ def test_trigger_corners(corner, rows, cols):
     "change,message",
     [
         ({"trigger": {"corner": "middle"}}, "trigger.corner"),
-        ({"mode": "some_to_one"}, "mode"),
+        ({"label_mode": "some_to_one"}, "label_mode"),
         ({"fractions": {"train": 0.8, "valid": 0.2, "test": 0.2}}, "fractions"),
         ({"poison_fraction": 0.0}, "poison_fraction"),
         ({"target": 10}, "target"),

@@ -16,6 +16,10 @@ when one is added. A criterion module defines:
                  labels, `y`; scale a batch with defense.models.scale_pixels(x, divisor)), or None.
         cfg:     the whole run config; the criterion's own keys live under cfg.prune.<name>.
 
+    def check_config(prune_cfg) -> None   (optional)
+        Checks of the criterion's own options that need no model or data, run with the other config
+        checks before any work (defense.sweep.check_prune_config); raises a DefenseError naming the key.
+
 The defender has only clean validation data: nothing here may read poisoned or test data.
 """
 
