@@ -423,9 +423,9 @@ def export_compact(model, layer_name, pruned_channels, path, tracker=None, x: np
 
     `layer_name` and `pruned_channels`: one Conv2D layer and its pruned channels, or `layer_name` a
     {layer: channels} map of several layers (and `pruned_channels` None).
-    `x`: scaled model inputs to time and check both models on (random inputs when None). Logs
-    `compact/<tag>/{compact_params,full_params,compact_predict_s,full_predict_s}` to `tracker` at
-    step = number of pruned channels; `tag` defaults to `drop_10` for `model_B_10_compact.h5`
+    `x`: scaled model inputs to time and check both models on (random inputs when None). Logs the
+    params `compact.<tag>.{compact_params,full_params,compact_predict_s,full_predict_s}` to `tracker`
+    (static facts, not step metrics); `tag` defaults to `drop_10` for `model_B_10_compact.h5`
     (`drop_10_ft` for `model_B_10_ft_compact.h5`). Returns the statistics and the path.
     """
     from defense import models
@@ -442,10 +442,9 @@ def export_compact(model, layer_name, pruned_channels, path, tracker=None, x: np
     models.save_model(compact, path)
     stats = compare(model, compact, x, batch_size)
     tag = tag or _tag(path)
-    count = sum(len(p) for p in pruned_map.values())
-    if tracker is not None:
-        for key in ("compact_params", "full_params", "compact_predict_s", "full_predict_s"):
-            tracker.log_metric(f"compact/{tag}/{key}", stats[key], step=count)
+    if tracker is not None:  # static facts: params, not metrics over steps
+        tracker.log_params({f"compact.{tag}.{key}": (f"{stats[key]:.6f}" if key.endswith("_s") else int(stats[key]))
+                            for key in ("compact_params", "full_params", "compact_predict_s", "full_predict_s")})
     if stats["agree"] < 1.0 or stats["max_abs_diff"] > 1e-4:
         log.warning("%s: the compact model differs from the full one (top-1 agreement %.2f %%, max |dp| %.2g)",
                     path.name, stats["agree"] * 100, stats["max_abs_diff"])

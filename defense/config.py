@@ -248,6 +248,8 @@ class TrackingConfig:
     experiment: str = "backdoor-prune"
     run_name: Optional[str] = None
     log_models: bool = True
+    register: Optional[str] = None
+    register_drop: Optional[float] = None
 
 
 @dataclass

@@ -395,9 +395,11 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
         row.update(scores)
         row.update(info)
         row["ft_model_path"] = str(path)
-        for key in ("ft_test_acc", "ft_test_asr", "ft_test_ra", "ft_der", "ft_g_test_acc", "ft_g_test_asr"):
-            if math.isfinite(row[key]):
-                tracker.log_metric(f"ft/{name}/{key}", row[key], step=int(row["channels_pruned"]))
+        # the fine-tuned scores are static facts of the run (params); its step metrics stay the curves and
+        # the per-epoch fine-tuning history
+        tracker.log_params({f"ft.{name}.{key}": f"{row[key]:.4f}"
+                            for key in ("ft_test_acc", "ft_test_asr", "ft_test_ra", "ft_der", "ft_g_test_acc",
+                                        "ft_g_test_asr") if math.isfinite(row[key])})
         log.info(
             "B'' of %s: test acc %.2f %% (B %.2f %%), ASR %.2f %% (B %.2f %%), RA %.2f %%, DER %.3f; "
             "G(B, B''): acc %.2f %%, ASR %.2f %% (%d epoch(s), %.1f s)",

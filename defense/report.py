@@ -80,3 +80,12 @@ def results_table(summary: list[dict], title: str, extra: list[tuple[str, str]] 
             cells = [name.ljust(widths[0])] + [_cell(row.get(key, float("nan")), w) for (key, _), w in zip(columns, widths[1:])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def threshold_params(summary: list[dict]) -> dict[str, str]:
+    """Where each threshold was reached, as run params: `drop_10.channels_pruned` = 50 or `not reached`."""
+    params = {}
+    for row in summary:
+        name = "operating_point" if row.get("point") == "operating_point" else f"drop_{row['drop']:g}"
+        params[f"{name}.channels_pruned"] = str(int(row["channels_pruned"])) if row.get("reached") else "not reached"
+    return params

@@ -30,7 +30,12 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     the files written so far, and Interrupted (a KeyboardInterrupt) propagates.
     """
     with interrupt.stop_on_signals():
-        return _run_defense(cfg, out_dir)
+        result = _run_defense(cfg, out_dir)
+    if cfg.tracking.get("register"):  # after the run is logged: a refused registration leaves it whole
+        from defense.mlflow_model import register
+
+        result["registered"] = register(cfg.tracking, result["run_id"], result["summary"], result["model_uris"])
+    return result
 
 
 def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
@@ -70,6 +75,8 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             tracker.set_tags({"input_divisor": f"{divisor:g}"})
             OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
         test = datasets.load_split(cfg.dataset, cfg.model, "test", limits)
+        tracker.log_datasets(valid, "validation", str(cfg.dataset.get("kind")))
+        tracker.log_datasets(test, "test", str(cfg.dataset.get("kind")))
         log.info(
             "model %s (%s); %d clean + %s poisoned validation images, %d clean + %s poisoned test images",
             cfg.model.name, model_path, len(valid.clean), [len(v) for v in valid.poisoned.values()],
@@ -111,6 +118,8 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
         finetune_extra = _finetune(cfg, model, result, summary, valid, test, out_dir, tracker)
 
         report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)
+        tracker.log_params(report.threshold_params(summary))
+        tracker.log_table(summary, "thresholds.json")
         with open(out_dir / "pruning_order.txt", "w") as f:
             if len(result.layers) == 1:
                 f.write(" ".join(str(int(c)) for c in result.order) + "\n")
@@ -138,10 +147,15 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
                 tracker.log_artifact(out_dir / name)
         if cfg.tracking.get("log_models", True) and models_dir.is_dir():
             tracker.log_artifact(models_dir, "models")
+        model_uris = {}
+        if cfg.tracking.get("log_models", True):  # G(B, B') of each kept threshold as an MLflow model
+            from defense.mlflow_model import log_repaired_models
+
+            model_uris = log_repaired_models(cfg, tracker, model, summary, valid.clean.x)
         status = "FINISHED"
         return {"curves": result.curves, "summary": summary,
                 "order": result.order if len(result.layers) == 1 else result.pairs, "run_id": tracker.run_id,
-                "out_dir": out_dir, "result": result}
+                "out_dir": out_dir, "result": result, "model_uris": model_uris}
     except BaseException as err:
         status = interrupt.run_status(err)
         if status == "KILLED":

@@ -5,6 +5,10 @@ One run per defense job: params = the flattened config, one metric per curve col
 criterion, dataset. A multirun (`-m`) groups its jobs under one parent run, created by the Hydra
 callback `MultirunParentRun` before the first job starts and tagged with the sweep's folder
 (`sweep_dir`), overrides, command line (`sweep_command`) and package versions (`sweep_versions`).
+
+The experiment is tagged as a model-training experiment (MLflow 3 then opens it on the runs table),
+runs are named after what ran (`default_run_name`), the data sets are logged as dataset inputs with
+content digests (`dataset_inputs`), and static facts (compact sizes, thresholds reached) are params.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ def open_experiment(tracking_cfg) -> tuple[object, str, str]:
 def _experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        mark_model_training(client, exp)
         return exp.experiment_id
     location = None
     db = sqlite_path(uri)
@@ -89,7 +94,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
         # artifacts beside the store, not relative to wherever the command was started
         location = (db.parent / "mlartifacts" / name).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except Exception:  # noqa: BLE001 - created concurrently by a parallel job
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -114,6 +119,15 @@ class Tracker:
     def set_tags(self, tags: dict) -> None:
         pass
 
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_datasets(self, split, context: str, dataset_name: str) -> None:
+        pass
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        pass
+
     def end(self, status: str = "FINISHED") -> None:
         pass
 
@@ -128,7 +142,8 @@ class MlflowTracker(Tracker):
         tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(exp_id, run_name=cfg.tracking.get("run_name") or None, tags=tags)
+        run_name = cfg.tracking.get("run_name") or default_run_name(cfg, self.client, parent_run_id)
+        run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         params = [Param(k, v[:6000]) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), 100):
@@ -167,6 +182,26 @@ class MlflowTracker(Tracker):
     def set_tags(self, tags: dict) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+    def log_params(self, params: dict) -> None:
+        """Static facts of the run (sizes, times, thresholds reached) as params, not step metrics."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_datasets(self, split, context: str, dataset_name: str) -> None:
+        """Every set of `split` (a defense.datasets.Split) as an MLflow dataset input (`dataset_inputs`)."""
+        self.client.log_inputs(self.run_id, datasets=dataset_inputs(split, context, dataset_name))
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        """`rows` as an MLflow table artifact (JSON; the UI shows it in the artifact view)."""
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        data = {c: [_table_value(row.get(c)) for row in rows] for c in columns}
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
@@ -232,7 +267,7 @@ class MultirunParentRun(Callback):
         with interrupt.held():  # a signal must not fall between creating the parent and keeping its id
             run = client.create_run(
                 exp_id,
-                run_name=f"sweep {Path(sweep_dir).name}",
+                run_name=sweep_run_name(list(config.hydra.overrides.task), sweep_dir),
                 tags={"sweep_dir": sweep_dir, "sweep_overrides": overrides, "defense.parent": "true",
                       "sweep_command": provenance.command_line(), "sweep_versions": provenance.versions_text()},
             )
@@ -350,3 +385,129 @@ def parent_status(child_statuses: list[str]) -> str:
     if statuses <= {"FINISHED", "KILLED"}:
         return "KILLED"
     return "FAILED"
+
+
+# --- MLflow-native run contents: experiment kind, run names, dataset inputs --------------------
+
+# MLflow 3's UI opens an experiment by its kind: `genai_development` (traces) or
+# `custom_model_development` (the runs table); an experiment without the tag is guessed at.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+# Hydra overrides that never name what a sweep varies
+_NAME_SKIP_PREFIXES = ("hydra.", "hydra/")
+
+
+def mark_model_training(client, experiment) -> None:
+    """Tag an experiment made before the kind was set (or by another tool) as model training."""
+    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def swept_keys(sweep_overrides: list[str]) -> list[str]:
+    """The keys a multirun sweeps (`prune.criterion=activation,l1` -> prune.criterion), in order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(sweep_overrides))
+    except Exception:  # noqa: BLE001 - an override Hydra itself accepted but we cannot re-parse
+        return []
+    return [o.key_or_group for o in parsed if o.is_sweep_override()]
+
+
+def job_overrides() -> list[str]:
+    """The overrides of the current Hydra job (empty outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return [str(o) for o in HydraConfig.get().overrides.task]
+    except Exception:  # noqa: BLE001 - no Hydra context (tests composing configs, library use)
+        return []
+
+
+def sweep_run_name(sweep_overrides: list[str], sweep_dir: str) -> str:
+    """A sweep's parent run: `sweep prune.criterion=activation,l1` (what it varies), else its folder."""
+    keys = swept_keys(sweep_overrides)
+    swept = [o for o in sweep_overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    return ("sweep " + " ".join(swept))[:250] if swept else f"sweep {Path(sweep_dir).name}"
+
+
+def default_run_name(cfg, client=None, parent_run_id: str | None = None) -> str:
+    """What ran: `lab3 activation conv_3` (+ `finetune clean`); a sweep's job: the overrides it sweeps.
+
+    A job of a multirun is named by its own values of the keys the sweep varies (read from the
+    parent run's `sweep_overrides` tag), e.g. `prune.criterion=l1`; all of its overrides when
+    the sweep's cannot be read.
+    """
+    if parent_run_id:
+        overrides = [o for o in job_overrides() if not o.startswith(_NAME_SKIP_PREFIXES)]
+        keys: list[str] = []
+        if client is not None:
+            try:
+                text = client.get_run(parent_run_id).data.tags.get("sweep_overrides", "")
+                import shlex
+
+                keys = swept_keys(shlex.split(text))
+            except Exception:  # noqa: BLE001 - the name is a convenience; the run must start anyway
+                keys = []
+        chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys] or overrides
+        if chosen:
+            return " ".join(chosen)[:250]
+    finetune = cfg.get("finetune", {}).get("kind", "none")
+    parts = [cfg.model.get("name") or "model", cfg.prune.criterion, cfg.prune.get("layer") or ""]
+    if finetune and finetune != "none":
+        parts.append(f"finetune {finetune}")
+    return " ".join(str(p) for p in parts if p)
+
+
+def images_digest(images) -> str:
+    """A digest of one set's content (pixels, labels, clean labels): a changed file changes it."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for array in (images.x, images.y, images.clean_label):
+        if array is None:
+            continue
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.data)
+    return h.hexdigest()[:16]
+
+
+def dataset_inputs(split, context: str, dataset_name: str) -> list:
+    """MLflow DatasetInputs for the clean and poisoned sets of `split`.
+
+    Name `<dataset> <set>` (e.g. `csaw_extract clean`), source = the file(s) read, digest =
+    `images_digest` of the images actually used (for csaw_extract: the half of the file), context
+    tag = `context` (`validation` / `test`), as `mlflow.log_input` records them.
+    """
+    from mlflow.data.dataset_source_registry import get_registered_sources
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import Schema, TensorSpec
+
+    # the source type MLflow gives local files (`mlflow.log_input` of a path), built for every path
+    # here, so that a data set of several files ("a.h5 + b.h5") is not mistaken for another type
+    local = next(s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource")
+    inputs = []
+    for images in split.all_sets():
+        source = local(images.path or "unknown")
+        schema = Schema([TensorSpec(images.x.dtype, (-1, *images.x.shape[1:]), "images"),
+                         TensorSpec(images.y.dtype, (-1,), "labels")])
+        dataset = MetaDataset(source, name=f"{dataset_name} {images.name}", digest=images_digest(images),
+                              schema=schema)
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    return inputs
+
+
+def _table_value(value):
+    """A table cell MLflow's JSON table accepts (NaN -> None, numpy scalars -> Python)."""
+    import math
+
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

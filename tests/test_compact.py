@@ -117,10 +117,11 @@ def test_saved_compact_model_reloads_and_predicts_the_same(model_b, model_cfg, e
 def test_export_compact_saves_and_logs(model_b, model_cfg, extracts, order, tmp_path):
     class Recorder:
         def __init__(self):
-            self.metrics = {}
+            self.params = {}
 
-        def log_metric(self, key, value, step=0):
-            self.metrics[key] = (value, step)
+        def log_params(self, params):
+            assert not set(params) & set(self.params), "MLflow params are written once"
+            self.params.update(params)
 
     tracker = Recorder()
     b_prime = models.pruned_copy(model_b, LAYER, order[:50])
@@ -129,15 +130,16 @@ def test_export_compact_saves_and_logs(model_b, model_cfg, extracts, order, tmp_
     stats = compact.export_compact(b_prime, LAYER, order[:50], path, tracker,
                                    x=models.scale_inputs(extracts[100:], model_cfg))
     assert path.is_file()
-    assert set(tracker.metrics) == {f"compact/drop_10/{k}" for k in
-                                    ("compact_params", "full_params", "compact_predict_s", "full_predict_s")}
-    assert all(step == 50 for _, step in tracker.metrics.values())
-    assert tracker.metrics["compact/drop_10/full_params"][0] == LAB3_PARAMS
-    assert stats["compact_params"] == tracker.metrics["compact/drop_10/compact_params"][0] < stats["full_params"]
+    assert set(tracker.params) == {f"compact.drop_10.{k}" for k in
+                                   ("compact_params", "full_params", "compact_predict_s", "full_predict_s")}
+    assert tracker.params["compact.drop_10.full_params"] == LAB3_PARAMS
+    assert stats["compact_params"] == tracker.params["compact.drop_10.compact_params"] < stats["full_params"]
+    # 50 of conv_3's 60 channels gone: 3,881 parameters each (csaw_extracts results table)
+    assert LAB3_PARAMS - tracker.params["compact.drop_10.compact_params"] == 50 * 3881
     assert stats["agree"] == 1.0 and stats["max_abs_diff"] < 1e-5
     # a fine-tuned B'' is saved as model_B_10_ft.h5: its compact copy logs under drop_10_ft
     ft = compact.export_compact(b_prime, LAYER, order[:50], tmp_path / "model_B_10_ft_compact.h5", tracker)
-    assert "compact/drop_10_ft/compact_params" in tracker.metrics and ft["agree"] == 1.0
+    assert "compact.drop_10_ft.compact_params" in tracker.params and ft["agree"] == 1.0
 
 
 def test_compact_cli_prints_sizes_and_times(model_b, order, tmp_path, capsys):

@@ -198,7 +198,8 @@ def test_table_has_operating_point_columns_only_when_a_run_has_one():
     from defense.compare import markdown, table_rows
 
     def run(run_id, criterion, op):
-        return {"run_id": run_id, "run_name": run_id, "network": "lab3", "criterion": criterion, "layer": "conv_3",
+        return {"run_id": run_id, "run_name": run_id, "defense_name": criterion, "network": "lab3", "criterion": criterion,
+                "layer": "conv_3",
                 "finetune": "none", "dataset": "csaw_extract", "defended": "G(B,B')", "base_test_acc": 97.0,
                 "base_test_asr": 100.0, "thresholds": {4.0: {"channels_pruned": 40, "test_acc": 93.0, "test_asr": 99.0,
                                                               "der": 0.485}}, "operating_point": op}

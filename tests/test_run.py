@@ -153,6 +153,47 @@ def test_mlflow_holds_the_run(activation_run):
     assert {"model_B_2.h5", "model_B_4.h5", "model_B_10.h5", "model_B_30.h5"} <= models
 
 
+def test_mlflow_run_reads_as_a_model_training_run(activation_run, csaw_dir):
+    """The experiment opens on the runs table, the run is named after what ran, the data sets are
+    inputs with digests, and static facts are params (the chart view holds only the curves)."""
+    import hashlib
+
+    import h5py
+    from mlflow import MlflowClient
+
+    result, out = activation_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.get_run(result["run_id"])
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == "lab3 activation conv_3"
+    # inputs: the clean and sunglasses halves of the extracts, validation = first 50, test = last 50
+    inputs = {(d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context")): d.dataset
+              for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {("csaw_extract clean", "validation"), ("csaw_extract sunglasses", "validation"),
+                           ("csaw_extract clean", "test"), ("csaw_extract sunglasses", "test")}
+    with h5py.File(csaw_dir / "clean_test.h5", "r") as f:
+        x = np.transpose(np.asarray(f["data"], dtype=np.float32), (0, 2, 3, 1))
+        y = np.asarray(f["label"]).astype(np.int64)
+    for context, part in (("validation", slice(0, 50)), ("test", slice(50, 100))):
+        digest = hashlib.sha256()  # oracle: the images and labels of that half, hashed here
+        for a in (np.ascontiguousarray(x[part]), np.ascontiguousarray(y[part])):
+            digest.update(f"{a.dtype.str}{a.shape}".encode())
+            digest.update(a.data)
+        dataset = inputs[("csaw_extract clean", context)]
+        assert dataset.digest == digest.hexdigest()[:16]
+        assert json.loads(dataset.source) == {"uri": str(csaw_dir / "clean_test.h5")}
+    assert inputs[("csaw_extract clean", "validation")].digest != inputs[("csaw_extract clean", "test")].digest
+    # static facts are params; the only step metrics are the curves over channels pruned
+    assert not [k for k in run.data.metrics if k.startswith("compact")]
+    assert set(run.data.metrics) <= set(CURVE_METRICS)
+    summary = read_rows(out / "run" / "summary.csv")
+    for row in summary:
+        assert run.data.params[f"drop_{float(row['drop']):g}.channels_pruned"] == row["channels_pruned"]
+    assert int(run.data.params["compact.drop_10.full_params"]) - int(run.data.params["compact.drop_10.compact_params"]) \
+        == int(run.data.params["drop_10.channels_pruned"]) * 3881  # conv_3 kernel+bias, conv_4 rows, fc_1 rows
+    assert "thresholds.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
 @pytest.mark.parametrize("criterion", ["l1", "random"])
 def test_other_criteria_run(csaw_dir, tmp_path, criterion):
     from defense.run import run_defense
@@ -232,8 +273,12 @@ def test_multirun_groups_two_jobs_under_one_parent(csaw_dir, tmp_path):
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("defense.parent") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].info.run_name == "sweep prune.criterion=activation,l1"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.params["prune.criterion"] for r in children) == ["activation", "l1"]
+    # each child is named by the values its job sweeps; the experiment opens on the runs table
+    assert sorted(r.info.run_name for r in children) == ["prune.criterion=activation", "prune.criterion=l1"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert all(r.info.status == "FINISHED" for r in children)
     for job in ("0", "1"):
         assert len(read_rows(tmp_path / "sweep" / job / "summary.csv")) == 4
