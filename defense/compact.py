@@ -442,6 +442,7 @@ def export_compact(model, layer_name, pruned_channels, path, tracker=None, x: np
     models.save_model(compact, path)
     stats = compare(model, compact, x, batch_size)
     tag = tag or _tag(path)
+    count = sum(len(p) for p in pruned_map.values())
     if tracker is not None:  # static facts: params, not metrics over steps
         tracker.log_params({f"compact.{tag}.{key}": (f"{stats[key]:.6f}" if key.endswith("_s") else int(stats[key]))
                             for key in ("compact_params", "full_params", "compact_predict_s", "full_predict_s")})
