@@ -139,8 +139,48 @@ class FilesDatasetConfig:
 
 
 @dataclass
+class ClpConfig:
+    """`prune.clp` (conf/prune/clp.yaml; defense/criteria/clp.py)."""
+
+    u: float = 3.0  # prune channels above mean + u * std of their layer (>= 0)
+
+
+@dataclass
+class AnpConfig:
+    """`prune.anp` (conf/prune/anp.yaml; defense/criteria/anp.py)."""
+
+    eps: float = 0.4  # bound of the multiplicative perturbations (>= 0; 0: no perturbation)
+    steps: int = 1  # signed-gradient steps of the perturbation per iteration (>= 1)
+    alpha: float = 0.2  # weight of the natural loss, 1 - alpha of the perturbed one ([0, 1])
+    lr: float = 0.2  # mask learning rate (> 0)
+    momentum: float = 0.9  # SGD momentum of the masks ([0, 1))
+    iterations: int = 2000  # mask updates (>= 1)
+    batch_size: int = 128  # images per iteration, drawn with replacement (>= 1)
+    fraction: float = 0.05  # share of the clean validation data used ((0, 1])
+    threshold: float = 0.2  # operating point: prune masks below it ([0, 1])
+    log_every: int = 100  # iterations per history row (>= 1)
+
+
+@dataclass
+class RnpConfig:
+    """`prune.rnp` (conf/prune/rnp.yaml; defense/criteria/rnp.py)."""
+
+    clean_threshold: float = 0.2  # unlearning stops at this clean accuracy (fraction, [0, 1])
+    unlearn_lr: float = 0.01  # (> 0)
+    unlearn_epochs: int = 20  # at most (>= 1)
+    weight_decay: float = 0.0005  # of the unlearning SGD (>= 0)
+    recover_lr: float = 0.2  # mask learning rate (> 0)
+    recover_epochs: int = 20  # (>= 1)
+    alpha: float = 0.2  # weight of the recovering loss ((0, 1])
+    momentum: float = 0.9  # SGD momentum of both phases ([0, 1))
+    batch_size: int = 128  # (>= 1)
+    fraction: float = 0.05  # share of the clean validation data used ((0, 1])
+    threshold: float = 0.2  # operating point: prune masks below it ([0, 1])
+
+
+@dataclass
 class PruneConfig:
-    """conf/prune/default.yaml."""
+    """conf/prune/default.yaml (and clp.yaml, anp.yaml, rnp.yaml)."""
 
     criterion: str = "activation"
     # a Conv2D layer name, a list of them, or `all` (every Conv2D); null: defense/autodetect.py::default_layer
@@ -152,6 +192,9 @@ class PruneConfig:
     # null: every step (several layers and over 100 steps: 101 evenly spaced); N >= 2: N evenly spaced
     # steps, the first and last included (defense/steps.py)
     eval_steps: Optional[int] = None
+    clp: ClpConfig = field(default_factory=ClpConfig)
+    anp: AnpConfig = field(default_factory=AnpConfig)
+    rnp: RnpConfig = field(default_factory=RnpConfig)
 
 
 @dataclass

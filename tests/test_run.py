@@ -257,7 +257,7 @@ def test_cli_bad_override_is_one_line(tmp_path):
     proc = run_cli("defense.run", *lab3_overrides("prune.criterion=bogus"), "tracking=none", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        "error: prune.criterion='bogus' is not known; use one of activation, l1, random"
+        "error: prune.criterion='bogus' is not known; use one of activation, anp, clp, l1, random, rnp"
     ]
 
 

@@ -1,0 +1,175 @@
+"""ANP: Adversarial Neuron Pruning (`prune.criterion=anp`).
+
+Wu and Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models", NeurIPS 2021; reference code
+github.com/csdongxian/ANP_backdoor (`optimize_mask_cifar.py`, `models/anp_batchnorm.py`,
+`prune_neuron_cifar.py`).
+
+A mask m in [0, 1] per output channel of the pruned Conv2D layers and multiplicative perturbations d, e
+of each channel's weights and bias are learned on clean validation data only, minimising
+
+    alpha * CE(masked network) + (1 - alpha) * CE(masked network, adversarially perturbed)
+
+per batch. The perturbations start uniform in [-eps, eps] and take `steps` signed-gradient ascent steps
+of size eps / steps (`optimize_mask_cifar.py::mask_train`; here they are also kept within [-eps, eps],
+the bound of the paper); the masks take one SGD step (momentum 0.9, as the reference) and are clipped
+to [0, 1]. Batches are drawn with replacement from a seeded `fraction` of the clean validation data (the
+reference's RandomSampler(replacement=True)).
+
+Where the reference masks and perturbs the BatchNormalization after each convolution (`NoisyBatchNorm2d`:
+weight * (m + d), bias * (1 + e)), this module masks and perturbs the Conv2D channel itself (kernel *
+(m + d), bias * (m + e)): DeepID, the Lab 3 network, has no BatchNormalization, and m = 0 is then
+exactly this framework's pruning of the channel (kernel and bias zeroed). The network runs in inference
+mode (BatchNormalization with its moving statistics) and its weights are never changed.
+
+Score = 1 - m (the lowest masks are pruned first); operating point: channels with m <= `threshold`
+(default 0.2). History: every `log_every` iterations, the mean loss and natural accuracy of that block,
+the mask statistics and every mask value (`mask/<layer>/<channel>`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from defense.config import _bound
+from defense.criteria import Scores
+from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, sgd_step, split_before,
+                                       step_signature)
+
+NEEDS_DATA = True
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"eps": 0.4, "steps": 1, "alpha": 0.2, "lr": 0.2, "momentum": 0.9, "iterations": 2000,
+            "batch_size": 128, "fraction": 0.05, "threshold": 0.2, "log_every": 100}
+
+
+def settings(prune_cfg) -> dict:
+    """`prune.anp` with the defaults filled in, every bound checked (DefenseError naming the key)."""
+    given = prune_cfg.get("anp") or {}
+    s = {k: given.get(k, v) if given.get(k, None) is not None else v for k, v in DEFAULTS.items()}
+    whole = lambda v: float(v).is_integer()  # noqa: E731
+    _bound("prune.anp.eps", s["eps"], lambda v: v >= 0, "a perturbation bound >= 0, e.g. prune.anp.eps=0.4")
+    _bound("prune.anp.steps", s["steps"], lambda v: v >= 1 and whole(v), "a whole number of steps >= 1, e.g. 1")
+    _bound("prune.anp.alpha", s["alpha"], lambda v: 0 <= v <= 1, "a weight in [0, 1], e.g. prune.anp.alpha=0.2")
+    _bound("prune.anp.lr", s["lr"], lambda v: v > 0, "a learning rate > 0, e.g. prune.anp.lr=0.2")
+    _bound("prune.anp.momentum", s["momentum"], lambda v: 0 <= v < 1, "a momentum in [0, 1), e.g. 0.9")
+    _bound("prune.anp.iterations", s["iterations"], lambda v: v >= 1 and whole(v),
+           "a whole number of iterations >= 1, e.g. prune.anp.iterations=2000")
+    _bound("prune.anp.batch_size", s["batch_size"], lambda v: v >= 1 and whole(v),
+           "a whole number of images >= 1, e.g. prune.anp.batch_size=128")
+    _bound("prune.anp.fraction", s["fraction"], lambda v: 0 < v <= 1,
+           "a fraction of the clean validation data in (0, 1], e.g. prune.anp.fraction=0.05")
+    _bound("prune.anp.threshold", s["threshold"], lambda v: 0 <= v <= 1,
+           "a mask threshold in [0, 1], e.g. prune.anp.threshold=0.2")
+    _bound("prune.anp.log_every", s["log_every"], lambda v: v >= 1 and whole(v),
+           "a whole number of iterations >= 1, e.g. prune.anp.log_every=100")
+    for key in ("steps", "iterations", "batch_size", "log_every"):
+        s[key] = int(s[key])
+    for key in ("eps", "alpha", "lr", "momentum", "fraction", "threshold"):
+        s[key] = float(s[key])
+    return s
+
+
+def check_config(prune_cfg) -> None:
+    settings(prune_cfg)
+
+
+class MaskLearner:
+    """The masks, the perturbations and the one compiled training step of ANP.
+
+    network: what a step runs, the whole model (its inputs are images) or the suffix of it from the
+    first masked layer's input (its inputs are the prefix's outputs; defense.criteria._masking.split_before)."""
+
+    def __init__(self, model, layers: list[str], s: dict, seed: int, network=None):
+        self.model, self.s = model, s
+        self.masks = ChannelMasks(model, layers, network)
+        zeros = [tf.zeros_like(m) for m in self.masks.masks]
+        self.noise_w = [tf.Variable(z, trainable=False) for z in zeros]
+        self.noise_b = [tf.Variable(z, trainable=False) for z in zeros]
+        self.velocity = [tf.Variable(z, trainable=False) for z in zeros]
+        self.rng = tf.random.Generator.from_seed(int(seed))
+        self._step = tf.function(self._train_step, input_signature=step_signature(self.masks.network))
+
+    def _train_step(self, x, y):
+        s, masks = self.s, self.masks
+        eps = s["eps"]
+        if eps > 0:
+            # the perturbation that most increases the loss, from a random start (optimize_mask_cifar.py, step 1)
+            for n in self.noise_w + self.noise_b:
+                n.assign(self.rng.uniform(tf.shape(n), -eps, eps))
+            for _ in range(s["steps"]):
+                with tf.GradientTape() as tape:
+                    tape.watch(self.noise_w + self.noise_b)
+                    loss = cross_entropy(self.model, y, masks.forward(x, True, self.noise_w, self.noise_b))
+                grads = tape.gradient(loss, self.noise_w + self.noise_b)
+                for n, g in zip(self.noise_w + self.noise_b, grads):
+                    n.assign(tf.clip_by_value(n + (eps / s["steps"]) * tf.sign(g), -eps, eps))
+        # the masks: natural and perturbed loss (step 2)
+        with tf.GradientTape() as tape:
+            tape.watch(masks.masks)
+            out = masks.forward(x)
+            loss_nat = cross_entropy(self.model, y, out)
+            if eps > 0:
+                loss_rob = cross_entropy(self.model, y, masks.forward(x, True, self.noise_w, self.noise_b))
+            else:
+                loss_rob = 0.0
+            loss = s["alpha"] * loss_nat + (1.0 - s["alpha"]) * loss_rob
+        grads = tape.gradient(loss, masks.masks)
+        sgd_step(masks.masks, grads, self.velocity, s["lr"], s["momentum"])
+        masks.clip()
+        return loss, correct(y, out)
+
+    def step(self, x: np.ndarray, y: np.ndarray):
+        """One iteration on the batch (x, y) of clean validation images (or their prefix outputs, where the
+        learner runs a suffix); (loss, correct predictions)."""
+        loss, hits = self._step(tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+        return float(loss), float(hits)
+
+
+def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict, seed: int):
+    """Run ANP's mask learning on the scaled clean images (x, y); the learner (its masks) and the history rows.
+
+    The layers before the first masked one carry no mask and the network runs in inference mode, so
+    their outputs are computed once per image (`split_before`) and each iteration runs only the rest."""
+    prefix, network = split_before(model, layers, x[: min(len(x), 8)])
+    if prefix is not None:
+        x = np.concatenate([np.asarray(prefix(x[i:i + 256], training=False)) for i in range(0, len(x), 256)])
+    learner = MaskLearner(model, layers, s, seed, network)
+    rng = np.random.default_rng(seed)
+    history, losses, hits, seen = [], [], 0.0, 0
+    started = time.perf_counter()
+    for it in range(1, s["iterations"] + 1):
+        index = rng.integers(0, len(x), size=s["batch_size"])  # with replacement, as RandomSampler
+        loss, ok = learner.step(x[index], y[index])
+        losses.append(loss)
+        hits, seen = hits + ok, seen + len(index)
+        if it % s["log_every"] == 0 or it == s["iterations"]:
+            row = {"step": it, "loss": float(np.mean(losses)), "accuracy": 100.0 * hits / seen,
+                   **learner.masks.stats(s["threshold"]), "seconds": time.perf_counter() - started}
+            history.append(row)
+            log.info("ANP iteration %d: loss %.4f, accuracy %.2f %%, mask mean %.3f, %d masks <= %g",
+                     it, row["loss"], row["accuracy"], row["mask_mean"], row["masks_to_prune"], s["threshold"])
+            losses, hits, seen = [], 0.0, 0
+    return learner, history
+
+
+def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
+    """ANP's masks on `layers`, learned from the clean validation data `clean` only."""
+    s = settings(cfg.prune)
+    seed = int(cfg.prune.get("seed", 0))
+    x, y = clean_subset(clean, s["fraction"], seed, divisor, "prune.criterion=anp")
+    log.info("ANP: learning %d masks on %s from %d clean validation images (%d iterations of %d)",
+             sum(model.get_layer(n).filters for n in layers), ", ".join(layers), len(x), s["iterations"],
+             s["batch_size"])
+    learner, history = learn_masks(model, layers, x, y, s, seed)
+    masks = learner.masks.values("prune.anp.lr or prune.anp.eps")
+    return Scores(
+        values={n: 1.0 - m for n, m in masks.items()},
+        prune_first="high",
+        operating_point={n: [int(c) for c in np.flatnonzero(m <= s["threshold"])] for n, m in masks.items()},
+        columns={"mask": masks},
+        history=history,
+    )

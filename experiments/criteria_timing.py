@@ -1,0 +1,88 @@
+"""How long ANP's mask learning takes on the Lab 3 network at Lab 3 image size (55 x 47 x 3).
+
+    taskset -c 0,1 python experiments/criteria_timing.py            # the goal: <= 3 minutes on 2 CPU cores
+    python experiments/criteria_timing.py --iterations 20 --results-dir /tmp/timing   # a quick try
+
+Runs defense/criteria/anp.py::score with the published defaults (conf/prune/anp.yaml: 2000 iterations
+of batch 128, eps 0.4, 1 perturbation step) on the real Lab 3 network (`lab3_bd_weights.h5`) and
+`--images` clean images (default 577 = 5 % of the 11547 clean validation images of the Lab 3 data, the
+default prune.anp.fraction; the extracts' clean faces are repeated to that count: only their number
+and size matter for the time). Writes experiments/results/criteria_timing.{md,json}: wall seconds of
+the whole scoring (including the one trace of the training step) and per iteration, and the CPU
+seconds of the process (steadier than wall time on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_files  # noqa: E402
+from results_files import CSAW, REPO  # noqa: E402
+
+GOAL_SECONDS = 180.0  # ANP's mask learning at Lab-3 image size on 2 CPU cores
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", default=str(CSAW / "lab3_bd_weights.h5"), help="Lab 3 weights .h5")
+    parser.add_argument("--images", type=int, default=577, help="clean images ANP learns from (default 577)")
+    parser.add_argument("--iterations", type=int, default=2000, help="mask updates (default 2000, the paper's)")
+    parser.add_argument("--layers", default="conv_3",
+                        help="comma-separated Conv2D layers to mask (default conv_3; 'all': every Conv2D)")
+    parser.add_argument("--results-dir", default=str(REPO / "experiments" / "results"),
+                        help="where criteria_timing.md/.json go (default experiments/results)")
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.iterations < 1:
+        parser.error("--images and --iterations must be >= 1")
+
+    results_files.use_this_checkout()
+    import keras
+    import numpy as np
+
+    from defense import datasets, models
+    from defense.criteria import anp
+    from defense.data import LabeledImages
+
+    overrides = ["model=lab3", f"model.path={args.weights}", "dataset=csaw_extract", f"dataset.root={CSAW}",
+                 "prune=anp", f"prune.anp.iterations={args.iterations}", "prune.anp.fraction=1",
+                 f"prune.anp.log_every={max(1, args.iterations // 10)}"]
+    cfg = results_files.compose(overrides)
+    model = models.load_model(cfg.model, args.weights)
+    convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    layers = convs if args.layers == "all" else [name.strip() for name in args.layers.split(",")]
+    unknown = [name for name in layers if name not in convs]
+    if unknown:
+        parser.error(f"--layers: {', '.join(unknown)} not among the Conv2D layers {', '.join(convs)}")
+    clean = datasets.load_split(cfg.dataset, cfg.model, "valid").clean
+    index = np.arange(args.images) % len(clean)
+    images = LabeledImages("clean_valid", clean.x[index], clean.y[index])
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    scores = anp.score(model, layers, images, cfg, models.input_divisor(cfg.model))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    first_row = scores.history[0]
+    per_iteration = (wall - first_row["seconds"]) / max(1, args.iterations - first_row["step"])
+    s = anp.settings(cfg.prune)
+    report = {
+        "layers": layers, "images": args.images, "image_shape": list(clean.x.shape[1:]),
+        "iterations": args.iterations, "batch_size": s["batch_size"], "eps": s["eps"], "steps": s["steps"],
+        "wall_seconds": wall, "cpu_seconds": cpu, "seconds_per_iteration_after_first_block": per_iteration,
+        "goal_seconds": GOAL_SECONDS, "meets_goal": wall <= GOAL_SECONDS,
+        "masks_to_prune": scores.history[-1]["masks_to_prune"], "history": scores.history,
+    }
+    rows = [[", ".join(layers), args.images, f"{args.iterations} x {s['batch_size']}", f"{wall:.1f}", f"{cpu:.1f}",
+             f"{1000 * per_iteration:.1f}", "yes" if wall <= GOAL_SECONDS else "no"]]
+    body = ("ANP mask learning (defense/criteria/anp.py, conf/prune/anp.yaml defaults) on the Lab 3 network at "
+            f"{'x'.join(str(d) for d in clean.x.shape[1:])} pixels; goal <= {GOAL_SECONDS:.0f} s on 2 CPU cores.\n\n"
+            + results_files.md_table(["layers", "images", "iterations x batch", "wall s", "CPU s", "ms / iteration",
+                                      f"<= {GOAL_SECONDS:.0f} s"], rows))
+    results_files.write_results("criteria_timing", body, report, Path(args.results_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
