@@ -114,7 +114,7 @@ def test_defenses_experiment_sweeps_every_preset():
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=["experiment=defenses"], return_hydra_config=True)
-    assert sorted(cfg.hydra.sweeper.params.defense.split(",")) == sorted(DEFENSES)
+    assert sorted(cfg.hydra.sweeper.params.defense.split(",")) == sorted(DEFENSES + ["clp", "anp", "rnp"])
 
 
 @pytest.fixture(scope="module")
@@ -322,3 +322,13 @@ def test_ablation_seeds_study_statistics_and_bad_attack():
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "no_such_attack" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (REPO / "outputs" / "never").exists()
+
+
+def test_pruning_defense_presets_set_what_each_paper_prunes():
+    # CLP, ANP and RNP score every convolutional layer and prune at their own operating point, with no
+    # fine-tuning (Zheng et al. 2022, Wu and Wang 2021, Li et al. 2023); the thresholds are the criteria's
+    # config defaults (conf/prune/<name>.yaml)
+    for name, key, value in (("clp", "u", 3.0), ("anp", "threshold", 0.2), ("rnp", "threshold", 0.2)):
+        cfg = compose([f"defense={name}"])
+        assert (cfg.defense_name, cfg.prune.criterion, cfg.prune.layer) == (name, name, "all")
+        assert cfg.finetune.kind == "none" and cfg.prune[name][key] == value

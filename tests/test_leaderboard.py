@@ -169,7 +169,7 @@ def sweep_params(overrides: list[str]) -> dict:
 def test_experiment_axes_are_attacks_defenses_and_seeds():
     assert sweep_params([]) == {
         "dataset.scenario.attack": "badnets,blended,sig,wanet,prune_aware",
-        "defense": "none,fine_tuning,random_pruning,fp,fine_pruning",
+        "defense": "none,fine_tuning,random_pruning,fp,fine_pruning,clp,anp,rnp",
         "dataset.scenario.seed": "1",
     }
     assert sweep_params(["leaderboard.seeds=[1,2,3]", "leaderboard.attacks=[sig]"])["dataset.scenario.seed"] == "1,2,3"
