@@ -39,7 +39,9 @@ NAME = "defenses_table"
 DEFENSES = ["none", "fine_tuning", "random_pruning", "fp", "fine_pruning", "clp", "anp", "rnp"]
 SHARED = rf.REPO.parent / "shared" / "data" / "csaw"
 SETUPS = {
-    "embedded": ("the embedded BadNets scenario (MNIST digits, seed 0: 1000 clean validation, 1000 test digits)", []),
+    # scenario seed 1: seed 0 is the development instance that experiment=fine_pruning was chosen on
+    "embedded": ("the embedded BadNets scenario (MNIST digits, scenario seed 1: 1000 clean validation, 1000 test "
+                 "digits)", ["dataset.scenario.seed=1"]),
     "lab3_extracts": (
         "the Lab 3 network on the real face extracts (50 validation, 50 test faces; sunglasses trigger)",
         ["model=lab3", f"model.path={SHARED / 'lab3_bd_weights.h5'}", "dataset=csaw_extract",
