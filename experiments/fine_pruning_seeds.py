@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -93,19 +92,7 @@ def run_seed(seed: int, out_dir: Path) -> dict:
     }
 
 
-def _finite(values) -> list[float]:
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
-
-
-def stats(values) -> dict:
-    """mean, sample std (n - 1; null for one value), min, max and n of the finite values."""
-    import numpy as np
-
-    v = _finite(values)
-    if not v:
-        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
-    return {"n": len(v), "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
-            "min": min(v), "max": max(v)}
+stats = rf.stats  # mean, sample std, min, max and n over the seeds
 
 
 def summarize(per_seed: list[dict]) -> dict:

@@ -138,3 +138,18 @@ def md_table(header: list[str], rows: list[list], align: str | None = None) -> s
              "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def stats(values) -> dict:
+    """mean, sample std (n - 1; null for one value), min, max and n of the finite values."""
+    import numpy as np
+
+    v = _finite(values)
+    if not v:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(v), "mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "min": min(v), "max": max(v)}

@@ -148,3 +148,18 @@ def clean_subset(clean, fraction: float, seed: int, divisor: float, what: str):
     n = max(1, int(round(fraction * len(clean))))
     index = np.sort(np.random.default_rng(seed).choice(len(clean), size=n, replace=False))
     return scale_pixels(clean.x[index], divisor), np.asarray(clean.y[index], np.int64)
+
+
+def mask_scores(masks: dict, threshold: float, history):
+    """The Scores of a learned channel mask (ANP, RNP): score 1 - mask, so the lowest masks are pruned
+    first; own operating point: the channels whose mask is <= threshold (as both reference pruning
+    scripts compare); the masks as a column of channel_scores.csv."""
+    from defense.criteria import Scores
+
+    return Scores(
+        values={n: 1.0 - m for n, m in masks.items()},
+        prune_first="high",
+        operating_point={n: [int(c) for c in np.flatnonzero(m <= threshold)] for n, m in masks.items()},
+        columns={"mask": masks},
+        history=history,
+    )

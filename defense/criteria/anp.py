@@ -36,8 +36,8 @@ import tensorflow as tf
 
 from defense.config import _bound
 from defense.criteria import Scores
-from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, sgd_step, split_before,
-                                       step_signature)
+from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, mask_scores, sgd_step,
+                                       split_before, step_signature)
 
 NEEDS_DATA = True
 log = logging.getLogger(__name__)
@@ -166,10 +166,4 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
              s["batch_size"])
     learner, history = learn_masks(model, layers, x, y, s, seed)
     masks = learner.masks.values("prune.anp.lr or prune.anp.eps")
-    return Scores(
-        values={n: 1.0 - m for n, m in masks.items()},
-        prune_first="high",
-        operating_point={n: [int(c) for c in np.flatnonzero(m <= s["threshold"])] for n, m in masks.items()},
-        columns={"mask": masks},
-        history=history,
-    )
+    return mask_scores(masks, s["threshold"], history)

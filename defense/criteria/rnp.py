@@ -33,7 +33,8 @@ import tensorflow as tf
 
 from defense.config import _bound
 from defense.criteria import Scores
-from defense.criteria._masking import ChannelMasks, clean_subset, correct, cross_entropy, sgd_step, step_signature
+from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, mask_scores, sgd_step,
+                                       step_signature)
 
 NEEDS_DATA = True
 log = logging.getLogger(__name__)
@@ -174,10 +175,4 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
     log.info("RNP: unlearning and recovering on %d clean validation images; masks on %s", len(x), ", ".join(layers))
     r, history = learn_masks(model, layers, x, y, s, seed)
     masks = r.masks.values("prune.rnp.unlearn_lr or prune.rnp.recover_lr")
-    return Scores(
-        values={n: 1.0 - m for n, m in masks.items()},
-        prune_first="high",
-        operating_point={n: [int(c) for c in np.flatnonzero(m <= s["threshold"])] for n, m in masks.items()},
-        columns={"mask": masks},
-        history=history,
-    )
+    return mask_scores(masks, s["threshold"], history)
