@@ -190,8 +190,9 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
             self.started = time.perf_counter()
 
         def rezero(self):
+            # where, not a product: a diverged fine-tuning (NaN weights) still leaves its pruned channels 0
             for variable, mask in self.masks:
-                variable.assign(variable * mask)
+                variable.assign(keras.ops.where(mask > 0, variable, keras.ops.zeros_like(variable)))
 
         def on_train_begin(self, logs=None):
             self.rezero()
@@ -269,6 +270,9 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
                     validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
     if not pruned_layers_zero(b_prime, pruned):
         raise RuntimeError(f"fine-tuning {name}: pruned channels of {', '.join(pruned)} are no longer zero")
+    if not all(np.all(np.isfinite(w)) for w in b_prime.get_weights()):
+        log.warning("fine-tuning %s diverged: the network's weights are no longer finite, so B'' answers nothing "
+                    "useful (its scores are kept as measured); lower finetune.learning_rate", name)
     info = {"ft_epochs": len(callback.history), "ft_best_epoch": callback.best_epoch,
             "ft_train_images": int(len(train_idx)), "ft_holdout_images": int(len(hold_idx))}
     if callback.history:

@@ -150,7 +150,9 @@ def main(argv=None) -> int:
     parser.add_argument("--defenses", nargs="+", default=DEFENSES)
     parser.add_argument("--drop", type=float, default=4.0, help="the accuracy-drop threshold of the table (default 4)")
     parser.add_argument("--out", default=str(rf.REPO / "outputs" / "experiments" / NAME))
-    parser.add_argument("--reuse", action="store_true", help="read the job folders of an earlier run, run nothing")
+    parser.add_argument("--reuse", nargs="*", choices=list(SETUPS), default=None,
+                        help="read the job folders of an earlier run of these setups (all when none is named) "
+                             "instead of running them again")
     args = parser.parse_args(argv)
     if "lab3_extracts" in args.setups and not SHARED.is_dir():
         print(f"error: {SHARED} is missing: the real CSAW-HackML extracts are read from ../shared/data/csaw",
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     for setup in args.setups:
         command = sweep_command(setup, args.defenses, out)
         started = time.perf_counter()
-        if not args.reuse:
+        if args.reuse is None or (args.reuse and setup not in args.reuse):
             print("+", shlex.join(command), flush=True)
             done = subprocess.run(command, cwd=rf.REPO, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
             if done.returncode != 0:

@@ -284,3 +284,21 @@ def test_fine_pruning_preset_runs_end_to_end(tmp_path):
                     + 100.0) / 200.0
     assert row["ft_der"] == pytest.approx(expected_der) and not math.isnan(row["ft_test_acc"])
     assert (tmp_path / "prune_result.png").is_file()
+
+
+def test_pruned_channels_stay_zero_when_fine_tuning_diverges():
+    # a fine-tuning that blows up leaves NaN weights; the pruned channels must still be exactly 0
+    # (NaN * 0 is NaN, so a multiplicative re-zeroing would not do it)
+    import keras
+
+    from defense.finetune import _fine_tune_callback, _pruned_masks, pruned_layers_zero
+    from defense.tracking import Tracker
+
+    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, name="conv")])
+    kernel, bias = model.get_layer("conv").get_weights()
+    model.get_layer("conv").set_weights([np.full_like(kernel, np.nan), np.full_like(bias, np.nan)])
+    callback = _fine_tune_callback(_pruned_masks(model, {"conv": [1, 3]}), {"patience": 0}, "drop_2", Tracker(), False)
+    callback.rezero()
+    kernel, bias = model.get_layer("conv").get_weights()
+    assert pruned_layers_zero(model, {"conv": [1, 3]})
+    assert np.isnan(kernel[..., [0, 2]]).all() and np.isnan(bias[[0, 2]]).all()  # the others untouched
