@@ -213,7 +213,9 @@ def csv_rows(board: dict) -> list[dict]:
             cell = board["cells"].get((attack, defense))
             for key in SCORES:
                 for stat in ("mean", "std"):
-                    row[f"{defense}_{key}_{stat}"] = NAN if cell is None else cell[f"{key}_{stat}"]
+                    value = NAN if cell is None else cell[f"{key}_{stat}"]
+                    # every digit (repr), so that the csv gives back the very numbers the table rounds
+                    row[f"{defense}_{key}_{stat}"] = "" if not math.isfinite(value) else repr(float(value))
             row[f"{defense}_n_seeds"] = "" if cell is None else cell["n"]
             row[f"{defense}_point"] = "" if cell is None else " ".join(cell["points"])
             row[f"{defense}_defended"] = "" if cell is None else " ".join(cell["defended"])

@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drop", type=float, default=4.0, help="leaderboard.drop (default 4)")
     parser.add_argument("--results", type=Path, default=rf.RESULTS, help="where leaderboard.md/.json go")
     parser.add_argument("--dry-run", action="store_true", help="check the axes, print the commands, run nothing")
+    parser.add_argument("--report-again", action="store_true",
+                        help="keep the sweep of the last run in --out (and its time from the results .json); "
+                             "make the report again")
     args = parser.parse_args(argv)
     if args.n_jobs < 1:
         parser.error("--n-jobs must be >= 1")
@@ -131,12 +134,20 @@ def main(argv: list[str] | None = None) -> None:
         print("$", shlex.join(report))
         return
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    before = cached_scenarios()
-    sweep_seconds = run(sweep, out / "sweep.log")
-    after = cached_scenarios()
+    if args.report_again:  # the sweep as it was run, with the time it took then
+        import json
+
+        earlier = json.loads((args.results / f"{NAME}.json").read_text())["results"]
+        sweep_seconds = earlier["sweep_seconds"]
+        before, after = earlier["scenarios_cached_before"], earlier["scenarios_cached_after"]
+        shutil.rmtree(out / "compare", ignore_errors=True)
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        before = cached_scenarios()
+        sweep_seconds = run(sweep, out / "sweep.log")
+        after = cached_scenarios()
     compare_seconds = run(report, out / "compare.log")
 
     table = (out / "compare" / "leaderboard.md").read_text().strip()
