@@ -250,7 +250,8 @@ def multi_layer_steps(model, sets, groups, n_steps: int, batch_size: int) -> dic
             compared += len(plain)
             mismatches += int(np.sum(plain != masked[key][: len(plain), j]))
     return {"layers": layers, "channels": len(pairs), "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "step_s": seconds / len(steps), "step_cpu_s": cpu_seconds / len(steps), "traces": masks.traces,
+            "steps_timed": len(steps), "step_s": seconds / len(steps), "step_cpu_s": cpu_seconds / len(steps),
+            "traces": masks.traces,
             "labels_compared": compared, "labels_differing": mismatches}
 
 
@@ -504,6 +505,7 @@ def run(args, command: str, started) -> int:
                 "versions": versions()},
     }
     report["multi_layer"] = {"layers": multi["layers"], "channels": multi["channels"], "steps": multi["steps"],
+                             "steps_timed": multi["steps_timed"],
                              "step_s": r(multi["step_s"]), "step_cpu_s": r(multi["step_cpu_s"]),
                              "traces": multi["traces"], "labels_compared": multi["labels_compared"],
                              "labels_differing": multi["labels_differing"]}
