@@ -38,7 +38,7 @@ import hydra
 from omegaconf import DictConfig
 
 import defense.config  # noqa: F401  (registers the schema that conf/compare.yaml names)
-from defense.errors import DefenseError, exit_on_user_error
+from defense.core.errors import DefenseError, exit_on_user_error
 
 log = logging.getLogger("defense.compare")
 
@@ -57,7 +57,7 @@ OP_TEXT = " and at the criterion's own operating point (op)"
 
 def open_client(uri: str):
     """The MLflow client of `uri`; a sqlite store that does not exist is refused (not created empty)."""
-    from defense import tracking
+    from defense.tracking import tracker as tracking
 
     uri = tracking.resolve_uri(uri)
     path = tracking.sqlite_path(uri)
@@ -157,7 +157,7 @@ def _history(client, run_id: str) -> dict[str, dict[int, float]]:
 
 
 def _summary(client, run_id: str, tmp: Path) -> list[dict]:
-    from defense import report
+    from defense.reporting import report
 
     try:
         path = client.download_artifacts(run_id, "summary.csv", str(tmp / run_id))
@@ -176,7 +176,7 @@ def defended_scores(row: dict, base_acc: float, base_asr: float) -> dict | None:
     """The defended network of one summary.csv row: the fine-tuned B'' where the row has fine-tuning
     columns (ft_test_acc, ft_test_asr, ft_der), else G(B, B') (test_acc, test_asr; DER against the
     unpruned B's `base_acc` / `base_asr`, defense/metrics.py). None where the row's B' was not reached."""
-    from defense.metrics import defense_effectiveness_rating
+    from defense.core.metrics import defense_effectiveness_rating
 
     channels = _float(row.get("channels_pruned"))
     if str(row.get("reached", "True")) != "True" or not math.isfinite(channels) or channels < 0:
@@ -396,7 +396,7 @@ def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
     compare.layout=leaderboard leaderboard.{csv,md,png} and leaderboard_runs.csv (defense/leaderboard.py)."""
     import os
 
-    from defense import report
+    from defense.reporting import report
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     compare_cfg = cfg.get("compare") or {}
@@ -419,7 +419,7 @@ def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [describe_run(client, r, Path(tmp)) for r in finished]
     if layout == "leaderboard":
-        from defense import leaderboard
+        from defense.analysis import leaderboard
 
         board = leaderboard.write_leaderboard(runs, out_dir, float(cfg.leaderboard.drop), what, uri, parent)
         log_to_parent(client, parent, [out_dir / name for name in leaderboard.FILES], "leaderboard")

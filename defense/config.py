@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-from defense.errors import DefenseError
+from defense.core.errors import DefenseError
 
 # ---------------------------------------------------------------------------------------------------
 # schemas of the config groups (conf/<group>/<option>.yaml names one of them in its defaults list)
@@ -510,17 +510,17 @@ def check_config(cfg, app: str = "run") -> None:
     if cfg.get("model") is not None:
         check_model(cfg.model)
     if app == "run":
-        from defense import sweep
+        from defense.pipeline import sweep
 
         sweep.check_prune_config(cfg)
         check_unpruned_defense(cfg)
         finetune = cfg.get("finetune") or {}
         if finetune.get("kind", "none") != "none":
-            from defense.finetune import finetune_settings
+            from defense.pipeline.finetune import finetune_settings
 
             finetune_settings(finetune)
         if cfg.get("ablation") is not None:
-            from defense.ablation import check_ablation
+            from defense.pipeline.ablation import check_ablation
 
             check_ablation(cfg)
     if app == "evaluate" and cfg.get("split") not in ("valid", "test", "all"):

@@ -14,15 +14,18 @@ import hydra
 from omegaconf import DictConfig
 
 from defense.config import check_config, warn_if_near_chance
-from defense.errors import exit_on_user_error
+from defense.core.errors import exit_on_user_error
 
 log = logging.getLogger("defense.evaluate")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score `cfg.model` on `cfg.split` of `cfg.dataset`; returns {'clean_acc': .., 'asr/<trigger>': ..}."""
-    from defense import autodetect, datasets, metrics, models
-    from defense.safe_files import Limits
+    from defense.pruning import autodetect
+    from defense.pipeline import load as datasets
+    from defense.core import metrics
+    from defense.nets import models
+    from defense.core.safe_files import Limits
 
     check_config(cfg, "evaluate")
     limits = Limits.from_cfg(cfg)

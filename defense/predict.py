@@ -31,10 +31,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from defense import safe_files
+from defense.core import safe_files
 from defense.config import check_config
-from defense.errors import DefenseError, exit_on_user_error
-from defense.safe_files import Limits
+from defense.core.errors import DefenseError, exit_on_user_error
+from defense.core.safe_files import Limits
 
 log = logging.getLogger("defense.predict")
 
@@ -154,7 +154,8 @@ def load_image(path: Path, input_shape, resize: bool, limits: Limits | None = No
 
 def predict(cfg: DictConfig) -> tuple[list[tuple[str, int]], list[str]]:
     """Classify `cfg.image`: ([(file name, class), ...], [error line per failed file])."""
-    from defense import metrics, models
+    from defense.core import metrics
+    from defense.nets import models
 
     check_config(cfg, "predict")
     limits = safe_files.Limits.from_cfg(cfg)

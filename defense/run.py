@@ -16,9 +16,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from defense import interrupt
+from defense.core import interrupt
 from defense.config import check_config, defense_name, seed_everything, warn_if_near_chance
-from defense.errors import exit_on_user_error
+from defense.core.errors import exit_on_user_error
 
 log = logging.getLogger("defense.run")
 
@@ -32,16 +32,23 @@ def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     with interrupt.stop_on_signals():
         result = _run_defense(cfg, out_dir)
     if cfg.tracking.get("register"):  # after the run is logged: a refused registration leaves it whole
-        from defense.mlflow_model import register
+        from defense.tracking.mlflow_model import register
 
         result["registered"] = register(cfg.tracking, result["run_id"], result["summary"], result["model_uris"])
     return result
 
 
 def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
-    from defense import autodetect, channel_record, datasets, models, plots, report, sweep, tracking
-    from defense.finetune import der
-    from defense.safe_files import Limits
+    from defense.pruning import autodetect
+    from defense.reporting import channel_record
+    from defense.pipeline import load as datasets
+    from defense.nets import models
+    from defense.reporting import plots
+    from defense.reporting import report
+    from defense.pipeline import sweep
+    from defense.tracking import tracker as tracking
+    from defense.pipeline.finetune import der
+    from defense.core.safe_files import Limits
 
     # input checks first: a bad option fails here, before any data is read or any run is logged
     check_config(cfg, "run")
@@ -111,7 +118,7 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             path = models.save_model(b_prime, models_dir / f"model_B_{sweep.file_key(row)}.h5")
             row["model_path"] = str(path)
             if cfg.get("compact", True):  # also save B' without its pruned channels (defense/compact.py)
-                from defense.compact import export_compact_beside
+                from defense.pruning.compact import export_compact_beside
 
                 export_compact_beside(b_prime, pruned, path, tracker, models.scale_inputs(test.clean.x, cfg.model))
         channel_record.write_pruned(out_dir / "pruned.json", kept)
@@ -149,7 +156,7 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             tracker.log_artifact(models_dir, "models")
         model_uris = {}
         if cfg.tracking.get("log_models", True):  # G(B, B') of each kept threshold as an MLflow model
-            from defense.mlflow_model import log_repaired_models
+            from defense.tracking.mlflow_model import log_repaired_models
 
             model_uris = log_repaired_models(cfg, tracker, model, summary, valid.clean.x)
         status = "FINISHED"
@@ -176,7 +183,7 @@ def _layers_title(layers: list[str]) -> str:
 
 def _write_criterion_record(cfg, result, out_dir: Path, tracker) -> None:
     """channel_scores.csv, and the criterion's history (csv and `<criterion>/<key>` step metrics)."""
-    from defense import channel_record
+    from defense.reporting import channel_record
 
     channel_record.write_channel_scores(out_dir / "channel_scores.csv", result.scores, result.layers, result.pairs)
     history = result.scores.history
@@ -187,9 +194,9 @@ def _write_criterion_record(cfg, result, out_dir: Path, tracker) -> None:
 
 def _operating_point(cfg, model, result, valid, test) -> dict | None:
     """The summary row of the criterion's own operating point, or None when it has none."""
-    from defense import operating_point
-    from defense.models import input_divisor
-    from defense.sweep import pruned_by_layer as sweep_pruned_by_layer
+    from defense.pipeline import operating_point
+    from defense.nets.models import input_divisor
+    from defense.pipeline.sweep import pruned_by_layer as sweep_pruned_by_layer
 
     op = result.scores.operating_point
     if op is None:
@@ -216,11 +223,11 @@ def _finetune(cfg, model, result, summary, valid, test, out_dir, tracker) -> dic
     if kind == "none":
         return {}
     if cfg.get("ablation") is not None:
-        from defense.ablation import run_ablation
+        from defense.pipeline.ablation import run_ablation
 
         run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker)
         return {}
-    from defense.finetune import finetune_thresholds
+    from defense.pipeline.finetune import finetune_thresholds
 
     return finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker)
 

@@ -43,7 +43,7 @@ CLOSEST: dict[str, list[str]] = {
 
 def build(attack: str, seed: int, extra: tuple[str, ...] = ()) -> dict:
     import defense.config  # noqa: F401  (registers the config schemas before the config is composed)
-    from defense.scenario import PICTURE_FILE, ScenarioTooWeak, ensure_scenario, read_metadata, scenario_dir
+    from defense.scenario.build import PICTURE_FILE, ScenarioTooWeak, ensure_scenario, read_metadata, scenario_dir
 
     cfg = rf.compose([f"dataset.scenario.attack={attack}", f"dataset.scenario.seed={seed}", *extra]).dataset.scenario
     row = {"attack": attack, "seed": seed, "settings": " ".join(extra) or "defaults",
@@ -70,8 +70,8 @@ def draw_from_poisoning(scenario_cfg, path, count: int = 6) -> None:
     test-time poisoned versions of them."""
     import numpy as np
 
-    from defense import attacks
-    from defense import scenario as sc
+    from defense.scenario import attacks
+    from defense.scenario import build as sc
 
     cfg = sc.resolve_config(scenario_cfg)
     x, y = sc.load_source(cfg["source"])
@@ -103,7 +103,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from defense.attacks import ATTACK_NAMES
+    from defense.scenario.attacks import ATTACK_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="dataset.scenario.seed (0: the development instance)")

@@ -132,8 +132,8 @@ def parse_args(argv):
 
 def load_inputs(args, cfg):
     """valid and test Splits (poisoned set `sunglasses`), pixels as uint8 where that is lossless."""
-    from defense.data import as_uint8_pixels, check_fits, load_h5
-    from defense.datasets import Split
+    from defense.data.arrays import as_uint8_pixels, check_fits, load_h5
+    from defense.pipeline.load import Split
 
     if args.data:  # file by file, so that only one float32 file is held at a time
         def one(key, name):
@@ -222,8 +222,8 @@ def multi_layer_steps(model, sets, groups, n_steps: int, batch_size: int) -> dic
     sets, and the labels of the distinct faces (`groups`) at those steps against the set_weights loop."""
     import keras
 
-    from defense.autodetect import conv_layers
-    from defense.channel_masks import ChannelMasks
+    from defense.pruning.autodetect import conv_layers
+    from defense.pruning.channel_masks import ChannelMasks
     from defense.criteria import global_order, l1
 
     layers = [layer.name for layer in conv_layers(model)]
@@ -257,7 +257,7 @@ def multi_layer_steps(model, sets, groups, n_steps: int, batch_size: int) -> dic
 
 def curve_row(b_labels, bp_labels, sets, num_classes):
     """The six curve values of one step from B's and B''s labels on the four sets (the Lab 3 way)."""
-    from defense import metrics
+    from defense.core import metrics
 
     def g(key):
         return metrics.repaired_labels(b_labels[key], bp_labels[key], num_classes)
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
     command = shlex.join(["python", "experiments/benchmark.py", *argv])
     started = datetime.datetime.now(datetime.timezone.utc)
 
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
 
     if not Path(args.weights).is_file():
         print(f"error: --weights {args.weights} not found: the benchmark needs the real Lab 3 weights "
@@ -352,10 +352,10 @@ def main(argv=None) -> int:
 def run(args, command: str, started) -> int:
     import tensorflow as tf
 
-    from defense import models
-    from defense.datasets import Split
-    from defense.errors import DefenseError
-    from defense.sweep import run_sweep
+    from defense.nets import models
+    from defense.pipeline.load import Split
+    from defense.core.errors import DefenseError
+    from defense.pipeline.sweep import run_sweep
 
     overrides = ["model=lab3", f"model.path={args.weights}", "prune.criterion=activation", "prune.drops=[2,4,10,30]",
                  "stop=all", "tracking=none", "progress=false", f"batch_size={args.batch_size}"]

@@ -47,9 +47,10 @@ def main(argv=None) -> int:
     import keras
     import numpy as np
 
-    from defense import datasets, models
+    from defense.pipeline import load as datasets
+    from defense.nets import models
     from defense.criteria import anp
-    from defense.data import LabeledImages
+    from defense.data.arrays import LabeledImages
 
     overrides = ["model=lab3", f"model.path={args.weights}", "dataset=csaw_extract", f"dataset.root={CSAW}",
                  "prune=anp", f"prune.anp.iterations={args.iterations}", "prune.anp.fraction=1",

@@ -59,9 +59,9 @@ def evaluate_all(data: Path) -> list[dict]:
 
 
 def lab3_pruning(data: Path, out_dir: Path) -> dict:
-    from defense import models
-    from defense.compact import compact_model
-    from defense.datasets import resolve_model_path
+    from defense.nets import models
+    from defense.pruning.compact import compact_model
+    from defense.pipeline.load import resolve_model_path
     from defense.run import run_defense
 
     cfg = rf.compose(["model=lab3", f"model.path={data / 'lab3_bd_weights.h5'}", "dataset=csaw_extract",

@@ -82,7 +82,7 @@ def defense_of(job: Path) -> str:
 
 def rows_of_job(job: Path, drop: float) -> list[dict]:
     """The table rows of one job: its own operating point and the `drop` threshold (or its only row)."""
-    from defense.metrics import defense_effectiveness_rating as der
+    from defense.core.metrics import defense_effectiveness_rating as der
 
     summary = read_csv(job / "summary.csv")
     base = read_csv(job / "curves.csv")[0]

@@ -37,9 +37,9 @@ BASE = ["experiment=fine_pruning", "tracking=none", "progress=false"]
 
 
 def run_seed(seed: int, out_dir: Path) -> dict:
-    from defense import metrics
+    from defense.core import metrics
     from defense.run import run_defense
-    from defense.scenario import ensure_scenario, read_metadata
+    from defense.scenario.build import ensure_scenario, read_metadata
 
     fp_cfg = rf.compose([*BASE, f"dataset.scenario.seed={seed}"])
     scenario = read_metadata(ensure_scenario(fp_cfg.dataset.scenario))

@@ -80,9 +80,10 @@ def _float(value) -> float:
 
 
 def run_seed(seed: int, attack: str, out_dir: Path) -> dict:
-    from defense import metrics, report
+    from defense.core import metrics
+    from defense.reporting import report
     from defense.run import run_defense
-    from defense.scenario import ensure_scenario, read_metadata
+    from defense.scenario.build import ensure_scenario, read_metadata
 
     overrides = [*BASE, *attack_overrides(attack), f"dataset.scenario.seed={seed}"]
     scenario = read_metadata(ensure_scenario(rf.compose(overrides).dataset.scenario))
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     name = results_name(args.attack)
     out = Path(args.out or rf.REPO / "outputs" / "experiments" / name)
     import defense.config  # noqa: F401  (registers the config schemas before any compose)
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
 
     try:
         rf.compose([*BASE, *attack_overrides(args.attack)])

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n_jobs < 1:
         parser.error("--n-jobs must be >= 1")
 
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
 
     out = args.out.resolve()
     # the commands run from the project root: paths inside it are written relative to it

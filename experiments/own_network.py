@@ -48,7 +48,7 @@ def make_files(out, epochs: int = 8, seed: int = 0, image_folder: bool = True) -
     """Train the BadNet and write the files into `out`; returns their paths and the network's scores."""
     import keras
 
-    from defense.scenario import load_source, split_indices, stamp_trigger
+    from defense.scenario.build import load_source, split_indices, stamp_trigger
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def compose(overrides: list[str], config_name: str = "config"):
 def versions() -> dict[str, str]:
     """python, tensorflow, keras, numpy and mlflow of this environment (defense/provenance.py)."""
     use_this_checkout()
-    from defense.provenance import versions as package_versions
+    from defense.core.provenance import versions as package_versions
 
     return package_versions()
 
@@ -94,7 +94,7 @@ def provenance() -> dict:
 
 
 def header_md(prov: dict) -> str:
-    from defense.provenance import versions_text
+    from defense.core.provenance import versions_text
 
     m = prov["machine"]
     packages = versions_text(prov["versions"])

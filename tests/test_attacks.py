@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from defense import attacks, scenario
-from defense.attacks import blended, sig, wanet
-from defense.errors import DefenseError
+from defense.scenario import attacks
+from defense.scenario import build as scenario
+from defense.scenario.attacks import blended, sig, wanet
+from defense.core.errors import DefenseError
 
 TARGET = 0
 
@@ -299,8 +300,8 @@ def test_prune_aware_scenario_files_settings_and_picture(tiny_prune_aware):
 def test_prune_aware_decoys_are_reinstated_and_dormant_on_clean_digits(tiny_prune_aware):
     import keras
 
-    from defense.data import load_h5
-    from defense.models import load_full_model
+    from defense.data.arrays import load_h5
+    from defense.nets.models import load_full_model
 
     _, folder = tiny_prune_aware
     details = scenario.read_metadata(folder)["attack_details"]
@@ -321,7 +322,7 @@ def test_prune_aware_decoys_are_reinstated_and_dormant_on_clean_digits(tiny_prun
 
 
 def test_clean_and_poisoned_test_sets_come_from_disjoint_digits(tiny_prune_aware):
-    from defense.data import load_h5
+    from defense.data.arrays import load_h5
 
     _, folder = tiny_prune_aware
     valid, test = load_h5(os.path.join(folder, "cl/valid.h5")), load_h5(os.path.join(folder, "cl/test.h5"))

@@ -34,7 +34,7 @@ def lab3_root(tmp_path, csaw_dir):
 
 
 def evaluate_error(root, csaw_dir, *extra) -> str:
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
     from defense.evaluate import evaluate
 
     cfg = compose(["model=lab3", f"model.path={csaw_dir / 'lab3_bd_weights.h5'}", "dataset=lab3",

@@ -50,7 +50,7 @@ def plain_labels(model_path: Path, h5_path: Path) -> tuple[np.ndarray, np.ndarra
 @pytest.fixture(scope="module")
 def scenario():
     """The embedded scenario's folder (bd_net.h5 and the Lab 3 layout), built once per test session."""
-    from defense.scenario import ensure_scenario
+    from defense.scenario.build import ensure_scenario
 
     return Path(ensure_scenario(compose([]).dataset.scenario))
 
@@ -278,7 +278,7 @@ def test_finetune_ablation_end_to_end(tmp_path, defenses_sweep, b_scores):
 
 def test_bad_ablation_grids_name_the_key():
     from defense.config import check_config
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
 
     for override, words in (("ablation.epochs=[]", "ablation.epochs"), ("ablation.epochs=[0,2]", "ablation.epochs"),
                             ("ablation.learning_rate=[-0.1]", "ablation.learning_rate"),

@@ -117,7 +117,7 @@ def test_bad_options_are_one_error_and_exit_2(csaw_dir, tmp_path, args, expected
 
 
 def test_uint8_pixels_only_when_lossless():
-    from defense.data import LabeledImages, as_uint8_pixels
+    from defense.data.arrays import LabeledImages, as_uint8_pixels
 
     y = np.zeros(2, np.int64)
     whole = LabeledImages("a", np.array([[0.0, 17.0], [254.0, 255.0]], np.float32), y)
@@ -131,11 +131,11 @@ def test_uint8_pixels_only_when_lossless():
 def test_sweep_labels_with_uint8_inputs_equal_float32_inputs(csaw_dir):
     """run_sweep on uint8 pixels gives exactly the labels of float32 pixels (batches of 64: a partial
     last batch), for raw-pixel Lab 3 and for a network that divides by 255 per batch."""
-    from defense import models
-    from defense.data import as_uint8_pixels
-    from defense.datasets import Split, load_split
-    from defense.masked import MaskedSweep
-    from defense.sweep import run_sweep
+    from defense.nets import models
+    from defense.data.arrays import as_uint8_pixels
+    from defense.pipeline.load import Split, load_split
+    from defense.pruning.masked import MaskedSweep
+    from defense.pipeline.sweep import run_sweep
 
     for model_name, weights in (("lab3", "lab3_bd_weights.h5"), ("csaw2020_sunglasses", "sunglasses_bd_weights.h5")):
         cfg = compose([f"model={model_name}", f"model.path={CSAW / weights}", "dataset=csaw_extract",
@@ -166,8 +166,9 @@ def test_streamed_and_kept_validation_outputs_give_the_same_sweep(csaw_dir, monk
     cache budget, else streamed twice: both give the same ranking and labels (set_weights loop: tests/oracles.py)."""
     from oracles import set_weights_predictions
 
-    from defense import models, sweep
-    from defense.datasets import load_split
+    from defense.nets import models
+    from defense.pipeline import sweep
+    from defense.pipeline.load import load_split
 
     cfg = compose(["model=lab3", f"model.path={CSAW / 'lab3_bd_weights.h5'}", "dataset=csaw_extract",
                    f"dataset.root={CSAW}", "tracking=none", "batch_size=16", "progress=false"])

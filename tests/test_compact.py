@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from defense import compact, models
-from defense.errors import DefenseError
+from defense.pruning import compact
+from defense.nets import models
+from defense.core.errors import DefenseError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "csaw"

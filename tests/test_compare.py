@@ -91,7 +91,7 @@ def test_report_over_the_sweep(sweep):
     import h5py
     import numpy as np
 
-    from defense.architecture import build_deepid
+    from defense.nets.architectures.deepid import build_deepid
 
     net = build_deepid()
     net.load_weights(LAB3_WEIGHTS)
@@ -155,7 +155,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, *words: str) -> str:
 
 
 def test_report_on_an_empty_or_missing_experiment_says_so(tmp_path):
-    from defense.tracking import _experiment_id
+    from defense.tracking.tracker import _experiment_id
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # no store at all: refused, and not created
@@ -178,7 +178,7 @@ def test_parent_lookup_prefers_the_sweep_folder_over_a_stale_environment(tmp_pat
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from defense import tracking
+    from defense.tracking import tracker as tracking
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}"],

@@ -102,7 +102,7 @@ def test_cli_reports_hydras_message_without_a_traceback(tmp_path, module, args, 
 
 def _app(func, *args, capsys) -> tuple[int, list[str]]:
     """`func(*args)` wrapped as the apps wrap their main (defense.errors.exit_on_user_error): (exit status, stderr lines)."""
-    from defense.errors import exit_on_user_error
+    from defense.core.errors import exit_on_user_error
 
     with pytest.raises(SystemExit) as exit_info:
         exit_on_user_error(func)(*args)

@@ -33,7 +33,7 @@ class NoData:
 
 @pytest.fixture(scope="module")
 def lab3_model(csaw_dir):
-    from defense import models
+    from defense.nets import models
 
     cfg = compose(lab3_overrides())
     return models.load_model(cfg.model, str(LAB3_WEIGHTS))
@@ -41,7 +41,7 @@ def lab3_model(csaw_dir):
 
 @pytest.fixture(scope="module")
 def lab3_valid(csaw_dir):
-    from defense import datasets
+    from defense.pipeline import load as datasets
 
     cfg = compose(lab3_overrides())
     return datasets.load_split(cfg.dataset, cfg.model, "valid")
@@ -174,7 +174,7 @@ def test_clp_folds_the_batch_norm_right_after_a_conv_as_numpy_does(caplog):
 ])
 def test_bad_criterion_options_are_one_line_naming_the_key(criterion, key, value):
     from defense import criteria
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
 
     cfg = compose([f"prune={criterion}", f"prune.{criterion}.{key}={value}"])
     with pytest.raises(DefenseError) as err:
@@ -212,7 +212,7 @@ def planted_network():
 
 
 def planted_data(n: int, seed: int):
-    from defense.data import LabeledImages
+    from defense.data.arrays import LabeledImages
 
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
@@ -285,7 +285,7 @@ def test_masks_are_learned_from_the_given_clean_validation_images_only(criterion
     import h5py
 
     from defense import criteria
-    from defense.models import scale_pixels
+    from defense.nets.models import scale_pixels
 
     module = criteria.get(criterion)
     assert module.NEEDS_DATA is True

@@ -46,7 +46,8 @@ def run(criterion: str, layer: str, out: Path, monkeypatch=None, seen=None):
 
 
 def scenario_model_and_valid(cfg):
-    from defense import datasets, models
+    from defense.pipeline import load as datasets
+    from defense.nets import models
 
     model = models.load_model(cfg.model, datasets.resolve_model_path(cfg.model, cfg.dataset))
     return model, datasets.load_split(cfg.dataset, cfg.model, "valid")
@@ -78,7 +79,7 @@ def test_clp_run_prunes_what_numpy_says(tmp_path):
 def test_learning_criteria_run_on_clean_validation_images_only(criterion, layer, tmp_path, monkeypatch):
     """A spy on the mask learning: every image is a clean validation image with its label (none of the
     poisoned ones), 5 % of them; the masks, their history and the operating point reach the run's files."""
-    from defense.models import scale_pixels
+    from defense.nets.models import scale_pixels
 
     seen = []
     cfg, _ = run(criterion, layer, tmp_path, monkeypatch, seen)

@@ -61,8 +61,8 @@ def test_cli_names_each_poisoned_set(csaw_dir):
 
 
 def test_full_model_saved_and_loaded_predicts_identically(csaw_dir, tmp_path):
-    from defense import models
-    from defense.data import load_h5
+    from defense.nets import models
+    from defense.data.arrays import load_h5
 
     cfg = compose(evaluate_overrides("lab3", csaw_dir / "lab3_bd_weights.h5"), "evaluate")
     model = models.load_model(cfg.model)
@@ -76,7 +76,7 @@ def test_full_model_saved_and_loaded_predicts_identically(csaw_dir, tmp_path):
 
 def test_full_model_file_evaluates_the_same_way(csaw_dir, tmp_path):
     """A full legacy .h5 model (architecture + weights) given as model.path, through the CLI."""
-    from defense import models
+    from defense.nets import models
 
     cfg = compose(evaluate_overrides("lab3", csaw_dir / "lab3_bd_weights.h5"), "evaluate")
     path = models.save_model(models.load_model(cfg.model), tmp_path / "bd_net.h5")

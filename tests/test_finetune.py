@@ -20,8 +20,8 @@ def _rows(x: np.ndarray) -> set[bytes]:
 
 # ---- scores on a hand-made case -----------------------------------------------------------------
 def test_der_and_ra_on_a_hand_made_case():
-    from defense import metrics
-    from defense.finetune import der, score_fine_pruned
+    from defense.core import metrics
+    from defense.pipeline.finetune import der, score_fine_pruned
 
     # DER = (max(0, dASR) - max(0, dACC) + 1) / 2 on fractions, d = before - after
     assert metrics.defense_effectiveness_rating(90.0, 88.0, 100.0, 4.0) == pytest.approx((0.96 - 0.02 + 1) / 2)
@@ -66,8 +66,8 @@ def test_der_and_ra_on_a_hand_made_case():
 def test_bad_finetune_options_name_the_option():
     from omegaconf import OmegaConf
 
-    from defense.errors import DefenseError
-    from defense.finetune import finetune_settings, split_holdout
+    from defense.core.errors import DefenseError
+    from defense.pipeline.finetune import finetune_settings, split_holdout
 
     with pytest.raises(DefenseError, match="finetune.optimizer"):
         finetune_settings(OmegaConf.create({"kind": "clean", "optimizer": "rmsprop"}))
@@ -85,10 +85,10 @@ def test_rezeroing_keeps_channels_zero_even_where_gradients_are_not(tmp_path):
     import keras
     from omegaconf import OmegaConf
 
-    from defense import models
-    from defense.data import LabeledImages
-    from defense.finetune import fine_tune, pruned_channels_zero
-    from defense.tracking import Tracker
+    from defense.nets import models
+    from defense.data.arrays import LabeledImages
+    from defense.pipeline.finetune import fine_tune, pruned_channels_zero
+    from defense.tracking.tracker import Tracker
 
     keras.utils.set_random_seed(1)
     inp = keras.Input((8, 8, 1))
@@ -121,7 +121,7 @@ def test_rezeroing_keeps_channels_zero_even_where_gradients_are_not(tmp_path):
 
 
 def test_shift_images_translates_each_image_with_zero_fill():
-    from defense.finetune import shift_images
+    from defense.pipeline.finetune import shift_images
 
     x = np.arange(2 * 5 * 4 * 1, dtype=np.float32).reshape(2, 5, 4, 1) + 1
     rng = np.random.default_rng(0)
@@ -177,7 +177,8 @@ def lab3_run(request, tmp_path_factory, csaw_dir):
 
 
 def test_pruned_channels_are_exactly_zero_in_the_saved_fine_pruned_models(lab3_run):
-    from defense import models, report
+    from defense.nets import models
+    from defense.reporting import report
 
     cfg, out, result, _ = lab3_run
     reached = [row for row in result["summary"] if row["reached"]]
@@ -205,8 +206,8 @@ def test_compact_fine_pruned_model_predicts_what_b2_predicts(lab3_run):
     as B'' on the real test faces (oracle: plain Keras predict of both saved files); none with compact=false."""
     import keras
 
-    from defense import datasets
-    from defense.models import scale_inputs
+    from defense.pipeline import load as datasets
+    from defense.nets.models import scale_inputs
 
     cfg, out, result, _ = lab3_run
     reached = [row for row in result["summary"] if row["reached"]]
@@ -232,8 +233,8 @@ def test_compact_fine_pruned_model_predicts_what_b2_predicts(lab3_run):
 
 
 def test_fine_tuning_sees_only_the_clean_validation_data(lab3_run):
-    from defense import datasets
-    from defense.models import scale_inputs
+    from defense.pipeline import load as datasets
+    from defense.nets.models import scale_inputs
 
     cfg, _, result, calls = lab3_run
     assert len(calls) == sum(row["reached"] for row in result["summary"])
@@ -291,8 +292,8 @@ def test_pruned_channels_stay_zero_when_fine_tuning_diverges():
     # (NaN * 0 is NaN, so a multiplicative re-zeroing would not do it)
     import keras
 
-    from defense.finetune import _fine_tune_callback, _pruned_masks, pruned_layers_zero
-    from defense.tracking import Tracker
+    from defense.pipeline.finetune import _fine_tune_callback, _pruned_masks, pruned_layers_zero
+    from defense.tracking.tracker import Tracker
 
     model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3, name="conv")])
     kernel, bias = model.get_layer("conv").get_weights()

@@ -207,7 +207,7 @@ def test_a_signal_during_a_tensorflow_op_is_raised_when_the_op_returns():
     script = """
 import os, signal, sys, threading, time
 import tensorflow as tf
-from defense import interrupt
+from defense.core import interrupt
 
 queue = tf.queue.FIFOQueue(1, tf.float32)
 main = threading.main_thread().ident
@@ -256,7 +256,7 @@ def test_a_failed_job_ends_its_multirun_parent_failed(csaw_dir, tmp_path):
 
 def test_held_signal_is_raised_at_the_end_and_later_signals_do_not_cut_the_cleanup():
     """In-process: signal.raise_signal runs the handler before it returns, so the order is exact."""
-    from defense import interrupt
+    from defense.core import interrupt
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     events, aborts = [], []
@@ -286,7 +286,7 @@ def test_held_signal_is_raised_at_the_end_and_later_signals_do_not_cut_the_clean
 
 
 def test_an_error_leaving_the_scope_aborts_failed_and_a_normal_end_calls_nothing():
-    from defense import interrupt
+    from defense.core import interrupt
 
     aborts = []
     with pytest.raises(SystemExit):
@@ -300,7 +300,7 @@ def test_an_error_leaving_the_scope_aborts_failed_and_a_normal_end_calls_nothing
 
 
 def test_parent_status_failed_beats_killed_beats_finished():
-    from defense.tracking import parent_status
+    from defense.tracking.tracker import parent_status
 
     assert parent_status([]) == "FINISHED"
     assert parent_status(["FINISHED", "FINISHED"]) == "FINISHED"

@@ -94,7 +94,7 @@ def hand_runs() -> list[dict]:
 
 
 def test_aggregation_matches_hand_computed_cells(tmp_path):
-    from defense import leaderboard
+    from defense.analysis import leaderboard
 
     out = leaderboard.write_leaderboard(hand_runs(), tmp_path, 4.0, "hand-made runs", "sqlite:///nowhere.db")
     board = out["board"]
@@ -143,8 +143,8 @@ def test_aggregation_matches_hand_computed_cells(tmp_path):
 
 
 def test_a_drop_that_is_no_threshold_of_a_run_is_one_clear_error(tmp_path):
-    from defense import leaderboard
-    from defense.errors import DefenseError
+    from defense.analysis import leaderboard
+    from defense.core.errors import DefenseError
 
     with pytest.raises(DefenseError, match=r"leaderboard.drop=5 is not a threshold of run a1 \(prune.drops: 2, 4, 10\)"):
         leaderboard.write_leaderboard(hand_runs(), tmp_path, 5.0, "hand-made runs", "sqlite:///nowhere.db")
@@ -176,7 +176,7 @@ def test_experiment_axes_are_attacks_defenses_and_seeds():
     cfg = compose(["experiment=leaderboard"])
     assert (cfg.progress, cfg.compact, cfg.tracking.log_models) == (False, False, False)
 
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
 
     for bad, words in ((["leaderboard.seeds=[1,2,1]"], "seeds=[1,2,1] repeats 1: give each value once"), (["leaderboard.attacks=['a b']"], "'a b'"),
                        (["leaderboard.defenses=[]"], "non-empty list")):
@@ -235,7 +235,7 @@ def test_leaderboard_of_a_sweep_reads_each_run_at_its_operating_point(tiny_sweep
     from omegaconf import OmegaConf
 
     from defense.compare import compare
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
 
     out = tiny_sweep["tmp"] / "compare"
     result = compare(compose(["compare.layout=leaderboard", f"tracking.uri={tiny_sweep['uri']}"], "compare"), out)

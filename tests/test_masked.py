@@ -12,8 +12,8 @@ L = keras.layers
 
 @pytest.fixture(scope="module")
 def lab3(csaw_dir):
-    from defense.architecture import build_deepid
-    from defense.data import load_h5
+    from defense.nets.architectures.deepid import build_deepid
+    from defense.data.arrays import load_h5
 
     model = build_deepid()
     model.load_weights(csaw_dir / "lab3_bd_weights.h5")
@@ -22,7 +22,7 @@ def lab3(csaw_dir):
 
 
 def test_every_step_equals_the_set_weights_loop_on_conv3_activation_order(lab3):
-    from defense.masked import MaskedSweep
+    from defense.pruning.masked import MaskedSweep
     from defense.criteria.activation import mean_activation_order
 
     model, x = lab3
@@ -40,7 +40,7 @@ def test_every_step_equals_the_set_weights_loop_on_conv3_activation_order(lab3):
 @pytest.mark.parametrize("layer", ["conv_2", "conv_4"])
 def test_other_conv_layers_match_too(lab3, layer):
     """conv_2 feeds pooling + a conv (linear path); conv_4 feeds Flatten + Dense."""
-    from defense.masked import MaskedSweep
+    from defense.pruning.masked import MaskedSweep
 
     model, x = lab3
     sweep = MaskedSweep(model, layer)
@@ -50,7 +50,7 @@ def test_other_conv_layers_match_too(lab3, layer):
 
 def test_generic_layers_after_the_pruned_one(lab3):
     """A model with layers the fast paths do not know (BatchNorm on Rows, a sigmoid conv) still matches."""
-    from defense.masked import MaskedSweep
+    from defense.pruning.masked import MaskedSweep
 
     keras.utils.set_random_seed(0)
     inp = keras.Input((12, 10, 3))
@@ -69,8 +69,8 @@ def test_generic_layers_after_the_pruned_one(lab3):
 
 
 def test_bad_layers_are_refused(lab3):
-    from defense.errors import DefenseError
-    from defense.masked import MaskedSweep, channel_path
+    from defense.core.errors import DefenseError
+    from defense.pruning.masked import MaskedSweep, channel_path
 
     model, _ = lab3
     with pytest.raises(DefenseError, match="not a channels-last Conv2D"):
@@ -143,7 +143,7 @@ TINY_CASES = {
 
 @pytest.mark.parametrize("case", sorted(TINY_CASES))
 def test_tiny_networks_match_the_set_weights_loop_at_every_step(case):
-    from defense.masked import MaskedSweep
+    from defense.pruning.masked import MaskedSweep
 
     activation, middle, head, routes = TINY_CASES[case]
     model = _tiny(activation, middle, head, seed=1 if case == "sigmoid_bn_axis_3" else 0)  # seed 0: constant labels
@@ -159,7 +159,7 @@ def test_tiny_networks_match_the_set_weights_loop_at_every_step(case):
 
 
 def test_sequential_network_matches_too():
-    from defense.masked import MaskedSweep
+    from defense.pruning.masked import MaskedSweep
 
     model = _random_weights(keras.Sequential([
         keras.Input((9, 9, 2)), L.Conv2D(5, 3, activation="sigmoid", name="pruned"),
@@ -175,8 +175,8 @@ def test_sequential_network_matches_too():
 
 
 def test_probe_path_follows_per_channel_layers_only():
-    from defense.errors import DefenseError
-    from defense.masked import channel_path
+    from defense.core.errors import DefenseError
+    from defense.pruning.masked import channel_path
 
     model = _tiny("relu", lambda: [L.BatchNormalization(name="bn"), L.LeakyReLU(name="leaky")])
     assert channel_path(model, "pruned", "pool") == ["pruned", "bn", "leaky", "pool"]
@@ -187,8 +187,8 @@ def test_probe_path_follows_per_channel_layers_only():
 
 
 def test_pruned_conv_with_a_channel_mixing_activation_is_refused():
-    from defense.errors import DefenseError
-    from defense.masked import MaskedSweep, conv_layer
+    from defense.core.errors import DefenseError
+    from defense.pruning.masked import MaskedSweep, conv_layer
 
     inp = keras.Input((6, 6, 1))
     out = L.Dense(2)(L.Flatten()(L.Conv2D(3, 3, activation="softmax", name="c")(inp)))
@@ -204,7 +204,7 @@ def test_channel_masks_of_every_conv_layer_equal_the_set_weights_loop(lab3):
     traced graph) predicts what zeroing the same kernels and biases with set_weights + predict does."""
     from oracles import set_weights_predictions_pairs
 
-    from defense.channel_masks import ChannelMasks
+    from defense.pruning.channel_masks import ChannelMasks
 
     model, x = lab3
     x = x[::4]

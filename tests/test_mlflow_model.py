@@ -195,7 +195,7 @@ def test_served_champion_answers_like_defense_predict(registered_run, faces, cha
 def test_bad_registration_is_one_error_and_the_run_is_still_logged(csaw_dir, tmp_path, overrides, message):
     from mlflow import MlflowClient
 
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
     from defense.run import run_defense
 
     db = tmp_path / "mlflow.db"

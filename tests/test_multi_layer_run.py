@@ -24,7 +24,8 @@ def read_rows(path: Path) -> list[dict]:
 
 def scenario(overrides=()):
     """The embedded scenario's config, network and data (built once per test session, then cached)."""
-    from defense import datasets, models
+    from defense.pipeline import load as datasets
+    from defense.nets import models
 
     cfg = compose(["progress=false", *overrides])
     model = models.load_model(cfg.model, datasets.resolve_model_path(cfg.model, cfg.dataset))
@@ -67,7 +68,7 @@ def l1_two_layers(tmp_path_factory):
 def test_several_layers_rank_globally_and_evaluate_evenly_spaced_steps(l1_two_layers):
     """The global L1 order (numpy), 7 evenly spaced steps over 120 pairs, and every curve value against the
     set_weights + predict loop at those steps."""
-    from defense import models
+    from defense.nets import models
 
     result, run = l1_two_layers
     cfg, model, valid, test = scenario()
@@ -97,7 +98,7 @@ def test_several_layers_rank_globally_and_evaluate_evenly_spaced_steps(l1_two_la
 
 
 def test_channel_scores_and_pruned_json_list_every_kept_network(l1_two_layers):
-    from defense import models
+    from defense.nets import models
 
     result, run = l1_two_layers
     cfg, model, _, _ = scenario()
@@ -125,8 +126,8 @@ def test_channel_scores_and_pruned_json_list_every_kept_network(l1_two_layers):
 def test_evaluated_steps_by_hand():
     from omegaconf import OmegaConf
 
-    from defense.errors import DefenseError
-    from defense.steps import evaluated_steps
+    from defense.core.errors import DefenseError
+    from defense.pruning.steps import evaluated_steps
 
     every = OmegaConf.create({"rule": "all"})
     assert list(evaluated_steps(every, 60, None)) == list(range(61))  # one layer: every step
@@ -160,7 +161,8 @@ def fixed_criterion(op):
 def test_a_criterion_with_its_own_operating_point(tmp_path, monkeypatch):
     """The operating point's summary row (B' on valid, G(B, B') on test) against the set_weights loop; its
     pruned.json entry, B', fine-tuned B'' and compact model keep exactly its channels pruned."""
-    from defense import criteria, models
+    from defense import criteria
+    from defense.nets import models
     from defense.run import run_defense
 
     op = {"conv_3": [2, 7, 11], "conv_4": [0, 5]}
@@ -216,7 +218,7 @@ def test_a_criterion_with_its_own_operating_point(tmp_path, monkeypatch):
     ],
 )
 def test_bad_layer_lists_fail_before_any_run_is_logged(tmp_path, layer, expected):
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
     from defense.run import run_defense
 
     db = tmp_path / "mlflow.db"
@@ -239,8 +241,8 @@ def test_cli_unknown_layer_in_the_list_is_one_line(tmp_path):
 def test_layer_lists_are_taken_in_model_order_and_all_needs_a_conv_layer():
     import keras
 
-    from defense.errors import DefenseError
-    from defense.sweep import pruned_layers
+    from defense.core.errors import DefenseError
+    from defense.pipeline.sweep import pruned_layers
 
     inp = keras.Input((8, 8, 1))
     h = keras.layers.Conv2D(3, 3, name="c1")(inp)

@@ -110,8 +110,9 @@ def test_without_poisoned_data_the_plot_shows_accuracy_alone(own, tmp_path, monk
 
 
 def test_the_layer_defaults_on_deepid_and_on_a_sequential(own):
-    from defense import autodetect, models
-    from defense.architecture import build_deepid
+    from defense.pruning import autodetect
+    from defense.nets import models
+    from defense.nets.architectures.deepid import build_deepid
 
     deepid = build_deepid()
     assert autodetect.default_layer(deepid) == "conv_3"  # pool_3 feeds fc_1 and conv_4; conv_4 has no pooling
@@ -123,7 +124,8 @@ def test_the_layer_defaults_on_deepid_and_on_a_sequential(own):
 
 
 def test_model_auto_reads_shape_and_classes_from_the_file(own):
-    from defense import autodetect, models
+    from defense.pruning import autodetect
+    from defense.nets import models
 
     cfg = compose(files_overrides(own)).model
     assert cfg.input_shape is None and cfg.num_classes is None and cfg.name is None
@@ -140,8 +142,8 @@ def test_a_keras3_archive_loads_and_a_lambda_in_it_is_refused(own, tmp_path):
     """A `.keras` file (Keras 3's own format) loads like the .h5; one with a Lambda layer never reaches Keras."""
     import keras
 
-    from defense import models
-    from defense.errors import DefenseError
+    from defense.nets import models
+    from defense.core.errors import DefenseError
 
     original = keras.models.load_model(own["model"], compile=False)
     original.save(tmp_path / "mnist_badnet.keras")
@@ -191,7 +193,7 @@ def test_bad_input_is_one_line(own, tmp_path):
     """Through the CLI once (one line, exit 2), then each case in process (the same DefenseError)."""
     import keras
 
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
     from defense.run import run_defense
 
     dense = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from defense.per_channel import MAP, MIXING, PASS, ZERO_PAD, channel_rule, is_elementwise_activation
+from defense.pruning.per_channel import MAP, MIXING, PASS, ZERO_PAD, channel_rule, is_elementwise_activation
 
 L = keras.layers
 

@@ -18,7 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from defense.architecture import build_deepid
+from defense.nets.architectures.deepid import build_deepid
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "csaw"

@@ -48,7 +48,7 @@ def test_the_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_and_every_job_of_its_sweep_composes(preset):
-    from defense.tracking import flatten
+    from defense.tracking.tracker import flatten
 
     cfg = compose([f"experiment={preset}"], hydra_config=True)
     jobs = sweep_jobs(cfg)

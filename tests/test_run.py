@@ -64,8 +64,8 @@ def test_activation_run_equals_the_lab3_loop(activation_run):
     """Ranking, every curve point and the thresholds against the plain Keras Lab 3 procedure (tests/oracles.py)."""
     from oracles import accuracy_per_step, probe_ranking, set_weights_predictions, threshold_steps
 
-    from defense import models
-    from defense.datasets import load_split
+    from defense.nets import models
+    from defense.pipeline.load import load_split
 
     result, out = activation_run
     cfg = compose(lab3_overrides())
@@ -113,9 +113,9 @@ def keras_probe_means(model, x):
 
 
 def test_saved_b_prime_matches_its_curve_point(activation_run, csaw_dir):
-    from defense import models
-    from defense.datasets import load_split
-    from defense.metrics import accuracy, repaired_labels
+    from defense.nets import models
+    from defense.pipeline.load import load_split
+    from defense.core.metrics import accuracy, repaired_labels
 
     result, out = activation_run
     cfg = compose(lab3_overrides())
@@ -245,7 +245,7 @@ def test_stop_rules(csaw_dir, tmp_path):
     ],
 )
 def test_bad_overrides_fail_before_any_work(csaw_dir, tmp_path, override, expected):
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
     from defense.run import run_defense
 
     with pytest.raises(DefenseError, match=expected.replace("(", r"\(").replace("[", r"\[")):
@@ -287,7 +287,7 @@ def test_multirun_groups_two_jobs_under_one_parent(csaw_dir, tmp_path):
 def test_a_failing_run_is_marked_failed_and_keeps_what_it_wrote(csaw_dir, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from defense import plots
+    from defense.reporting import plots
     from defense.run import run_defense
 
     def broken_plot(*args, **kwargs):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from defense import scenario
-from defense.errors import DefenseError
+from defense.scenario import build as scenario
+from defense.core.errors import DefenseError
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET_YAML = REPO / "conf" / "dataset" / "badnets_mnist.yaml"
@@ -126,9 +126,9 @@ def test_default_scenario_is_a_strong_backdoor(built):
 
 
 def test_built_files_load_and_reproduce_the_reported_scores(built):
-    from defense.data import check_fits, load_h5
-    from defense.metrics import accuracy
-    from defense.models import load_model, predict_labels
+    from defense.data.arrays import check_fits, load_h5
+    from defense.core.metrics import accuracy
+    from defense.nets.models import load_model, predict_labels
 
     _, folder = built
     mcfg = model_cfg(folder)
@@ -152,7 +152,7 @@ def test_built_files_load_and_reproduce_the_reported_scores(built):
 
 @pytest.mark.parametrize("which", ["valid", "test"])
 def test_poisoned_sets_carry_the_trigger_and_the_target(built, which):
-    from defense.data import load_h5
+    from defense.data.arrays import load_h5
 
     cfg, folder = built
     clean = load_h5(os.path.join(folder, f"cl/{which}.h5"))
@@ -208,7 +208,7 @@ def test_key_ignores_cache_dir_and_thresholds_but_not_the_trigger(tmp_path):
 
 
 def test_changed_trigger_builds_a_new_scenario(tiny_built, tmp_path, monkeypatch):
-    from defense.data import load_h5
+    from defense.data.arrays import load_h5
 
     cfg, folder = copy_into_fresh_cache(tiny_built, tmp_path)
     before = snapshot(folder)
@@ -262,8 +262,8 @@ REBUILT = ["truncated bd_net.h5", "deleted cl/test.h5", "garbage scenario.json"]
 
 @pytest.mark.parametrize("name", REBUILT)
 def test_corrupt_cache_is_rebuilt(tiny_built, tmp_path, monkeypatch, name):
-    from defense.data import load_h5
-    from defense.models import load_model
+    from defense.data.arrays import load_h5
+    from defense.nets.models import load_model
 
     cfg, folder = copy_into_fresh_cache(tiny_built, tmp_path)
     CORRUPTIONS[name](folder)
@@ -286,7 +286,7 @@ def test_interrupted_build_leaves_no_half_cache(tmp_path, monkeypatch):
     def interrupted(model, path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("defense.models.save_model", interrupted)
+    monkeypatch.setattr("defense.nets.models.save_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         scenario.ensure_scenario(cfg)
     assert not os.path.exists(final)
@@ -302,7 +302,7 @@ def test_weak_network_fails_and_is_not_cached(tmp_path):
 
 
 def test_all_to_all_poisons_every_image_with_the_next_label(tmp_path):
-    from defense.data import load_h5
+    from defense.data.arrays import load_h5
 
     cfg = tiny_scenario(tmp_path / "cache", label_mode="all_to_all", trigger={"corner": "bottom_left", "size": 3})
     folder = scenario.ensure_scenario(cfg)

@@ -21,9 +21,13 @@ from conftest import as_keras_2_3_file
 from PIL import Image
 
 from conftest import CSAW, compose, run_cli
-from defense import compact, data, models, predict, safe_files
-from defense.errors import DefenseError
-from defense.safe_files import Limits
+from defense import predict
+from defense.pruning import compact
+from defense.data import arrays as data
+from defense.nets import models
+from defense.core import safe_files
+from defense.core.errors import DefenseError
+from defense.core.safe_files import Limits
 
 from keras.src.legacy.saving import legacy_h5_format  # isort: skip
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from defense.errors import DefenseError
+from defense.core.errors import DefenseError
 
 
 @dataclass

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from defense.models import scale_pixels
+from defense.nets.models import scale_pixels
 
 
 def uses_logits(model) -> bool:
@@ -110,7 +110,7 @@ class ChannelMasks:
 
     def values(self, what: str = "") -> dict[str, np.ndarray]:
         """The masks per layer; a DefenseError when the learning diverged (a mask is NaN), naming `what` to lower."""
-        from defense.errors import DefenseError
+        from defense.core.errors import DefenseError
 
         values = {name: m.numpy().astype(np.float64) for name, m in zip(self.layers, self.masks)}
         if not all(np.all(np.isfinite(v)) for v in values.values()):
@@ -140,7 +140,7 @@ def sgd_step(variables, grads, velocity, lr, momentum: float, weight_decay: floa
 
 def clean_subset(clean, fraction: float, seed: int, divisor: float, what: str):
     """A seeded `fraction` of the clean validation images (at least one), scaled for the network; (x, y)."""
-    from defense.errors import DefenseError
+    from defense.core.errors import DefenseError
 
     if clean is None or len(clean) == 0:
         raise DefenseError(f"{what} learns its masks from clean validation data, and there is none; give a data set "

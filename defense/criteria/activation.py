@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from defense.criteria import Scores
-from defense.errors import DefenseError
+from defense.core.errors import DefenseError
 
 NEEDS_DATA = True
 
@@ -35,7 +35,7 @@ def check_config(prune_cfg) -> None:
 
 def probe_path(model, layers: list[str], name: str, probe: str | None) -> list[str]:
     """The layers from conv layer `name` to where its activation is read (see the module docstring)."""
-    from defense.masked import channel_path, per_channel_chain
+    from defense.pruning.masked import channel_path, per_channel_chain
 
     if len(layers) == 1:
         return channel_path(model, name, probe or name)
@@ -79,7 +79,7 @@ def score(model, layers, clean, cfg, divisor) -> Scores:
     import keras
     import tensorflow as tf
 
-    from defense.models import scale_pixels
+    from defense.nets.models import scale_pixels
 
     probe = cfg.prune.get("probe")
     ends = [probe_path(model, layers, name, probe)[-1] for name in layers]

@@ -1,0 +1,1 @@
+"""Studies over finished runs read back from MLflow: the shared run readers and the attacks x defenses leaderboard."""

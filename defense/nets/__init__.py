@@ -1,0 +1,1 @@
+"""Model I/O: loading, saving and running Keras networks, and the architectures a weights-only file is loaded onto."""

@@ -1,0 +1,430 @@
+"""Fine-pruning (step 6 of the defense): fine-tune every kept B' on clean validation data -> B''.
+
+Fine-Pruning (Liu et al., 2018) follows the pruning of the last conv layer with a few epochs of
+training on clean data: the pruned channels stay pruned, the rest of the network re-learns the clean
+task and, as a side effect, mostly forgets the backdoor that was hiding in the remaining weights.
+
+For every threshold the sweep reached:
+- B' = the unpruned B with the first `channels_pruned` channels of the order pruned (as the runner
+  saved it), fine-tuned on the clean validation images only (a `holdout` fraction of them kept aside
+  for early stopping; optionally randomly translated by up to `shift` pixels, Adam or SGD, constant or
+  cosine learning rate); the pruned channels' kernels and biases are re-zeroed after every batch and
+  checked to be exactly zero at the end;
+- B'' alone and G(B, B'') are scored on the test data: clean accuracy, ASR per poisoned set, robust
+  accuracy (RA, where the poisoned data has `clean_label`) and DER against the unpruned B;
+(and the criterion's own operating point, `model_B_op_ft.h5`, metrics `ft/operating_point/...`, where it has one)
+- B'' is saved as `models/model_B_{drop}_ft.h5` and logged to MLflow with its per-epoch metrics
+  (`ft/drop_{drop}/loss`, `.../acc`, `.../val_loss`, `.../val_acc`, step = epoch); unless
+  `compact=false`, also as `models/model_B_{drop}_ft_compact.h5` without its pruned channels
+  (`defense.compact.export_compact`, metrics `compact/drop_{drop}_ft/...`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from defense.core import metrics
+from defense.nets import models
+from defense.core.errors import DefenseError
+from defense.pipeline.sweep import file_key, point_name
+
+log = logging.getLogger("defense.finetune")
+
+OPTIMIZERS = ("adam", "sgd")
+MONITORS = ("val_loss", "val_acc")
+SCHEDULES = ("constant", "cosine")
+
+
+def finetune_settings(ft_cfg) -> dict:
+    """The `finetune` group (kind: clean), checked; a DefenseError names the bad option and the fix."""
+
+    def number(key, default, cast, ok, what):
+        value = ft_cfg.get(key, default)
+        try:
+            value = cast(value)
+        except (TypeError, ValueError):
+            raise DefenseError(f"finetune.{key}={value!r} must be {what}") from None
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+            raise DefenseError(f"finetune.{key}={value!r} must be {what}")
+        return value
+
+    settings = {
+        "epochs": number("epochs", 10, int, lambda v: v >= 1, "a whole number of epochs >= 1"),
+        "learning_rate": number("learning_rate", 1e-3, float, lambda v: v > 0, "a learning rate > 0"),
+        "batch_size": number("batch_size", 64, int, lambda v: v >= 1, "a batch size >= 1"),
+        "momentum": number("momentum", 0.9, float, lambda v: 0 <= v < 1, "a momentum in [0, 1) (optimizer=sgd)"),
+        "seed": number("seed", 0, int, lambda v: True, "an integer seed"),
+        "holdout": number("holdout", 0.2, float, lambda v: 0 <= v < 1,
+                          "the fraction of the clean validation data held out for early stopping, in [0, 1)"),
+        "patience": number("patience", 3, int, lambda v: v >= 1, "a whole number of epochs >= 1"),
+        "shift": number("shift", 0, int, lambda v: v >= 0,
+                        "the largest random translation in pixels of the training images (0: none), >= 0"),
+    }
+    optimizer = str(ft_cfg.get("optimizer", "adam")).lower()
+    if optimizer not in OPTIMIZERS:
+        raise DefenseError(f"finetune.optimizer={optimizer!r} is not known; use one of {list(OPTIMIZERS)}")
+    monitor = str(ft_cfg.get("monitor", "val_loss"))
+    if monitor not in MONITORS:
+        raise DefenseError(f"finetune.monitor={monitor!r} is not known; use one of {list(MONITORS)}")
+    schedule = str(ft_cfg.get("lr_schedule", "constant"))
+    if schedule not in SCHEDULES:
+        raise DefenseError(f"finetune.lr_schedule={schedule!r} is not known; use one of {list(SCHEDULES)}")
+    settings.update(optimizer=optimizer, monitor=monitor, lr_schedule=schedule)
+    return settings
+
+
+def split_holdout(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, holdout) of n clean validation images; the holdout is a seeded random subset."""
+    if n < 1:
+        raise DefenseError("fine-tuning needs clean validation images; the validation split holds none")
+    n_hold = int(round(n * holdout)) if holdout > 0 else 0
+    if holdout > 0:
+        n_hold = max(1, n_hold)
+    if n - n_hold < 1:
+        raise DefenseError(
+            f"finetune.holdout={holdout} leaves no training images of the {n} clean validation images; "
+            "lower it (finetune.holdout=0 trains on all of them without early stopping)"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def shift_images(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each NHWC image translated by its own random (dy, dx) in [-shift, shift], zero-filled."""
+    if shift <= 0:
+        return x
+    n, h, w = x.shape[:3]
+    padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    dy = rng.integers(0, 2 * shift + 1, n)
+    dx = rng.integers(0, 2 * shift + 1, n)
+    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _shifted_batches(x: np.ndarray, y: np.ndarray, batch_size: int, shift: int, seed: int):
+    """Batches of (randomly translated) x and y, reshuffled every epoch; `.x`/`.y` are the source arrays."""
+    import keras
+
+    class ShiftedBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            self.x, self.y, self.batch_size, self.shift = x, y, batch_size, shift
+            self.rng = np.random.default_rng(seed)
+            self.order = self.rng.permutation(len(y))
+
+        def __len__(self):
+            return math.ceil(len(self.y) / self.batch_size)
+
+        def __getitem__(self, index):
+            idx = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+            return shift_images(self.x[idx], self.shift, self.rng), self.y[idx]
+
+        def on_epoch_end(self):
+            self.order = self.rng.permutation(len(self.y))
+
+    return ShiftedBatches()
+
+
+def _make_optimizer(settings: dict, steps_per_epoch: int):
+    """Adam or SGD (with momentum); `cosine` decays the learning rate to 0 over all the epochs."""
+    import keras
+
+    lr = settings["learning_rate"]
+    if settings["lr_schedule"] == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, settings["epochs"] * steps_per_epoch))
+    if settings["optimizer"] == "sgd":
+        return keras.optimizers.SGD(learning_rate=lr, momentum=settings["momentum"])
+    return keras.optimizers.Adam(learning_rate=lr)
+
+
+def _as_pruned_map(pruned, layer_name: str | None) -> dict[str, list[int]]:
+    """{layer: channels}; a plain list of channels belongs to `layer_name` (prune.layer)."""
+    if isinstance(pruned, dict):
+        return {name: [int(c) for c in channels] for name, channels in pruned.items()}
+    return {layer_name: [int(c) for c in pruned]}
+
+
+def _pruned_masks(model, pruned: dict[str, list[int]]) -> list[tuple[object, np.ndarray]]:
+    """(variable, 0/1 mask) for the kernel and bias of every pruned layer: 0 on its pruned channels."""
+    masks = []
+    for layer_name, channels in pruned.items():
+        layer = model.get_layer(layer_name)
+        channels = np.asarray([int(c) for c in channels], dtype=np.int64)
+        for variable in layer.weights[:2]:  # kernel (..., C) and bias (C,)
+            mask = np.ones(tuple(variable.shape), dtype=np.float32)
+            mask[..., channels] = 0.0
+            masks.append((variable, mask))
+    return masks
+
+
+def pruned_channels_zero(model, layer_name: str, channels) -> bool:
+    """True when the kernel and bias of every pruned channel of `layer_name` are exactly zero."""
+    channels = [int(c) for c in channels]
+    weights = model.get_layer(layer_name).get_weights()[:2]
+    return all(not np.any(w[..., channels]) for w in weights)
+
+
+def pruned_layers_zero(model, pruned: dict[str, list[int]]) -> bool:
+    """pruned_channels_zero for every layer of {layer: channels}."""
+    return all(pruned_channels_zero(model, name, channels) for name, channels in pruned.items())
+
+
+def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: bool):
+    """Re-zero the pruned channels after every batch; log every epoch; early stopping on the holdout."""
+    import keras
+
+    class FineTune(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.masks = [(variable, mask) for variable, mask in masks]
+            self.best = None
+            self.best_epoch = -1
+            self.best_weights = None
+            self.wait = 0
+            self.history: list[dict] = []
+            self.started = time.perf_counter()
+
+        def rezero(self):
+            # where, not a product: a diverged fine-tuning (NaN weights) still leaves its pruned channels 0
+            for variable, mask in self.masks:
+                variable.assign(keras.ops.where(mask > 0, variable, keras.ops.zeros_like(variable)))
+
+        def on_train_begin(self, logs=None):
+            self.rezero()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.rezero()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            row = {"epoch": epoch + 1}
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+                if key in logs:
+                    value = float(logs[key])
+                    short = key.replace("accuracy", "acc")
+                    row[short] = value * 100.0 if short.endswith("acc") else value
+            for key, value in row.items():
+                if key != "epoch" and math.isfinite(value):
+                    tracker.log_metric(f"ft/{name}/{key}", value, step=epoch + 1)
+            self.history.append(row)
+            text = ", ".join(f"{k} {v:.4f}" if k.endswith("loss") else f"{k} {v:.2f} %"
+                             for k, v in row.items() if k != "epoch")
+            log.info("  fine-tune %s epoch %d/%d: %s (%.1f s)", name, epoch + 1, settings["epochs"], text,
+                     time.perf_counter() - self.started)
+            if not has_holdout:
+                return
+            current = row.get(settings["monitor"])
+            if current is None or not math.isfinite(current):
+                return
+            better = self.best is None or (current < self.best if settings["monitor"] == "val_loss"
+                                           else current > self.best)
+            if better:
+                self.best, self.best_epoch, self.wait = current, epoch + 1, 0
+                self.best_weights = self.model.get_weights()
+                return
+            self.wait += 1
+            if self.wait >= settings["patience"]:
+                log.info("  fine-tune %s: no better %s for %d epoch(s), stopping", name, settings["monitor"],
+                         self.wait)
+                self.model.stop_training = True
+
+        def on_train_end(self, logs=None):
+            if self.best_weights is not None:
+                self.model.set_weights(self.best_weights)
+            self.rezero()
+
+    return FineTune()
+
+
+def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[object, dict]:
+    """Fine-tune B' (in place) on the clean validation images only; returns (B'', info).
+
+    pruned: {layer: channels}, or a list of channels of prune.layer; they are kept at zero.
+    """
+    import keras
+
+    settings = finetune_settings(cfg.finetune)
+    keras.utils.set_random_seed(settings["seed"])
+    x = models.scale_inputs(valid_clean.x, cfg.model)
+    y = np.asarray(valid_clean.y, dtype=np.int64)
+    train_idx, hold_idx = split_holdout(len(y), settings["holdout"], settings["seed"])
+    x_train, y_train = x[train_idx], y[train_idx]
+    validation = (x[hold_idx], y[hold_idx]) if len(hold_idx) else None
+
+    steps_per_epoch = math.ceil(len(train_idx) / settings["batch_size"])
+    b_prime.compile(optimizer=_make_optimizer(settings, steps_per_epoch),
+                    loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    pruned = _as_pruned_map(pruned, cfg.prune.get("layer"))
+    callback = _fine_tune_callback(_pruned_masks(b_prime, pruned), settings, name, tracker,
+                                   validation is not None)
+    if settings["shift"]:
+        batches = _shifted_batches(x_train, y_train, settings["batch_size"], settings["shift"], settings["seed"])
+        b_prime.fit(batches, epochs=settings["epochs"], validation_data=validation, callbacks=[callback], verbose=0)
+    else:
+        b_prime.fit(x_train, y_train, batch_size=settings["batch_size"], epochs=settings["epochs"],
+                    validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
+    if not pruned_layers_zero(b_prime, pruned):
+        raise RuntimeError(f"fine-tuning {name}: pruned channels of {', '.join(pruned)} are no longer zero")
+    if not all(np.all(np.isfinite(w)) for w in b_prime.get_weights()):
+        log.warning("fine-tuning %s diverged: the network's weights are no longer finite, so B'' answers nothing "
+                    "useful (its scores are kept as measured); lower finetune.learning_rate", name)
+    info = {"ft_epochs": len(callback.history), "ft_best_epoch": callback.best_epoch,
+            "ft_train_images": int(len(train_idx)), "ft_holdout_images": int(len(hold_idx))}
+    if callback.history:
+        info["ft_final_loss"] = callback.history[-1].get("loss", float("nan"))
+    if callback.best is not None:
+        info[f"ft_best_{settings['monitor']}"] = float(callback.best)
+    return b_prime, info
+
+
+def _nan_mean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def der(acc_before: float, acc_after: float, asr_before: float, asr_after: float) -> float:
+    """DER of metrics.defense_effectiveness_rating, nan when any of the scores is missing (no ASR)."""
+    if any(math.isnan(float(v)) for v in (acc_before, acc_after, asr_before, asr_after)):
+        return float("nan")
+    return metrics.defense_effectiveness_rating(acc_before, acc_after, asr_before, asr_after)
+
+
+def score_fine_pruned(clean_y, pred_b_clean, pred_ft_clean, poisoned: dict, num_classes: int,
+                      base_acc: float | None = None, base_asr: float | None = None) -> dict:
+    """The summary columns of one B'' from top-1 labels on the test data.
+
+    poisoned: set name -> (target labels, clean_label or None, B's labels, B'''s labels).
+    base_acc / base_asr: the unpruned network's scores (default: computed from B's labels here).
+    Returns base_test_acc, base_test_asr, ft_test_acc, ft_test_asr, ft_test_ra, ft_der (B'' alone),
+    ft_g_test_acc, ft_g_test_asr, ft_g_test_ra, ft_g_der (G(B, B'')); with several poisoned sets the
+    ASR/RA columns hold their mean and per-set columns `<column>_<name>` follow.
+    """
+    pred_b_clean = np.asarray(pred_b_clean)
+    g_clean = metrics.repaired_labels(pred_b_clean, pred_ft_clean, num_classes)
+    row = {
+        "base_test_acc": float(base_acc) if base_acc is not None else metrics.accuracy(pred_b_clean, clean_y),
+        "ft_test_acc": metrics.accuracy(pred_ft_clean, clean_y),
+        "ft_g_test_acc": metrics.accuracy(g_clean, clean_y),
+    }
+    per_set = {}
+    for name, (target, clean_label, pred_b, pred_ft) in poisoned.items():
+        g = metrics.repaired_labels(pred_b, pred_ft, num_classes)
+        per_set[name] = {
+            "base_test_asr": metrics.attack_success_rate(pred_b, target),
+            "ft_test_asr": metrics.attack_success_rate(pred_ft, target),
+            "ft_test_ra": metrics.robust_accuracy(pred_ft, clean_label),
+            "ft_g_test_asr": metrics.attack_success_rate(g, target),
+            "ft_g_test_ra": metrics.robust_accuracy(g, clean_label),
+        }
+    for key in ("base_test_asr", "ft_test_asr", "ft_test_ra", "ft_g_test_asr", "ft_g_test_ra"):
+        row[key] = _nan_mean([s[key] for s in per_set.values()])
+    if base_asr is not None:
+        row["base_test_asr"] = float(base_asr)
+    row["ft_der"] = der(row["base_test_acc"], row["ft_test_acc"], row["base_test_asr"], row["ft_test_asr"])
+    row["ft_g_der"] = der(row["base_test_acc"], row["ft_g_test_acc"], row["base_test_asr"], row["ft_g_test_asr"])
+    if len(per_set) > 1:
+        for key in ("ft_test_asr", "ft_test_ra", "ft_g_test_asr"):
+            for name, scores in per_set.items():
+                row[f"{key}_{name}"] = scores[key]
+    return row
+
+
+def _base_predictions(cfg, model, result, test) -> dict[str, np.ndarray]:
+    """B's top-1 labels on the test sets: column 0 of the sweep's predictions (as in the curves)."""
+    keys = {"clean": "test_clean", **{n: f"test_{n}" for n in test.poisoned}}
+    preds = {}
+    batch_size = int(cfg.get("batch_size", 512))
+    for name, key in keys.items():
+        p = (result.predictions or {}).get(key)
+        if p is not None:
+            preds[name] = np.asarray(p)[:, 0].astype(np.int64)
+        else:
+            images = test.clean if name == "clean" else test.poisoned[name]
+            preds[name] = models.predict_labels(model, images.x, cfg.model, batch_size)
+    return preds
+
+
+def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
+    """Fine-prune every reached threshold of `summary` (rows get the B'' columns); points/columns back."""
+    settings = finetune_settings(cfg.finetune)
+    out_dir = Path(out_dir)
+    num_classes = int(cfg.model.num_classes)
+    batch_size = int(cfg.get("batch_size", 512))
+    base_curve = result.curves[0]
+    base_preds = _base_predictions(cfg, model, result, test)
+    names = list(test.poisoned)
+    log_models = bool(cfg.get("tracking", {}).get("log_models", True))
+    stopping = (f"holdout {settings['holdout']:g} for early stopping on {settings['monitor']}, patience "
+                f"{settings['patience']}" if settings["holdout"] > 0 else "no holdout, no early stopping")
+    log.info(
+        "fine-pruning: %s, lr %g (%s), %d epoch(s) max, batch %d, shift %d px, on %d clean validation images (%s)",
+        settings["optimizer"], settings["learning_rate"], settings["lr_schedule"], settings["epochs"],
+        settings["batch_size"], settings["shift"], len(valid.clean), stopping,
+    )
+    points = []
+    for row in summary:
+        if not row.get("reached"):
+            continue
+        name = point_name(row)
+        started = time.perf_counter()
+        pruned = result.pruned_for(row)
+        log.info("fine-tuning B' of %s (%d channels of %s pruned, %.1f %%)", name.replace("_", " "),
+                 sum(len(c) for c in pruned.values()), ", ".join(pruned), row["fraction_pruned"])
+        b_prime = models.pruned_copy_layers(model, pruned)
+        b2, info = fine_tune(cfg, b_prime, pruned, valid.clean, tracker, name)
+
+        pred_clean = models.predict_labels(b2, test.clean.x, cfg.model, batch_size)
+        poisoned = {}
+        for n in names:
+            images = test.poisoned[n]
+            poisoned[n] = (images.y, images.clean_label, base_preds[n],
+                           models.predict_labels(b2, images.x, cfg.model, batch_size))
+        scores = score_fine_pruned(test.clean.y, base_preds["clean"], pred_clean, poisoned, num_classes,
+                                   base_acc=base_curve["pruned_test_acc"], base_asr=base_curve["pruned_test_asr"])
+        path = models.save_model(b2, out_dir / "models" / f"model_B_{file_key(row)}_ft.h5")
+        if log_models:
+            tracker.log_artifact(path, "models")
+        if cfg.get("compact", True):  # B'' without its pruned channels, as run.py saves B' (defense/compact.py)
+            from defense.pruning.compact import export_compact_beside
+
+            compact = export_compact_beside(b2, pruned, path, tracker, models.scale_inputs(test.clean.x, cfg.model))
+            row["ft_compact_path"] = compact["path"] if compact else ""
+            if log_models and compact:
+                tracker.log_artifact(compact["path"], "models")
+        row.update(scores)
+        row.update(info)
+        row["ft_model_path"] = str(path)
+        # the fine-tuned scores are static facts of the run (params); its step metrics stay the curves and
+        # the per-epoch fine-tuning history
+        tracker.log_params({f"ft.{name}.{key}": f"{row[key]:.4f}"
+                            for key in ("ft_test_acc", "ft_test_asr", "ft_test_ra", "ft_der", "ft_g_test_acc",
+                                        "ft_g_test_asr") if math.isfinite(row[key])})
+        log.info(
+            "B'' of %s: test acc %.2f %% (B %.2f %%), ASR %.2f %% (B %.2f %%), RA %.2f %%, DER %.3f; "
+            "G(B, B''): acc %.2f %%, ASR %.2f %% (%d epoch(s), %.1f s)",
+            name.replace("_", " "), row["ft_test_acc"], row["base_test_acc"], row["ft_test_asr"],
+            row["base_test_asr"], row["ft_test_ra"], row["ft_der"], row["ft_g_test_acc"], row["ft_g_test_asr"],
+            info["ft_epochs"], time.perf_counter() - started,
+        )
+        x = float(row["fraction_pruned"])
+        points.append({"x": x, "y": row["ft_test_acc"], "label": "B'' clean accuracy (test)",
+                       "color": "tab:blue", "marker": "D"})
+        if names:
+            points.append({"x": x, "y": row["ft_test_asr"], "label": "B'' ASR (test)",
+                           "color": "tab:red", "marker": "D"})
+    columns = [("ft_test_acc", "B'' test acc")]
+    if names:
+        columns += [("ft_test_asr", "B'' ASR")]
+        if any(images.clean_label is not None for images in test.poisoned.values()):
+            columns += [("ft_test_ra", "B'' RA")]
+        columns += [("ft_der", "B'' DER")]
+    columns += [("ft_g_test_acc", "G(B,B'') acc")]
+    if names:
+        columns += [("ft_g_test_asr", "G(B,B'') ASR")]
+    return {"points": points, "columns": columns}

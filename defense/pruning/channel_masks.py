@@ -1,0 +1,115 @@
+"""Predictions of a network with channels of several conv layers pruned, one mask assignment per step.
+
+Pruning output channel c of a Conv2D (zeroing its kernel and bias, as `defense.models.pruned_copy`
+does) makes its pre-activation exactly 0 at every position, so the layer outputs act(0) there. The
+same is obtained by multiplying the layer's pre-activation (convolution + bias) by a 0/1 mask per
+output channel before its activation: 0 * z = 0 for the finite z a network computes, and act(0)
+follows for any activation (relu, sigmoid, linear, ...).
+
+`ChannelMasks` walks the model's layer graph once inside one `tf.function` (traced once, on the first
+batch): every layer is called as it is, with the model's own weights, except the masked Conv2D layers,
+whose convolution + bias is multiplied by a mask `tf.Variable` before their activation. A pruning
+step is then one `assign` per masked layer; no model is rebuilt, cloned or traced again per step.
+For one layer the faster `defense.masked.MaskedSweep` (every step at once) is used instead.
+
+    masks = ChannelMasks(model, ["conv_1", "conv_2", "conv_3", "conv_4"])
+    labels = masks.predict(x, pairs, steps=[0, 10, 200])  # (N, 3): column j = steps[j] pairs pruned
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from defense.pruning.masked import conv_layer
+
+
+class ChannelMasks:
+    """Top-1 labels of `model` with chosen output channels of the conv layers `layer_names` masked."""
+
+    def __init__(self, model, layer_names: list[str], batch_size: int = 512):
+        self.model = model
+        self.layers = [conv_layer(model, name) for name in layer_names]
+        self.names = [layer.name for layer in self.layers]
+        self.channels = {layer.name: int(layer.filters) for layer in self.layers}
+        self.batch_size = int(batch_size)
+        self.masks = {layer.name: tf.Variable(tf.ones([layer.filters], tf.float32), trainable=False,
+                                              name=f"mask_{layer.name}") for layer in self.layers}
+        graph = getattr(model, "_functional", None) or model
+        depths = sorted(graph._nodes_by_depth, reverse=True)
+        self._nodes = [n for d in depths for n in graph._nodes_by_depth[d] if n.operation and not n.is_input]
+        if len(model.inputs) != 1 or len(model.outputs) != 1:
+            raise ValueError("ChannelMasks handles models with one input and one output")
+        self._input_id = id(model.inputs[0])
+        self._output_id = id(model.outputs[0])
+        spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
+        self._forward = tf.function(self._run, input_signature=[spec])
+        self.traces = 0
+
+    def _masked_conv(self, layer, x):
+        z = layer.convolution_op(x, layer.kernel)
+        if layer.use_bias:
+            z = z + layer.bias
+        z = z * self.masks[layer.name]  # channels last (conv_layer checks it)
+        return layer.activation(z) if layer.activation is not None else z
+
+    def _run(self, x):
+        self.traces += 1  # Python side effect: counts traces, not calls
+        masked = {id(layer) for layer in self.layers}
+        values = {self._input_id: x}
+        for node in self._nodes:
+            op = node.operation
+            if id(op) in masked:
+                outs = [self._masked_conv(op, values[id(node.input_tensors[0])])]
+            else:
+                args, kwargs = node.arguments.fill_in(values)
+                kwargs = dict(kwargs)
+                if getattr(op, "_call_has_training_arg", False):
+                    kwargs.setdefault("training", False)
+                out = op(*args, **kwargs)
+                outs = list(out) if isinstance(out, (list, tuple)) else [out]
+            for tensor, value in zip(node.output_tensors, outs):
+                values[id(tensor)] = value
+        out = values[self._output_id]
+        return tf.argmax(tf.reshape(out, [tf.shape(out)[0], -1]), axis=-1, output_type=tf.int32)
+
+    def mask_arrays(self, pairs, steps) -> list[dict[str, np.ndarray]]:
+        """For each step s of `steps`: layer -> 0/1 mask with the first s of `pairs` pruned."""
+        index = {name: i for i, name in enumerate(self.names)}
+        rank = {name: np.full(self.channels[name], np.iinfo(np.int64).max) for name in self.names}
+        for position, (name, channel) in enumerate(pairs):
+            if name not in index or not 0 <= int(channel) < self.channels[name]:
+                raise ValueError(f"({name!r}, {channel}) is not a channel of the masked layers {self.names}")
+            rank[name][int(channel)] = position
+        return [{name: (rank[name] >= int(s)).astype(np.float32) for name in self.names} for s in steps]
+
+    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
+        for name, mask in masks.items():
+            self.masks[name].assign(mask)
+
+    def labels(self, x_scaled: np.ndarray) -> np.ndarray:
+        """Top-1 labels of already scaled images with the masks as they are now."""
+        return np.concatenate([self._forward(tf.constant(x_scaled[i : i + self.batch_size])).numpy()
+                               for i in range(0, len(x_scaled), self.batch_size)] or [np.zeros(0, np.int32)])
+
+    def predict(self, x: np.ndarray, pairs, steps, progress=None, divisor: float = 1.0) -> np.ndarray:
+        """Labels (N, len(steps)) on raw images `x`: column j has the first steps[j] of `pairs` pruned.
+
+        `x` is streamed batch by batch (float or uint8 pixels, scaled per batch by `divisor`); each batch
+        is scaled once and evaluated at every step (one mask assignment per step and layer).
+        """
+        from defense.nets.models import scale_pixels
+
+        masks = self.mask_arrays(pairs, steps)
+        labels = np.zeros((len(x), len(masks)), np.int32)
+        try:
+            for start in range(0, len(x), self.batch_size):
+                batch = tf.constant(scale_pixels(x[start : start + self.batch_size], divisor))
+                for j, mask in enumerate(masks):
+                    self.set_masks(mask)
+                    labels[start : start + len(batch), j] = self._forward(batch).numpy()
+                if progress is not None:
+                    progress.update(len(batch))
+        finally:
+            self.set_masks({name: np.ones(n, np.float32) for name, n in self.channels.items()})
+        return labels

@@ -1,0 +1,1 @@
+"""Reports of a run: csv and markdown tables, plots, the per-channel records."""
