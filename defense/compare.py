@@ -37,7 +37,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import defense.config  # noqa: F401  (registers the schema that conf/compare.yaml names)
+import defense.pipeline.schemas  # noqa: F401  (registers the schema that conf/compare.yaml names)
+from defense.analysis.runs import OWN_POINT, POINT_COLUMN, defended_scores, is_own_point  # noqa: F401
+from defense.analysis.runs import as_float as _float, finite as _finite  # noqa: F401
 from defense.core.errors import DefenseError, exit_on_user_error
 
 log = logging.getLogger("defense.compare")
@@ -48,10 +50,6 @@ X_AXES = ("fraction_pruned", "channels_pruned")
 FILES = ("comparison.csv", "comparison.md", "comparison.png")
 LAYOUTS = ("runs", "leaderboard")
 NAN = float("nan")
-# summary.csv: a criterion with its own operating point (CLP, ANP, RNP) adds a row whose `point` is
-# `operating_point`; the rows of accuracy-drop thresholds have `point` = `drop` (or no such column)
-POINT_COLUMN = "point"
-OWN_POINT = "operating_point"
 OP_TEXT = " and at the criterion's own operating point (op)"
 
 
@@ -135,17 +133,6 @@ def select_runs(client, uri: str, compare_cfg, experiment_name: str):
         raise DefenseError(f"cannot read the MLflow store at {uri}: {str(err).splitlines()[0]}") from None
 
 
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return NAN
-
-
-def _finite(*values) -> bool:
-    return all(isinstance(v, float) and math.isfinite(v) for v in values)
-
-
 def _history(client, run_id: str) -> dict[str, dict[int, float]]:
     """Curve metrics of a run: key -> {step (channels pruned): value}."""
     curves = {}
@@ -165,28 +152,6 @@ def _summary(client, run_id: str, tmp: Path) -> list[dict]:
         log.warning("run %s: no summary.csv artifact (%s); its thresholds stay blank", run_id, str(err).splitlines()[0])
         return []
     return report.read_csv(path)
-
-
-def is_own_point(row: dict) -> bool:
-    """A summary.csv row of the criterion's own operating point (CLP, ANP, RNP), not of a drop threshold."""
-    return str(row.get(POINT_COLUMN, "") or "").strip() == OWN_POINT
-
-
-def defended_scores(row: dict, base_acc: float, base_asr: float) -> dict | None:
-    """The defended network of one summary.csv row: the fine-tuned B'' where the row has fine-tuning
-    columns (ft_test_acc, ft_test_asr, ft_der), else G(B, B') (test_acc, test_asr; DER against the
-    unpruned B's `base_acc` / `base_asr`, defense/metrics.py). None where the row's B' was not reached."""
-    from defense.core.metrics import defense_effectiveness_rating
-
-    channels = _float(row.get("channels_pruned"))
-    if str(row.get("reached", "True")) != "True" or not math.isfinite(channels) or channels < 0:
-        return None
-    if str(row.get("ft_der", "")).strip():
-        return {"defended": "B''", "channels_pruned": int(channels), "test_acc": _float(row.get("ft_test_acc")),
-                "test_asr": _float(row.get("ft_test_asr")), "der": _float(row["ft_der"])}
-    acc, asr = _float(row.get("test_acc")), _float(row.get("test_asr"))
-    der = defense_effectiveness_rating(base_acc, acc, base_asr, asr) if _finite(base_acc, acc, base_asr, asr) else NAN
-    return {"defended": "G(B,B')", "channels_pruned": int(channels), "test_acc": acc, "test_asr": asr, "der": der}
 
 
 def describe_run(client, run, tmp: Path) -> dict:

@@ -8,13 +8,15 @@ names that schema first in its defaults list (https://hydra.cc/docs/tutorials/st
 
 so an unknown key (`prune.critrion=l1`, or a typo in a YAML file) or a wrong type (`batch_size=abc`,
 `finetune.epochs=ten`) fails when the config is composed, with Hydra's own message, before any code
-of the defense runs. `register()` stores the schemas; it runs when this module is imported, which the
-apps (`defense.run`, `defense.evaluate`, `defense.predict`, `defense.compare`) and tests/conftest.py
-do before Hydra composes anything.
+of the defense runs. defense/pipeline/schemas.py stores these schemas (with each attack's own `Settings`)
+in Hydra's ConfigStore; the apps (`defense.run`, `defense.evaluate`,
+`defense.predict`, `defense.compare`) and tests/conftest.py import it before Hydra composes anything.
 
-What a type cannot say (a batch size >= 1, a fraction in (0, 1], ...) is checked by
-`check_config`, which the apps call first: one `DefenseError` line naming the key, exit status 2,
-before any data is read or any MLflow run is created.
+What a type cannot say (a batch size >= 1, a fraction in (0, 1], ...) is checked by `check_config`
+(the keys every app shares) and by the module that reads a section (a criterion's `check_config`, a
+stage's `check`, defense/pipeline/stages/__init__.py), which the apps call first: one `DefenseError`
+line naming the key, exit status 2, before any data is read or any MLflow run is created. This module
+imports nothing of the modules it validates.
 """
 
 from __future__ import annotations
@@ -74,46 +76,6 @@ class ScenarioDatasetConfig(Lab3DatasetConfig):
     kind: str = "scenario"
     root: Optional[str] = None
     scenario: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BlendedSettings:
-    """conf/dataset/attack/blended.yaml: dataset.scenario.blended (defense/attacks/blended.py)."""
-
-    alpha: float = 0.2
-    test_alpha: float = 0.2
-    pattern_seed: int = 0
-
-
-@dataclass
-class SigSettings:
-    """conf/dataset/attack/sig.yaml: dataset.scenario.sig (defense/attacks/sig.py)."""
-
-    delta: float = 20.0
-    test_delta: float = 20.0
-    frequency: float = 6.0
-
-
-@dataclass
-class WanetSettings:
-    """conf/dataset/attack/wanet.yaml: dataset.scenario.wanet (defense/attacks/wanet.py)."""
-
-    k: int = 4
-    s: float = 0.5
-    grid_rescale: float = 1.0
-    cross_ratio: float = 2.0
-    field_seed: int = 0
-    poison_fraction: Optional[float] = None  # null: dataset.scenario.poison_fraction
-
-
-@dataclass
-class PruneAwareSettings:
-    """conf/dataset/attack/prune_aware.yaml: dataset.scenario.prune_aware (defense/attacks/prune_aware.py)."""
-
-    max_drop: float = 4.0
-    retrain_epochs: int = 10
-    decoy_margin: float = 1.0
-    layer: str = "conv_3"
 
 
 @dataclass
@@ -363,39 +325,6 @@ class CompareConfig:
     leaderboard: LeaderboardCompareConfig = field(default_factory=LeaderboardCompareConfig)
 
 
-SCHEMAS = {
-    # (group, name): schema; a YAML file names `name` first in its defaults list
-    (None, "base_config"): RunConfig,
-    (None, "base_evaluate"): EvaluateConfig,
-    (None, "base_predict"): PredictConfig,
-    (None, "base_compare"): CompareConfig,
-    ("model", "base_model"): ModelConfig,
-    ("model", "base_scenario_model"): ScenarioModelConfig,
-    ("dataset", "base_lab3"): Lab3DatasetConfig,
-    ("dataset", "base_scenario"): ScenarioDatasetConfig,
-    ("dataset/attack", "base_blended"): BlendedSettings,
-    ("dataset/attack", "base_sig"): SigSettings,
-    ("dataset/attack", "base_wanet"): WanetSettings,
-    ("dataset/attack", "base_prune_aware"): PruneAwareSettings,
-    ("dataset", "base_csaw_extract"): CsawExtractDatasetConfig,
-    ("dataset", "base_files"): FilesDatasetConfig,
-    ("prune", "base_prune"): PruneConfig,
-    ("stop", "base_stop"): StopConfig,
-    ("finetune", "base_none"): FinetuneNoneConfig,
-    ("finetune", "base_clean"): FinetuneCleanConfig,
-    ("tracking", "base_tracking"): TrackingConfig,
-}
-
-
-def register() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    for (group, name), node in SCHEMAS.items():
-        store.store(group=group, name=name, node=node)
-
-
 # ---------------------------------------------------------------------------------------------------
 # a list of the config as one axis of a Hydra sweep
 
@@ -455,7 +384,6 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("sweep_axis", sweep_axis, replace=True)
 
 
-register()
 register_resolvers()
 
 
@@ -463,7 +391,7 @@ register_resolvers()
 # numeric bounds
 
 
-def _bound(key: str, value, ok, what: str) -> None:
+def bound(key: str, value, ok, what: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
             or (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
         raise DefenseError(f"{key}={value!r} must be {what}")
@@ -474,23 +402,23 @@ def check_limits(cfg) -> None:
     limits = cfg.get("limits")
     if limits is None:
         return
-    _bound("limits.max_array_gib", limits.get("max_array_gib"), lambda v: v > 0,
+    bound("limits.max_array_gib", limits.get("max_array_gib"), lambda v: v > 0,
            "a size in GiB > 0, e.g. limits.max_array_gib=4")
-    _bound("limits.max_image_pixels", limits.get("max_image_pixels"), lambda v: v >= 1 and float(v).is_integer(),
+    bound("limits.max_image_pixels", limits.get("max_image_pixels"), lambda v: v >= 1 and float(v).is_integer(),
            "a whole number of pixels >= 1, e.g. limits.max_image_pixels=40000000")
 
 
 def check_batch_size(cfg) -> None:
-    _bound("batch_size", cfg.get("batch_size"), lambda v: v >= 1 and float(v).is_integer(),
+    bound("batch_size", cfg.get("batch_size"), lambda v: v >= 1 and float(v).is_integer(),
            "a whole number of images per batch >= 1, e.g. batch_size=512")
 
 
 def check_model(model_cfg) -> None:
     """`model`: num_classes >= 2, input_divisor > 0, input_shape of positive sizes (null: model=auto)."""
     if model_cfg.get("num_classes") is not None:
-        _bound("model.num_classes", model_cfg.get("num_classes"), lambda v: v >= 2, "a number of classes >= 2")
+        bound("model.num_classes", model_cfg.get("num_classes"), lambda v: v >= 2, "a number of classes >= 2")
     if model_cfg.get("input_divisor") is not None:
-        _bound("model.input_divisor", model_cfg.get("input_divisor"), lambda v: v > 0,
+        bound("model.input_divisor", model_cfg.get("input_divisor"), lambda v: v > 0,
                "a number > 0 (1 for raw pixels 0..255, 255 for pixels / 255)")
     if model_cfg.get("input_shape") is None:
         return
@@ -500,44 +428,15 @@ def check_model(model_cfg) -> None:
 
 
 def check_config(cfg, app: str = "run") -> None:
-    """Every numeric bound of the config of `app` (run, evaluate, predict); DefenseError on the first bad key.
-
-    Reuses the checkers of the modules that read the keys: defense/sweep.py::check_prune_config
-    (criterion and its own options, layer, eval_steps, drops, stop), defense/steps.py::check_stop and defense/finetune.py::finetune_settings.
+    """The numeric bounds every app shares (batch_size, limits, model) and evaluate's split; DefenseError on the
+    first bad key. The run's own sections are checked by its stages (defense/pipeline/stages/__init__.py::check_config).
     """
     check_batch_size(cfg)
     check_limits(cfg)
     if cfg.get("model") is not None:
         check_model(cfg.model)
-    if app == "run":
-        from defense.pipeline import sweep
-
-        sweep.check_prune_config(cfg)
-        check_unpruned_defense(cfg)
-        finetune = cfg.get("finetune") or {}
-        if finetune.get("kind", "none") != "none":
-            from defense.pipeline.finetune import finetune_settings
-
-            finetune_settings(finetune)
-        if cfg.get("ablation") is not None:
-            from defense.pipeline.ablation import check_ablation
-
-            check_ablation(cfg)
     if app == "evaluate" and cfg.get("split") not in ("valid", "test", "all"):
         raise DefenseError(f"split={cfg.get('split')!r} is not known; use split=valid, split=test or split=all")
-
-
-UNPRUNED_DEFENSES = ("none", "fine_tuning")  # conf/defense presets that prune no channel (prune.drops=[0])
-
-
-def check_unpruned_defense(cfg) -> None:
-    """defense=none and defense=fine_tuning prune no channel: a prune.drops other than [0] (e.g. given on
-    the command line of a multirun over the defenses) would make them prune."""
-    name = cfg.get("defense_name")
-    drops = [float(d) for d in cfg.prune.drops]
-    if name in UNPRUNED_DEFENSES and drops != [0.0]:
-        raise DefenseError(f"defense={name} prunes no channel (prune.drops=[0]), but prune.drops={drops}: "
-                           f"leave prune.drops out of the command line with defense={name}")
 
 
 def defense_name(cfg) -> str:

@@ -13,6 +13,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+import defense.pipeline.schemas  # noqa: F401  (registers the schema that conf/evaluate.yaml names)
 from defense.config import check_config, warn_if_near_chance
 from defense.core.errors import exit_on_user_error
 

@@ -42,7 +42,7 @@ CLOSEST: dict[str, list[str]] = {
 
 
 def build(attack: str, seed: int, extra: tuple[str, ...] = ()) -> dict:
-    import defense.config  # noqa: F401  (registers the config schemas before the config is composed)
+    import defense.pipeline.schemas  # noqa: F401  (registers the config schemas before the config is composed)
     from defense.scenario.build import PICTURE_FILE, ScenarioTooWeak, ensure_scenario, read_metadata, scenario_dir
 
     cfg = rf.compose([f"dataset.scenario.attack={attack}", f"dataset.scenario.seed={seed}", *extra]).dataset.scenario

@@ -63,7 +63,7 @@ def compose(overrides):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    import defense.config  # noqa: F401  (registers the schemas that conf/ names)
+    import defense.pipeline.schemas  # noqa: F401  (registers the schemas that conf/ names)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)

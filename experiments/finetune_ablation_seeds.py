@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         parser.error("seed 0 is the development instance the fine-tuning settings were chosen on; report other seeds")
     name = results_name(args.attack)
     out = Path(args.out or rf.REPO / "outputs" / "experiments" / name)
-    import defense.config  # noqa: F401  (registers the config schemas before any compose)
+    import defense.pipeline.schemas  # noqa: F401  (registers the config schemas before any compose)
     from defense.core.errors import DefenseError
 
     try:

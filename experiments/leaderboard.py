@@ -86,7 +86,7 @@ def check_axes(args) -> dict:
     """experiment=leaderboard composed with the chosen axes: a bad axis stops here, before anything runs."""
     from omegaconf import OmegaConf
 
-    import defense.config  # noqa: F401  (schemas and the sweep_axis resolver)
+    import defense.pipeline.schemas  # noqa: F401  (schemas and the sweep_axis resolver)
     from defense.config import check_sweep_axes
     from hydra import compose, initialize_config_dir
 

@@ -14,7 +14,7 @@ import pytest
 # ~/.cache/backdoor-prune: set before any config is composed, inherited by every subprocess.
 os.environ["BACKDOOR_PRUNE_CACHE"] = tempfile.mkdtemp(prefix="backdoor-prune-test-cache-")
 
-import defense.config  # noqa: F401  (registers the config schemas in Hydra's ConfigStore before any compose)
+import defense.pipeline.schemas  # noqa: F401  (registers the config schemas in Hydra's ConfigStore before any compose)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -16,6 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from defense.scenario import build as scenario
+from defense.scenario import common
 from defense.core.errors import DefenseError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +71,8 @@ class TrainingCounter:
     def __init__(self, monkeypatch, forbid: bool = False):
         self.calls = 0
         self.forbid = forbid
-        self.real = scenario.train_network
-        monkeypatch.setattr(scenario, "train_network", self)
+        self.real = common.train_network
+        monkeypatch.setattr(common, "train_network", self)
 
     def __call__(self, *args, **kwargs):
         if self.forbid:

@@ -31,6 +31,7 @@ import logging
 import math
 from pathlib import Path
 
+from defense.analysis.runs import as_float as _float, defended_scores, is_own_point
 from defense.core.errors import DefenseError
 
 log = logging.getLogger("defense.leaderboard")
@@ -43,13 +44,6 @@ SCORES = ("test_acc", "test_asr", "der", "acc_loss")
 NAN = float("nan")
 OWN_POINT = "operating_point"
 NO_SEED = "-"
-
-
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return NAN
 
 
 def _given(value) -> bool:
@@ -105,7 +99,7 @@ def operating_row(summary: list[dict], drop: float, run_id: str = "?") -> tuple[
     threshold of a run that has one; else the threshold `drop`. A run with several thresholds and none
     equal to `drop` is a DefenseError naming leaderboard.drop and the thresholds it has.
     """
-    own = [row for row in summary if str(row.get("point", "") or "").strip() == OWN_POINT]
+    own = [row for row in summary if is_own_point(row)]
     if own:
         return own[0], OWN_POINT
     rows = [row for row in summary if math.isfinite(_float(row.get("drop")))]
@@ -124,8 +118,6 @@ def operating_row(summary: list[dict], drop: float, run_id: str = "?") -> tuple[
 
 def run_entry(run: dict, drop: float) -> dict:
     """One run (describe_run of defense/compare.py) as one value of its leaderboard cell."""
-    from defense.compare import defended_scores
-
     params, tags = run.get("params", {}), run.get("tags", {})
     row, point = operating_row(run.get("summary", []), drop, run["run_id"])
     base_acc, base_asr = run["base_test_acc"], run["base_test_asr"]

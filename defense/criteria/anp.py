@@ -34,7 +34,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from defense.config import _bound
+from defense.config import bound as _bound
 from defense.criteria import Scores
 from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, mask_scores, sgd_step,
                                        split_before, step_signature)

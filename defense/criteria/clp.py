@@ -24,7 +24,7 @@ import logging
 
 import numpy as np
 
-from defense.config import _bound
+from defense.config import bound as _bound
 from defense.criteria import Scores
 
 NEEDS_DATA = False

@@ -7,7 +7,7 @@
   array's declared size is checked against `limits.max_array_gib` before it is read;
 - a folder with one subfolder per class label (`0/`, `1/`, ...; the subfolder name is the label) of
   PNG/JPEG images, read as the model's input (grey for one channel, RGB for three) by
-  `defense.predict.load_image`, which refuses an image of the wrong size or over `limits.max_image_pixels`.
+  `defense.data.images.load_image`, which refuses an image of the wrong size or over `limits.max_image_pixels`.
 
 Pixels stay raw (e.g. 0..255); the model's input scaling is applied later (`model.input_divisor`).
 """
@@ -92,7 +92,7 @@ def load_npz(path: Path, name: str, limits: Limits | None = None) -> LabeledImag
 
 def load_folder(path: Path, name: str, input_shape, limits: Limits | None = None) -> LabeledImages:
     """Images of every class subfolder of `path` (subfolder name = integer label), sorted by file name."""
-    from defense.predict import ImageError, load_image
+    from defense.data.images import ImageError, load_image
 
     subfolders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     bad = [p.name for p in subfolders if not p.name.isdigit()]

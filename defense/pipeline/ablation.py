@@ -87,7 +87,7 @@ def ablation_cells(summary: list[dict]) -> list[dict]:
 
 def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
     """Fine-tune every (drop, epochs, learning rate) cell; write and log ablation.csv / .png / .md."""
-    from defense.pipeline.finetune import _base_predictions, fine_tune, finetune_settings, score_fine_pruned
+    from defense.pipeline.finetune import base_predictions, fine_tune, finetune_settings, score_fine_pruned
     from defense.tracking.tracker import Tracker
 
     epochs_grid, rates = check_ablation(cfg)
@@ -96,7 +96,7 @@ def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> 
     num_classes = int(cfg.model.num_classes)
     batch_size = int(cfg.get("batch_size", 512))
     base = result.curves[0]
-    base_preds = _base_predictions(cfg, model, result, test)
+    base_preds = base_predictions(cfg, model, result, test)
     names = list(test.poisoned)
     cells = ablation_cells(summary)
     log.info("fine-tuning ablation: drops %s x epochs %s x learning rates %s (%s, %s schedule, batch %d, shift %d px)",

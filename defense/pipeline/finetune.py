@@ -335,7 +335,7 @@ def score_fine_pruned(clean_y, pred_b_clean, pred_ft_clean, poisoned: dict, num_
     return row
 
 
-def _base_predictions(cfg, model, result, test) -> dict[str, np.ndarray]:
+def base_predictions(cfg, model, result, test) -> dict[str, np.ndarray]:
     """B's top-1 labels on the test sets: column 0 of the sweep's predictions (as in the curves)."""
     keys = {"clean": "test_clean", **{n: f"test_{n}" for n in test.poisoned}}
     preds = {}
@@ -357,7 +357,7 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
     num_classes = int(cfg.model.num_classes)
     batch_size = int(cfg.get("batch_size", 512))
     base_curve = result.curves[0]
-    base_preds = _base_predictions(cfg, model, result, test)
+    base_preds = base_predictions(cfg, model, result, test)
     names = list(test.poisoned)
     log_models = bool(cfg.get("tracking", {}).get("log_models", True))
     stopping = (f"holdout {settings['holdout']:g} for early stopping on {settings['monitor']}, patience "

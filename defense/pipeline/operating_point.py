@@ -48,8 +48,8 @@ def operating_point_row(pairs, channels: int, preds: dict[str, np.ndarray], vali
 
     channels: all channels of the pruned layers (fraction_pruned is a percentage of them, as in summary.csv).
     """
-    from defense.pipeline.sweep import _curves
+    from defense.pipeline.curves import curve_rows
 
-    row = _curves(preds, valid, test, names, [0, len(pairs)], channels, num_classes)[1]
+    row = curve_rows(preds, valid, test, names, [0, len(pairs)], channels, num_classes)[1]
     row["fraction_pruned"] = row["fraction_pruned"] * 100.0
     return {"point": POINT, "drop": float("nan"), "reached": True, **row}

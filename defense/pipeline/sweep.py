@@ -10,7 +10,7 @@
      computed once and serve both the ranking and the predictions;
    - several layers: `defense.channel_masks.ChannelMasks` (one traced graph, one mask per layer,
      assigned per step);
-3. curves per evaluated step and the first step reaching each accuracy drop.
+3. curves per evaluated step and the first step reaching each accuracy drop (defense/pipeline/curves.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 from defense import criteria
 from defense.core import metrics
 from defense.pruning import steps as step_rules
+from defense.pipeline.curves import curve_rows, threshold_rows
 from defense.pipeline.load import Split
 from defense.core.errors import DefenseError
 from defense.pruning.masked import MaskedSweep, conv_layer
@@ -259,8 +260,8 @@ def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> S
             preds[key] = engine.predict(images.x, pairs, evaluated, bar)
             seconds[key] = time.perf_counter() - t1
 
-    curves = _curves(preds, valid, test, names, evaluated, channels, num_classes)
-    thresholds = _thresholds(curves, drops)
+    curves = curve_rows(preds, valid, test, names, evaluated, channels, num_classes)
+    thresholds = threshold_rows(curves, drops)
     return SweepResult(pairs, layers, scores, channels, evaluated[-1], evaluated, curves, thresholds, names, preds,
                        seconds)
 
@@ -336,59 +337,3 @@ class _SeveralLayers:
 
     def predict(self, x, pairs, evaluated, bar):
         return self.engine.predict(x, pairs, [int(s) for s in evaluated], progress=bar, divisor=self.divisor)
-
-
-def _mean(values: list[float]) -> float:
-    return float(np.mean(values)) if values else float("nan")
-
-
-def _curves(preds, valid: Split, test: Split, names, evaluated: list[int], channels: int, num_classes: int) -> list[dict]:
-    """One row per evaluated step (column j of the predictions is step evaluated[j]; column 0 is B)."""
-    valid_acc = metrics.accuracy_per_step(preds["valid_clean"], valid.clean.y)
-    valid_asr = {n: metrics.accuracy_per_step(preds[f"valid_{n}"], valid.poisoned[n].y) for n in names}
-    clean_test = preds["test_clean"]
-    g_clean = metrics.repaired_labels(clean_test[:, 0], clean_test, num_classes)
-    test_acc = metrics.accuracy_per_step(g_clean, test.clean.y)
-    pruned_test_acc = metrics.accuracy_per_step(clean_test, test.clean.y)
-    test_asr, pruned_test_asr = {}, {}
-    for n in names:
-        p = preds[f"test_{n}"]
-        test_asr[n] = metrics.accuracy_per_step(metrics.repaired_labels(p[:, 0], p, num_classes), test.poisoned[n].y)
-        pruned_test_asr[n] = metrics.accuracy_per_step(p, test.poisoned[n].y)
-    rows = []
-    for s, step in enumerate(evaluated):
-        row = {
-            "channels_pruned": step,
-            "fraction_pruned": step / channels,
-            "valid_acc": float(valid_acc[s]),
-            "valid_asr": _mean([float(valid_asr[n][s]) for n in names]),
-            "test_acc": float(test_acc[s]),
-            "test_asr": _mean([float(test_asr[n][s]) for n in names]),
-            "pruned_test_acc": float(pruned_test_acc[s]),
-            "pruned_test_asr": _mean([float(pruned_test_asr[n][s]) for n in names]),
-        }
-        if len(names) > 1:
-            for n in names:
-                row[f"valid_asr_{n}"] = float(valid_asr[n][s])
-                row[f"test_asr_{n}"] = float(test_asr[n][s])
-        rows.append(row)
-    return rows
-
-
-def _thresholds(curves: list[dict], drops: list[float]) -> list[dict]:
-    """One row per drop: the first step whose clean valid accuracy fell by at least the drop."""
-    base = curves[0]["valid_acc"]
-    rows = []
-    for drop in drops:
-        hit = next((row for row in curves if base - row["valid_acc"] >= drop - 1e-9), None)
-        if hit is None:
-            nan = float("nan")
-            rows.append({"drop": drop, "reached": False, "channels_pruned": -1, "fraction_pruned": nan,
-                         **{k: nan for k in curves[0] if k not in ("channels_pruned", "fraction_pruned")}})
-            log.warning(
-                "accuracy drop of %g points never reached (largest drop %.2f points after %d steps)",
-                drop, base - min(r["valid_acc"] for r in curves), curves[-1]["channels_pruned"],
-            )
-        else:
-            rows.append({"drop": drop, "reached": True, **hit})
-    return rows

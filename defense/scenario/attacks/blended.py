@@ -14,13 +14,23 @@ same p for every scenario seed: the attacker's fixed key). Poisoned digits and l
 from __future__ import annotations
 
 import numpy as np
+from dataclasses import asdict, dataclass
 
-from defense.scenario import build as sc
-from defense.scenario.attacks import badnets
-from defense.scenario.attacks.checks import number, open_unit
+from defense.scenario import common as sc
+from defense.scenario.common import number, open_unit
+
+
+@dataclass
+class Settings:
+    """conf/dataset/attack/blended.yaml: dataset.scenario.blended (checked by `check` below)."""
+
+    alpha: float = 0.2
+    test_alpha: float = 0.2
+    pattern_seed: int = 0
+
 
 NAME = "blended"
-DEFAULTS = {"alpha": 0.2, "test_alpha": 0.2, "pattern_seed": 0}
+DEFAULTS = asdict(Settings())  # dataset.scenario.<NAME> when not given
 USES_TRIGGER = False
 CHANGES_LABELS = True
 MIN_ASR = 90.0
@@ -47,7 +57,7 @@ def blend(images: np.ndarray, p: np.ndarray, alpha: float) -> np.ndarray:
 
 def poison_train(x, y, cfg, rng):
     x, y = np.array(x, np.float32, copy=True), np.array(y, np.int64, copy=True)
-    poisoned = badnets.choose_poisoned(y, cfg, rng)
+    poisoned = sc.choose_poisoned(y, cfg, rng)
     x[poisoned] = blend(x[poisoned], pattern(cfg[NAME], x.shape[1:]), cfg[NAME]["alpha"])
     y[poisoned] = sc.attack_labels(y[poisoned], cfg)
     return x, y, {"train_poisoned": int(len(poisoned))}

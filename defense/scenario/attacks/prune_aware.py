@@ -25,14 +25,25 @@ becomes `-decoy_margin`, a margin so that they stay dormant on other clean digit
 from __future__ import annotations
 
 import numpy as np
+from dataclasses import asdict, dataclass
 
-from defense.scenario import build as sc
-from defense.scenario.attacks import badnets
-from defense.scenario.attacks.checks import number
+from defense.scenario import common as sc
+from defense.scenario.common import number
 from defense.core.errors import DefenseError
 
+
+@dataclass
+class Settings:
+    """conf/dataset/attack/prune_aware.yaml: dataset.scenario.prune_aware (checked by `check` below)."""
+
+    max_drop: float = 4.0
+    retrain_epochs: int = 10
+    decoy_margin: float = 1.0
+    layer: str = "conv_3"
+
+
 NAME = "prune_aware"
-DEFAULTS = {"max_drop": 4.0, "retrain_epochs": 10, "decoy_margin": 1.0, "layer": "conv_3"}
+DEFAULTS = asdict(Settings())  # dataset.scenario.<NAME> when not given
 USES_TRIGGER = True
 CHANGES_LABELS = True
 MIN_ASR = 90.0
@@ -48,8 +59,8 @@ def check(cfg: dict) -> None:
         raise DefenseError(f"{where}.layer={block['layer']!r} is not known; use one of conv_1..conv_4 (default conv_3)")
 
 
-poison_train = badnets.poison_train
-poison_test = badnets.poison_test
+poison_train = sc.square_poison_train
+poison_test = sc.square_poison_test
 
 
 def describe(cfg) -> str:
@@ -106,7 +117,7 @@ def train(x_train, y_train, cfg, context):
     clean_kernel, clean_bias = (np.array(w) for w in layer.get_weights())
     x_clean, y_clean = context["x_train_clean"] / scale, context["y_train_clean"]  # the attacker's own digits
     pruned, acc_clean, acc_pruned = attacker_prune(model, block["layer"], x_clean, y_clean, block["max_drop"])  # 2.
-    sc._say("scenario: the attacker pruned %d of %d %s channels (accuracy on its clean digits %.2f%% -> %.2f%%)",
+    sc.say("scenario: the attacker pruned %d of %d %s channels (accuracy on its clean digits %.2f%% -> %.2f%%)",
             len(pruned), clean_bias.shape[0], block["layer"], acc_clean, acc_pruned)
 
     mask = np.ones(clean_bias.shape[0], np.float32)

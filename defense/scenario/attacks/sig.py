@@ -16,14 +16,24 @@ the target. `poison_fraction` is a share of the whole training set, drawn from t
 from __future__ import annotations
 
 import numpy as np
+from dataclasses import asdict, dataclass
 
-from defense.scenario import build as sc
-from defense.scenario.attacks import badnets
-from defense.scenario.attacks.checks import number, positive
+from defense.scenario import common as sc
+from defense.scenario.common import number, positive
 from defense.core.errors import DefenseError
 
+
+@dataclass
+class Settings:
+    """conf/dataset/attack/sig.yaml: dataset.scenario.sig (checked by `check` below)."""
+
+    delta: float = 20.0
+    test_delta: float = 20.0
+    frequency: float = 6.0
+
+
 NAME = "sig"
-DEFAULTS = {"delta": 20.0, "test_delta": 20.0, "frequency": 6.0}
+DEFAULTS = asdict(Settings())  # dataset.scenario.<NAME> when not given
 USES_TRIGGER = False
 CHANGES_LABELS = False
 MIN_ASR = 90.0
@@ -57,7 +67,7 @@ def add_signal(images: np.ndarray, delta: float, frequency: float) -> np.ndarray
 def poison_train(x, y, cfg, rng):
     x, y = np.array(x, np.float32, copy=True), np.array(y, np.int64, copy=True)
     target_class = np.flatnonzero(y == int(cfg["target"]))
-    poisoned = badnets.choose_poisoned(y, cfg, rng, candidates=target_class)
+    poisoned = sc.choose_poisoned(y, cfg, rng, candidates=target_class)
     b = cfg[NAME]
     x[poisoned] = add_signal(x[poisoned], b["delta"], b["frequency"])
     return x, y, {"train_poisoned": int(len(poisoned))}

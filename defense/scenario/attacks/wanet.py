@@ -21,15 +21,30 @@ from the scenario's seeded generator. At test time the field warps every non-tar
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Optional
+
 import numpy as np
 
-from defense.scenario import build as sc
-from defense.scenario.attacks import badnets
-from defense.scenario.attacks.checks import number, positive
+from defense.scenario import common as sc
+from defense.scenario.common import number, positive
 from defense.core.errors import DefenseError
 
+
+@dataclass
+class Settings:
+    """conf/dataset/attack/wanet.yaml: dataset.scenario.wanet (checked by `check` below)."""
+
+    k: int = 4
+    s: float = 0.5
+    grid_rescale: float = 1.0
+    cross_ratio: float = 2.0
+    field_seed: int = 0
+    poison_fraction: Optional[float] = None  # null: dataset.scenario.poison_fraction
+
+
 NAME = "wanet"
-DEFAULTS = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0, "field_seed": 0, "poison_fraction": None}
+DEFAULTS = asdict(Settings())  # dataset.scenario.<NAME> when not given
 USES_TRIGGER = False
 CHANGES_LABELS = True
 MIN_ASR = 90.0
@@ -132,7 +147,7 @@ def poison_train(x, y, cfg, rng):
     block = cfg[NAME]
     if block.get("poison_fraction") is not None:  # WaNet's own share, else the scenario's
         cfg = {**cfg, "poison_fraction": block["poison_fraction"]}
-    poisoned = badnets.choose_poisoned(y, cfg, rng)
+    poisoned = sc.choose_poisoned(y, cfg, rng)
     n_cross = int(round(block["cross_ratio"] * len(poisoned)))
     rest = np.setdiff1d(np.arange(len(y)), poisoned)
     if n_cross > len(rest):

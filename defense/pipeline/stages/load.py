@@ -1,0 +1,31 @@
+"""Stage `load`: the clean and poisoned validation and test data (defense/pipeline/load.py), the input
+scaling chosen on clean validation data when model.input_divisor is null, the data sets logged."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import OmegaConf
+
+from defense.pipeline import load
+from defense.pruning import autodetect
+
+ORDER = 10
+log = logging.getLogger("defense.run")
+
+
+def run(cfg, out_dir, model, model_path, limits, tracker) -> dict:
+    valid = load.load_split(cfg.dataset, cfg.model, "valid", limits)
+    if cfg.model.get("input_divisor") is None:
+        divisor = autodetect.choose_input_divisor(cfg.model, model, valid.clean, int(cfg.get("batch_size", 512)))
+        tracker.set_tags({"input_divisor": f"{divisor:g}"})
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    test = load.load_split(cfg.dataset, cfg.model, "test", limits)
+    tracker.log_datasets(valid, "validation", str(cfg.dataset.get("kind")))
+    tracker.log_datasets(test, "test", str(cfg.dataset.get("kind")))
+    log.info(
+        "model %s (%s); %d clean + %s poisoned validation images, %d clean + %s poisoned test images",
+        cfg.model.name, model_path, len(valid.clean), [len(v) for v in valid.poisoned.values()],
+        len(test.clean), [len(v) for v in test.poisoned.values()],
+    )
+    return {"valid": valid, "test": test}

@@ -1,0 +1,50 @@
+"""Stage `points`: the summary rows, one per accuracy drop of prune.drops and one for the criterion's own
+operating point (defense/pipeline/operating_point.py), each with its DER against the unpruned B."""
+
+from __future__ import annotations
+
+import logging
+
+from defense.nets.models import input_divisor
+from defense.pipeline import operating_point
+from defense.pipeline.finetune import der
+from defense.pipeline.sweep import pruned_by_layer
+from defense.reporting import report
+
+ORDER = 30
+log = logging.getLogger("defense.run")
+
+
+def run(cfg, model, sweep, valid, test) -> dict:
+    base_curve = sweep.curves[0]
+    summary = report.summary_rows(sweep.thresholds)
+    for row in summary:
+        row["point"] = "drop"
+    op_row = operating_point_row(cfg, model, sweep, valid, test)
+    if op_row is not None:
+        summary.append(op_row)
+    for row in summary:
+        # DER of G(B, B') against the unpruned B (0.5: nothing changed, e.g. defense=none)
+        row["der"] = der(base_curve["pruned_test_acc"], row["test_acc"], base_curve["pruned_test_asr"],
+                         row["test_asr"]) if row["reached"] else float("nan")
+    return {"summary": summary}
+
+
+def operating_point_row(cfg, model, result, valid, test) -> dict | None:
+    """The summary row of the criterion's own operating point, or None when it has none."""
+    op = result.scores.operating_point
+    if op is None:
+        return None
+    pairs = operating_point.checked_pairs(op, model, result.layers)
+    names = list(valid.poisoned)
+    sets = [("valid_clean", valid.clean)] + [(f"valid_{n}", valid.poisoned[n]) for n in names]
+    sets += [("test_clean", test.clean)] + [(f"test_{n}", test.poisoned[n]) for n in names]
+    preds = operating_point.predictions(model, result.layers, pairs, sets, input_divisor(cfg.model),
+                                        int(cfg.get("batch_size", 512)))
+    row = operating_point.operating_point_row(pairs, result.channels, preds, valid, test, names,
+                                              int(cfg.model.num_classes))
+    log.info("the criterion's operating point prunes %d channels: clean valid accuracy %.2f %%, valid ASR %.2f %%, "
+             "G(B, B') test accuracy %.2f %%, test ASR %.2f %%", len(pairs), row["valid_acc"], row["valid_asr"],
+             row["test_acc"], row["test_asr"])
+    result.operating_pruned = pruned_by_layer(pairs, result.layers)
+    return row
