@@ -1,7 +1,7 @@
 """`python -m defense.compare`: one table and one plot over the runs of a sweep, read from MLflow.
 
     python -m defense.compare                                  # the newest sweep of tracking.experiment
-    python -m defense.compare compare.layout=leaderboard       # attacks x defenses (defense/leaderboard.py)
+    python -m defense.compare compare.layout=leaderboard       # attacks x defenses (defense/analysis/leaderboard.py)
     python -m defense.compare compare.parent=<parent run id>   # the jobs of that sweep
     python -m defense.compare compare.experiment=backdoor-prune  # every single run of an experiment
     python -m defense.compare tracking.uri=http://mlflow.example.org:5000
@@ -20,7 +20,7 @@ Writes to its run folder (Hydra's output dir):
 - comparison.png: the clean accuracy and attack success rate curves of every run, overlaid.
 When it compares a sweep the three files are also logged to the sweep's parent run under comparison/.
 With compare.layout=leaderboard it writes leaderboard.{csv,md,png} and leaderboard_runs.csv instead
-(logged under leaderboard/): rows attacks, columns defenses (defense/leaderboard.py).
+(logged under leaderboard/): rows attacks, columns defenses (defense/analysis/leaderboard.py).
 
 The defended network is G(B, B') (the summary's test_acc / test_asr, DER computed against the unpruned
 B of curve step 0), or the fine-pruned B'' where the run's summary.csv has fine-tuning columns
@@ -358,7 +358,7 @@ def log_to_parent(client, parent, paths: list[Path], folder: str) -> None:
 
 def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Compare the runs `cfg.compare` selects; writes comparison.{csv,md,png} into `out_dir`, or with
-    compare.layout=leaderboard leaderboard.{csv,md,png} and leaderboard_runs.csv (defense/leaderboard.py)."""
+    compare.layout=leaderboard leaderboard.{csv,md,png} and leaderboard_runs.csv (defense/analysis/leaderboard.py)."""
     import os
 
     from defense.reporting import report

@@ -43,7 +43,7 @@ class ModelConfig:
     architecture: Optional[str] = "deepid"
     input_shape: Optional[List[int]] = None  # null (model=auto): read from the model file
     num_classes: Optional[int] = None  # null (model=auto): read from the model file
-    input_divisor: Optional[float] = 1.0  # null: chosen on clean validation data (defense/autodetect.py)
+    input_divisor: Optional[float] = 1.0  # null: chosen on clean validation data (defense/pruning/autodetect.py)
     triggers: Dict[str, int] = field(default_factory=dict)  # trigger name -> target label
 
 
@@ -71,7 +71,7 @@ class Lab3DatasetConfig:
 @dataclass
 class ScenarioDatasetConfig(Lab3DatasetConfig):
     """conf/dataset/badnets_mnist.yaml: the Lab 3 layout of a built scenario; `scenario` is checked by
-    defense/scenario.py::resolve_config (a nested mapping, typed loosely here)."""
+    defense/scenario/build.py::resolve_config (a nested mapping, typed loosely here)."""
 
     kind: str = "scenario"
     root: Optional[str] = None
@@ -90,7 +90,7 @@ class CsawExtractDatasetConfig:
 
 @dataclass
 class FilesDatasetConfig:
-    """conf/dataset/files.yaml: the defender's own files (defense/data_files.py)."""
+    """conf/dataset/files.yaml: the defender's own files (defense/data/files.py)."""
 
     kind: str = "files"
     root: Optional[str] = None
@@ -145,14 +145,14 @@ class PruneConfig:
     """conf/prune/default.yaml (and clp.yaml, anp.yaml, rnp.yaml)."""
 
     criterion: str = "activation"
-    # a Conv2D layer name, a list of them, or `all` (every Conv2D); null: defense/autodetect.py::default_layer
-    # (DeepID: conv_3); typed Any because it is a string or a list, checked by defense/sweep.py::check_layer_option
+    # a Conv2D layer name, a list of them, or `all` (every Conv2D); null: defense/pruning/autodetect.py::default_layer
+    # (DeepID: conv_3); typed Any because it is a string or a list, checked by defense/pipeline/sweep.py::check_layer_option
     layer: Any = None
-    probe: Optional[str] = None  # null: defense/autodetect.py::default_probe (DeepID: pool_3)
+    probe: Optional[str] = None  # null: defense/pruning/autodetect.py::default_probe (DeepID: pool_3)
     drops: List[float] = field(default_factory=lambda: [2.0, 4.0, 10.0, 30.0])
     seed: int = 0
     # null: every step (several layers and over 100 steps: 101 evenly spaced); N >= 2: N evenly spaced
-    # steps, the first and last included (defense/steps.py)
+    # steps, the first and last included (defense/pruning/steps.py)
     eval_steps: Optional[int] = None
     clp: ClpConfig = field(default_factory=ClpConfig)
     anp: AnpConfig = field(default_factory=AnpConfig)
@@ -195,7 +195,7 @@ class FinetuneCleanConfig:
 @dataclass
 class AblationConfig:
     """`ablation` of conf/experiment/finetune_ablation.yaml: the fine-tuning budgets of the grid
-    (defense/ablation.py); every other fine-tuning setting comes from the `finetune` group."""
+    (defense/pipeline/ablation.py); every other fine-tuning setting comes from the `finetune` group."""
 
     epochs: List[int] = field(default_factory=lambda: [2, 5, 10, 30])  # each >= 1
     learning_rate: List[float] = field(default_factory=lambda: [0.01, 0.05])  # each > 0
@@ -306,7 +306,7 @@ class CompareSection:
     parent: Optional[str] = None
     experiment: Optional[str] = None
     x: str = "fraction_pruned"
-    layout: str = "runs"  # runs (one row per run) | leaderboard (attacks x defenses, defense/leaderboard.py)
+    layout: str = "runs"  # runs (one row per run) | leaderboard (attacks x defenses, defense/analysis/leaderboard.py)
 
 
 @dataclass
@@ -490,7 +490,7 @@ def seed_everything(cfg) -> None:
 
     The data-dependent random draws have their own seeded generators (prune.seed for the random
     order, finetune.seed for the holdout split, the shuffling and the shift augmentation,
-    defense/finetune.py); this covers what they do not reach (Keras' global generators and the
+    defense/pipeline/finetune.py); this covers what they do not reach (Keras' global generators and the
     thread-order of TensorFlow's reductions).
     """
     import keras

@@ -3,7 +3,7 @@
     python experiments/attack_scenarios.py                 # scenario seed 0 (the development instance)
     python experiments/attack_scenarios.py --seed 1
 
-For every attack of defense/attacks/ (`dataset.scenario.attack=<attack>`, everything else as
+For every attack of defense/scenario/attacks/ (`dataset.scenario.attack=<attack>`, everything else as
 conf/dataset/badnets_mnist.yaml) the scenario is built (or reused from the cache: the time is then
 the one scenario.json recorded when it was built) and its backdoored network's clean test accuracy
 and test attack success rate are read from its scenario.json. Writes

@@ -13,10 +13,10 @@ Times, in one process on the same inputs (images held as uint8 where that is los
       repaired network G(B, B') needs); the per-step part is timed on --seed-steps steps spread
       over the sweep and scaled to all steps (`--seed-steps all` times every step, no scaling);
       B's predictions on the four sets are (c) below, the same work, timed once;
-  (b) the runner's sweep (`defense.sweep.run_sweep`: ranking, every step, valid curves and G on
+  (b) the runner's sweep (`defense.pipeline.sweep.run_sweep`: ranking, every step, valid curves and G on
       test, B' at 2/4/10/30), including the tracing of its own graphs;
   (c) one plain `model.predict` of B over the four sets, the floor;
-  (d) the evaluator of several pruned layers (`defense.channel_masks.ChannelMasks`, used by the
+  (d) the evaluator of several pruned layers (`defense.pruning.channel_masks.ChannelMasks`, used by the
       runner with `prune.layer=all` or a list): every conv layer of the network (DeepID: conv_1 to
       conv_4, 200 channels) in one global L1 order, --multi-steps evenly spaced steps on the four
       sets; its time per evaluated step is compared with (c) (goal: at most 1.2x), and its labels

@@ -13,7 +13,7 @@ and reads each job's `summary.csv` and `curves.csv` (nothing is recomputed here)
 is one defended network of one defense: at the defense's own operating point where its criterion has
 one (CLP, ANP, RNP: `point = operating_point`), and at the 4-point accuracy drop (`--drop`); the
 baselines `none` and `fine_tuning` prune nothing and have the one row of drop 0. The columns are the
-clean test accuracy, the test ASR and the DER (defense/metrics.py, against the unpruned B of the same
+clean test accuracy, the test ASR and the DER (defense/core/metrics.py, against the unpruned B of the same
 setup) of B' alone and of G(B, B'), and, for the presets that fine-tune, of B'' and G(B, B'').
 Writes experiments/results/defenses_table.md and .json.
 """

@@ -150,7 +150,7 @@ def markdown(per_seed: list[dict], summary: dict) -> str:
         f"Scenario seeds {', '.join(map(str, seeds))} (`dataset.scenario.seed=S`; seed 0, the development "
         f"instance, is not among them), mean ± sample std over the {len(seeds)} seeds, scores on each "
         f"scenario's test digits.\n\n"
-        f"The scenario builds (the backdoored B of each seed, as `defense.scenario` measured it):\n\n{build}\n\n"
+        f"The scenario builds (the backdoored B of each seed, as `defense.scenario.build` measured it):\n\n{build}\n\n"
         f"`experiment=fine_pruning` on each (fine-tuning alone: the same preset with `prune.drops=[0]`; "
         f"DER against the unpruned B of the same seed; worst seed: the lowest clean accuracy and the highest ASR "
         f"over the seeds):\n\n{table}\n\n"

@@ -13,7 +13,7 @@ It runs, from the project root, with its own MLflow store and sweep folder under
 
 times the sweep (wall clock, scenario builds included: a scenario not yet in the cache is built by
 the first job that needs it; the results say how many scenarios the cache held before and after) and writes
-experiments/results/leaderboard.md (the table of defense/leaderboard.py, the commands and the time)
+experiments/results/leaderboard.md (the table of defense/analysis/leaderboard.py, the commands and the time)
 and .json (the same cells, per run, with the times), and copies the heatmaps to
 experiments/results/leaderboard.png.
 """
@@ -77,7 +77,7 @@ def run(command: list[str], log_path: Path) -> float:
 
 
 def cached_scenarios() -> int:
-    """Scenario folders in the cache (defense/scenario.py: $BACKDOOR_PRUNE_CACHE or ~/.cache/backdoor-prune)."""
+    """Scenario folders in the cache (defense/scenario/build.py: $BACKDOOR_PRUNE_CACHE or ~/.cache/backdoor-prune)."""
     root = Path(os.environ.get("BACKDOOR_PRUNE_CACHE") or "~/.cache/backdoor-prune").expanduser() / "scenarios"
     return sum(1 for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 0
 

@@ -40,7 +40,7 @@ def compose(overrides: list[str], config_name: str = "config"):
 
 
 def versions() -> dict[str, str]:
-    """python, tensorflow, keras, numpy and mlflow of this environment (defense/provenance.py)."""
+    """python, tensorflow, keras, numpy and mlflow of this environment (defense/core/provenance.py)."""
     use_this_checkout()
     from defense.core.provenance import versions as package_versions
 

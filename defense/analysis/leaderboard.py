@@ -54,14 +54,14 @@ def _given(value) -> bool:
 # what a run is: attack, defense, seed
 
 def attack_of(params: dict, tags: dict | None = None) -> str:
-    """The attack (row) of a run, from its logged params (the flattened config, defense/tracking.py)."""
+    """The attack (row) of a run, from its logged params (the flattened config, defense/tracking/tracker.py)."""
     tags = tags or {}
     if _given(tags.get("attack")):
         return str(tags["attack"])
     if _given(params.get("dataset.scenario.attack")):
         name = str(params["dataset.scenario.attack"])
     elif any(key.startswith("dataset.scenario.") for key in params):
-        name = "badnets"  # the embedded scenario (defense/scenario.py) from before dataset.scenario.attack
+        name = "badnets"  # the embedded scenario (defense/scenario/build.py) from before dataset.scenario.attack
     else:
         return str(tags.get("model") or params.get("model.name") or "?")  # a network on files: its own backdoor
     if params.get("dataset.scenario.mode") == "all_to_all":

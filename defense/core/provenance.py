@@ -1,8 +1,8 @@
 """Where a result comes from: the command line that made it, the date, and the package versions.
 
 The results files of `experiments/` (experiments/results_files.py) and the leaderboard of
-`python -m defense.compare compare.layout=leaderboard` (defense/leaderboard.py) write these beside
-their tables; a multirun's MLflow parent run keeps them as tags (defense/tracking.py).
+`python -m defense.compare compare.layout=leaderboard` (defense/analysis/leaderboard.py) write these beside
+their tables; a multirun's MLflow parent run keeps them as tags (defense/tracking/tracker.py).
 """
 
 from __future__ import annotations

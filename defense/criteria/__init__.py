@@ -12,13 +12,13 @@ when one is added. A criterion module defines:
         model:   the suspect network (a functional Keras model); the criterion must leave its weights
                  as they were (work on a copy, or restore them).
         layers:  the Conv2D layers to score, in model order.
-        clean:   defense.data.LabeledImages of the CLEAN VALIDATION data only (raw pixels, `x`, and
-                 labels, `y`; scale a batch with defense.models.scale_pixels(x, divisor)), or None.
+        clean:   defense.data.arrays.LabeledImages of the CLEAN VALIDATION data only (raw pixels, `x`, and
+                 labels, `y`; scale a batch with defense.nets.models.scale_pixels(x, divisor)), or None.
         cfg:     the whole run config; the criterion's own keys live under cfg.prune.<name>.
 
     def check_config(prune_cfg) -> None   (optional)
         Checks of the criterion's own options that need no model or data, run with the other config
-        checks before any work (defense.sweep.check_prune_config); raises a DefenseError naming the key.
+        checks before any work (defense.pipeline.sweep.check_prune_config); raises a DefenseError naming the key.
 
 The defender has only clean validation data: nothing here may read poisoned or test data.
 """

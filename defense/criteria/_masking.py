@@ -2,7 +2,7 @@
 
 A mask m_k in [0, 1] scales output channel k of a masked Conv2D as a whole, kernel and bias:
 z_k = m_k * (W_k * x) + m_k * b_k, so m_k = 0 is exactly what pruning the channel does in this framework
-(defense.models.pruned_copy zeroes its kernel and bias). ANP's multiplicative perturbations enter as
+(defense.nets.models.pruned_copy zeroes its kernel and bias). ANP's multiplicative perturbations enter as
 z_k = (m_k + d_k) * (W_k * x) + (m_k + e_k) * b_k. The masked network is the suspect network itself, read
 through `keras.StatelessScope`: inside the scope its kernels and biases read as the masked values (and,
 for RNP, every trainable variable as its unlearned copy), so the network's own variables are never

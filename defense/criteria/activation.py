@@ -8,7 +8,7 @@ of its activation read after the per-channel layers that follow the conv layer:
 - one layer: at `prune.probe` (null: the end of the per-channel chain after `prune.layer`, e.g.
   DeepID's conv_3 -> pool_3, as the Lab 3 reads it);
 - several layers: for each conv layer, at the end of its own per-channel chain (pooling, element-wise
-  activation, dropout, batch norm over the channels: `defense.masked.per_channel_chain`); `prune.probe`
+  activation, dropout, batch norm over the channels: `defense.pruning.masked.per_channel_chain`); `prune.probe`
   must then be null. The means of all layers are ranked together, so a layer whose activations are
   small overall loses its channels first.
 """
@@ -63,7 +63,7 @@ def mean_activation_order(probe_outputs) -> np.ndarray:
 def probe_outputs(model, path: list[str], layer_batches):
     """The probe's outputs, batch by batch, from the conv layer's outputs through the per-channel path.
 
-    The sweep of one layer (defense/sweep.py) already streams that layer's outputs and hands them here,
+    The sweep of one layer (defense/pipeline/sweep.py) already streams that layer's outputs and hands them here,
     so the clean validation images pass through the layers before it once only.
     """
     layers = [model.get_layer(name) for name in path[1:]]

@@ -2,7 +2,7 @@
 
 An h5 file holds `data` (N, C, H, W) channels-first, pixels 0..255 (NHWC files are accepted too),
 `label` (N,) and, for poisoned sets, optionally `clean_label` (N,), the true identity of each image.
-Images are returned NHWC float32, unscaled: input scaling belongs to the model (see `defense.models`).
+Images are returned NHWC float32, unscaled: input scaling belongs to the model (see `defense.nets.models`).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def as_uint8_pixels(images: LabeledImages) -> LabeledImages:
     """`images` with `x` stored as uint8 when that is lossless (every pixel an integer in 0..255, as in
     the Lab 3 files and the extracts), a quarter of the float32 memory; otherwise `images` unchanged.
 
-    The sweep engine (`defense.masked.MaskedSweep`) and Keras `predict` turn uint8 batches back into
+    The sweep engine (`defense.pruning.masked.MaskedSweep`) and Keras `predict` turn uint8 batches back into
     the same float32 values, so predictions are exactly those on the float32 images.
     """
     x = images.x

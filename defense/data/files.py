@@ -1,7 +1,7 @@
 """The data files a defender brings (`dataset=files`): one set per file or folder, three layouts.
 
 - `.h5` / `.hdf5`: the Lab 3 layout (`data` (N, C, H, W) or (N, H, W, C), `label`, optional
-  `clean_label`), read by `defense.data.load_h5`;
+  `clean_label`), read by `defense.data.arrays.load_h5`;
 - `.npz`: arrays `x` (images, channels first or last, or (N, H, W) for grey) and `y` (labels), optional
   `clean_label`; read with `allow_pickle=False`, so a file can hold arrays only, never code, and each
   array's declared size is checked against `limits.max_array_gib` before it is read;

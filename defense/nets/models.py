@@ -72,7 +72,7 @@ def build_architecture(model_cfg):
 def load_model(model_cfg, path: str | None = None, limits: Limits | None = None):
     """Load the model described by `model_cfg` from `path` (default `model_cfg.path`).
 
-    The file is checked by `defense.safe_files` first (`limits`: the `limits` config group,
+    The file is checked by `defense.core.safe_files` first (`limits`: the `limits` config group,
     defaults when None); a full model goes through `load_full_model`.
     """
     path = os.fspath(path or model_cfg.get("path") or "")
@@ -98,7 +98,7 @@ def load_model(model_cfg, path: str | None = None, limits: Limits | None = None)
 def as_functional(model):
     """A Sequential as the functional model of the same layers (weights shared), other models as they are.
 
-    The sweep (defense.masked), compact export and the layer defaults walk the layer graph of a
+    The sweep (defense.pruning.masked), compact export and the layer defaults walk the layer graph of a
     functional model; a Sequential's is that of its functional twin.
     """
     import keras
@@ -204,7 +204,7 @@ def check_model_matches(model, model_cfg, path: str) -> None:
     in_shape = tuple(int(s) for s in model.input_shape[1:])
     out_classes = int(model.output_shape[-1])
     if model_cfg.get("input_shape") is None and model_cfg.get("num_classes") is None:
-        return  # model=auto: read from the model (defense.autodetect.complete_model_config)
+        return  # model=auto: read from the model (defense.pruning.autodetect.complete_model_config)
     want_shape = tuple(int(s) for s in model_cfg.input_shape) if model_cfg.get("input_shape") is not None else in_shape
     want_classes = int(model_cfg.num_classes) if model_cfg.get("num_classes") is not None else out_classes
     if in_shape != want_shape or out_classes != want_classes:

@@ -8,7 +8,7 @@ B itself (drop 0: fine-tuning alone, no channel pruned) and for the kept B' of e
 threshold of `prune.drops`, it fine-tunes with every budget of the grid `ablation.epochs` x
 `ablation.learning_rate` (every other setting from the `finetune` group, as `finetune=clean` does:
 clean validation data only, pruned channels kept at zero), and scores B'' and G(B, B'') on the test
-data with `defense.finetune.score_fine_pruned`.
+data with `defense.pipeline.finetune.score_fine_pruned`.
 
 Writes into the run folder, and logs to MLflow (the grid itself is in the params `ablation.*`):
 - ablation.csv: one row per (drop, epochs, learning_rate): channels_pruned, the fine-tuned network

@@ -4,8 +4,8 @@
 - `lab3`: the Lab 3 files under `dataset.root` (cl/valid.h5, bd/bd_valid.h5, cl/test.h5, bd/bd_test.h5);
 - `csaw_extract`: the real extracts of ../shared/data/csaw; one file per set, the first half of every
   file is validation data and the second half test data, so clean/poisoned pairs stay aligned;
-- `scenario`: a backdoor scenario built offline by `defense.scenario` (Lab 3 layout in its cache folder);
-- `files`: the defender's own files (`defense.data_files`): `clean_valid` and `clean_test` (required),
+- `scenario`: a backdoor scenario built offline by `defense.scenario.build` (Lab 3 layout in its cache folder);
+- `files`: the defender's own files (`defense.data.files`): `clean_valid` and `clean_test` (required),
   `poisoned_valid` / `poisoned_test` (optional, trigger name -> file whose labels are the attack's
   targets), each an h5 file, an npz file or a folder of class subfolders, relative to `root` when set.
   Without poisoned sets the defense runs on clean data alone and the ASR columns stay blank.
@@ -155,7 +155,7 @@ def _load_files(root: str, dataset_cfg, model_cfg, split: str, limits=None) -> S
 def load_split(dataset_cfg, model_cfg, split: str, limits=None) -> Split:
     """Load one split (`valid`, `test` or `all`) and check it fits the model.
 
-    `limits`: a `defense.safe_files.Limits` for the untrusted h5 files (the defaults when None).
+    `limits`: a `defense.core.safe_files.Limits` for the untrusted h5 files (the defaults when None).
     """
     if split not in SPLITS:
         raise DefenseError(f"split={split!r} is not one of {list(SPLITS)}")

@@ -35,7 +35,7 @@ def checked_pairs(operating_point: dict, model, layers: list[str]) -> list[tuple
 
 def predictions(model, layers: list[str], pairs, sets: list[tuple[str, object]], divisor: float,
                 batch_size: int) -> dict[str, np.ndarray]:
-    """Labels (N, 2) per set: column 0 B, column 1 B' with `pairs` pruned (defense.channel_masks)."""
+    """Labels (N, 2) per set: column 0 B, column 1 B' with `pairs` pruned (defense.pruning.channel_masks)."""
     from defense.pruning.channel_masks import ChannelMasks
 
     masks = ChannelMasks(model, layers, batch_size)

@@ -3,12 +3,12 @@
 1. rank: the criterion module (`defense.criteria.get(prune.criterion)`) scores the channels of the
    pruned layers on clean validation data (or none), and `defense.criteria.global_order` turns the
    scores into one order of (layer, channel) pairs;
-2. predict: every evaluated step (`defense.steps`) on the clean validation data, then, as far as the
+2. predict: every evaluated step (`defense.pruning.steps`) on the clean validation data, then, as far as the
    stop rule goes, on the poisoned validation data and the test data;
-   - one layer: `defense.masked.MaskedSweep` (the network before the layer runs once per image, every
+   - one layer: `defense.pruning.masked.MaskedSweep` (the network before the layer runs once per image, every
      step at once); ranked by activation, the layer's outputs of the clean validation images are
      computed once and serve both the ranking and the predictions;
-   - several layers: `defense.channel_masks.ChannelMasks` (one traced graph, one mask per layer,
+   - several layers: `defense.pruning.channel_masks.ChannelMasks` (one traced graph, one mask per layer,
      assigned per step);
 3. curves per evaluated step and the first step reaching each accuracy drop (defense/pipeline/curves.py).
 """
@@ -90,7 +90,7 @@ def pruned_layers(cfg, model) -> list[str]:
     """The conv layers prune.layer names, in model order (a list is sorted into it; criteria score layers in
     model order, defense/criteria/__init__.py).
 
-    Null is filled with the default layer (defense.autodetect); a name that is no layer of the model
+    Null is filled with the default layer (defense.pruning.autodetect); a name that is no layer of the model
     or a layer that is no Conv2D is one DefenseError listing the Conv2D layers there are.
     """
     from defense.pruning.autodetect import complete_prune_config, conv_layers
@@ -130,7 +130,7 @@ def pruned_layers(cfg, model) -> list[str]:
 def check_layers(cfg, model) -> list[str]:
     """prune.layer (and, ranked by activation on one layer, prune.probe), checked against the model.
 
-    Returns the pruned layers; null options are filled (defense.autodetect: DeepID -> conv_3 / pool_3).
+    Returns the pruned layers; null options are filled (defense.pruning.autodetect: DeepID -> conv_3 / pool_3).
     """
     layers = pruned_layers(cfg, model)
     if cfg.prune.criterion == "activation":

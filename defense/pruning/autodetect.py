@@ -14,7 +14,7 @@ can be found instead:
   pool_3 feeds both interpretation branches; conv_4 is one branch); a network with no conv layer
   followed by pooling gets its last Conv2D;
 - `prune.probe` null: the end of the chain of per-channel layers (pooling, activation) right after
-  `prune.layer` (defense/per_channel.py's rule), where the Lab 3 reads the activations (DeepID: pool_3).
+  `prune.layer` (defense/pruning/per_channel.py's rule), where the Lab 3 reads the activations (DeepID: pool_3).
 """
 
 from __future__ import annotations

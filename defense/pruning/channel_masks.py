@@ -1,6 +1,6 @@
 """Predictions of a network with channels of several conv layers pruned, one mask assignment per step.
 
-Pruning output channel c of a Conv2D (zeroing its kernel and bias, as `defense.models.pruned_copy`
+Pruning output channel c of a Conv2D (zeroing its kernel and bias, as `defense.nets.models.pruned_copy`
 does) makes its pre-activation exactly 0 at every position, so the layer outputs act(0) there. The
 same is obtained by multiplying the layer's pre-activation (convolution + bias) by a 0/1 mask per
 output channel before its activation: 0 * z = 0 for the finite z a network computes, and act(0)
@@ -10,7 +10,7 @@ follows for any activation (relu, sigmoid, linear, ...).
 batch): every layer is called as it is, with the model's own weights, except the masked Conv2D layers,
 whose convolution + bias is multiplied by a mask `tf.Variable` before their activation. A pruning
 step is then one `assign` per masked layer; no model is rebuilt, cloned or traced again per step.
-For one layer the faster `defense.masked.MaskedSweep` (every step at once) is used instead.
+For one layer the faster `defense.pruning.masked.MaskedSweep` (every step at once) is used instead.
 
     masks = ChannelMasks(model, ["conv_1", "conv_2", "conv_3", "conv_4"])
     labels = masks.predict(x, pairs, steps=[0, 10, 200])  # (N, 3): column j = steps[j] pairs pruned

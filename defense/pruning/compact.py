@@ -1,12 +1,12 @@
 """Compact export: a B' with its pruned channels removed, not only zeroed.
 
-A B' made by `defense.models.pruned_copy` keeps the full architecture with the kernel and bias of the
+A B' made by `defense.nets.models.pruned_copy` keeps the full architecture with the kernel and bias of the
 pruned output channels of the pruned Conv2D layer set to zero. `compact_model` rebuilds the network
 with fewer filters in that layer and slices every layer that reads those channels:
 
 - layers that act on each channel alone and keep a constant channel constant (pooling, global
   pooling, cropping, up-sampling, element-wise activations, dropout, batch norm over the channels: the
-  rule of `defense.per_channel`) pass the channels through; batch norm and PReLU keep only the kept
+  rule of `defense.pruning.per_channel`) pass the channels through; batch norm and PReLU keep only the kept
   channels' weights;
 - a Conv2D that reads them loses the matching input channels of its kernel (DeepID `conv_4`:
   kernel[:, :, kept, :]);
@@ -24,7 +24,7 @@ position sees the whole kernel window, so the contribution is the same everywher
 bias gets one). The one case that cannot be folded, a non-zero constant read by a `same`-padded
 Conv2D with a kernel larger than 1x1 (the zero padding makes the contribution differ at the borders),
 raises a DefenseError, as does a layer that mixes the channels (a softmax over them, a batch norm over
-another axis, zero padding of a non-zero constant, any layer `defense.per_channel` does not know) and
+another axis, zero padding of a non-zero constant, any layer `defense.pruning.per_channel` does not know) and
 any other layer reading the pruned channels directly (Add, Concatenate, Reshape, ...: slicing them
 would need the other inputs changed too).
 
@@ -111,7 +111,7 @@ def _plan(model, layer, pruned: list[int]):
 
     channels = int(layer.filters)
     kept = [c for c in range(channels) if c not in set(pruned)]
-    # the activation is element-wise (`defense.masked.conv_layer` refuses the others), so a pruned channel is act(0)
+    # the activation is element-wise (`defense.pruning.masked.conv_layer` refuses the others), so a pruned channel is act(0)
     k0 = np.asarray(layer.activation(np.zeros((1, channels), np.float32)), np.float64).reshape(channels)
 
     graph = _graph(model)
@@ -202,7 +202,7 @@ def _plan(model, layer, pruned: list[int]):
 
 
 def _per_channel(op, track: _Track, out_rank: int, layer, pruned: list[int], add_edit) -> _Track:
-    """The track after a layer that must be per-channel (`defense.per_channel`); a DefenseError otherwise."""
+    """The track after a layer that must be per-channel (`defense.pruning.per_channel`); a DefenseError otherwise."""
     kind = type(op).__name__
     rule = channel_rule(op, track.rank, track.rank - 1)
     if not rule.per_channel or rule.out_axis != out_rank - 1:
@@ -263,7 +263,7 @@ def compact_model(model, layer_name: str, pruned_channels):
     """A smaller copy of `model` without the `pruned_channels` output channels of Conv2D `layer_name`.
 
     It computes what `model` computes with those channels pruned (kernel and bias zeroed, as
-    `defense.models.pruned_copy` does): for a B' made that way, the same predictions. `model` is not
+    `defense.nets.models.pruned_copy` does): for a B' made that way, the same predictions. `model` is not
     changed. Raises DefenseError for graphs it cannot slice (see the module docstring).
     """
     import keras

@@ -5,7 +5,7 @@ constant act(0) (0 for ReLU). So the part of the network before L is run once pe
 after it is evaluated with the pruned channels masked, for every step of the sweep at once:
 
 - layers that act on each channel alone and keep a constant channel constant (pooling, element-wise
-  activations, dropout, batch norm over the channels: the rule of `defense.per_channel`) keep the
+  activations, dropout, batch norm over the channels: the rule of `defense.pruning.per_channel`) keep the
   masking exact: they are applied once to the unmasked tensor ("channel-separable" form), and the
   pruned channels' constant follows them (e.g. BN(act(0)));
 - the linear layers that read a channel-separable tensor (Conv2D, Flatten + Dense: `conv_4` and
@@ -127,7 +127,7 @@ class _Sep:
 
 
 # How each layer after the pruned one is evaluated (MaskedSweep.routes)
-PER_CHANNEL = "per-channel"  # on the separable tensor, once per image; the constants follow (defense.per_channel)
+PER_CHANNEL = "per-channel"  # on the separable tensor, once per image; the constants follow (defense.pruning.per_channel)
 FLATTEN = "flatten"  # channels-last Flatten of a separable tensor
 SPLIT_CONV = "split conv"  # Conv2D split into one contribution per input channel
 SPLIT_DENSE = "split dense"  # Dense on a flattened (or globally pooled) separable tensor, split likewise

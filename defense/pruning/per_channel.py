@@ -1,4 +1,4 @@
-"""Which Keras layers keep the pruned channels separate: the one rule of `defense.masked` and `defense.compact`.
+"""Which Keras layers keep the pruned channels separate: the one rule of `defense.pruning.masked` and `defense.compact`.
 
 Pruning output channel c of a conv layer (kernel and bias set to zero) makes that channel the constant
 act(0) at every position. Both the masked sweep and the compact export follow that constant through

@@ -2,7 +2,7 @@
 
 summary.csv has one row per accuracy-drop threshold (`point` = `drop`) and, for a criterion with its
 own operating point (`Scores.operating_point`), one more row (`point` = `operating_point`, `drop`
-blank) with the same columns for the channels that rule prunes (defense/operating_point.py).
+blank) with the same columns for the channels that rule prunes (defense/pipeline/operating_point.py).
 """
 
 from __future__ import annotations

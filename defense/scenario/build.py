@@ -10,7 +10,7 @@
     scenario.json                    the resolved settings, the measured scores, file sizes/checksums
     triggers.png                     a few clean test digits above their poisoned versions
 
-`attack` chooses how the training set is poisoned (defense/attacks/: badnets, the default, blended,
+`attack` chooses how the training set is poisoned (defense/scenario/attacks/: badnets, the default, blended,
 sig, wanet, prune_aware); each attack's own settings are the block `<attack>` (badnets: `trigger`).
 The train / valid / test split is the same for every attack of one seed: the training digits are
 poisoned, the validation and test digits are poisoned copies of the clean ones.
@@ -89,7 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "widths": [20, 40, 60, 80, 160],
     "kernels": [4, 3, 3, 2],
     "min_clean_accuracy": 95.0,
-    "min_asr": None,  # None: the attack's own bound (defense/attacks/<attack>.py MIN_ASR)
+    "min_asr": None,  # None: the attack's own bound (defense/scenario/attacks/<attack>.py MIN_ASR)
     "cache_dir": None,
 }
 # Settings that do not change what is built: not part of the cache key.

@@ -1,8 +1,8 @@
 """G(B, B') as MLflow models: one pyfunc per kept threshold (and per B''), registration, alias `champion`.
 
 `log_repaired_models` logs, into the run, the pyfunc `g_drop_<drop>` for every reached threshold
-(and `g_drop_<drop>_ft` for every fine-tuned B''): the model code `defense/pyfunc_g.py`, B and B'
-(compact where exported) as artifacts, `defense/safe_files.py` in the model's `code/` folder, a
+(and `g_drop_<drop>_ft` for every fine-tuned B''): the model code `defense/tracking/pyfunc_g.py`, B and B'
+(compact where exported) as artifacts, `defense/core/safe_files.py` in the model's `code/` folder, a
 signature (float32 raw pixels (-1, H, W, C) -> int64 class (-1,)), an input example (clean
 validation images) and pinned requirements, so `mlflow.pyfunc.load_model` and `mlflow models serve`
 work without this project installed.
@@ -36,7 +36,7 @@ CHAMPION = "champion"
 INPUT_EXAMPLE_IMAGES = 2
 
 
-OWN_POINT = "operating_point"  # summary.csv `point` of a criterion's own operating point (defense/operating_point.py)
+OWN_POINT = "operating_point"  # summary.csv `point` of a criterion's own operating point (defense/pipeline/operating_point.py)
 
 
 def model_name(drop: float, finetuned: bool = False, own_point: bool = False) -> str:

@@ -1,11 +1,11 @@
 """The MLflow pyfunc model of the repaired network G(B, B'), as MLflow "models from code".
 
-MLflow copies this file into every logged model (`defense/mlflow_model.py` logs it) and runs it when
+MLflow copies this file into every logged model (`defense/tracking/mlflow_model.py` logs it) and runs it when
 the model is loaded, so it imports nothing of this project at module level: the model works where
 only its requirements (mlflow, tensorflow, keras, numpy, h5py) are installed. The two networks are
 artifacts of the model (with `settings`, a JSON of the number of classes and the input
 scaling), full Keras .h5 files (`model_b`: the suspect network B; `repaired`: B' or a
-fine-tuned B'', compact where it was exported). They are checked by `defense.safe_files` (shipped in
+fine-tuned B'', compact where it was exported). They are checked by `defense.core.safe_files` (shipped in
 the model's `code/` folder) before Keras opens them: Keras built-in layers only, no code, no links to
 other files; then `keras.models.load_model(..., safe_mode=True)`.
 

@@ -192,7 +192,7 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_datasets(self, split, context: str, dataset_name: str) -> None:
-        """Every set of `split` (a defense.datasets.Split) as an MLflow dataset input (`dataset_inputs`)."""
+        """Every set of `split` (a defense.pipeline.load.Split) as an MLflow dataset input (`dataset_inputs`)."""
         self.client.log_inputs(self.run_id, datasets=dataset_inputs(split, context, dataset_name))
 
     def log_table(self, rows: list[dict], artifact_file: str) -> None:
@@ -250,7 +250,7 @@ class MultirunParentRun(Callback):
     It ends FINISHED when every child finished, FAILED when one failed (or never ended), KILLED
     when children were stopped by a signal and none failed. Hydra skips `on_multirun_end` when a job
     raises (basic and joblib launchers) or the sweep is stopped: the parent then ends from
-    `defense.interrupt.on_abort`, KILLED on SIGINT / SIGTERM and FAILED otherwise.
+    `defense.core.interrupt.on_abort`, KILLED on SIGINT / SIGTERM and FAILED otherwise.
     """
 
     @exit_on_user_error
