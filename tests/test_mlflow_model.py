@@ -135,7 +135,7 @@ def test_pyfunc_predicts_what_defense_predict_prints_without_the_project(registe
     assert proc.returncode == 0, proc.stderr[-3000:]
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
     assert answer["defense"].startswith(str(Path(local).resolve() / "code")), answer["defense"]
-    assert answer["project"] == ["defense", "defense.errors", "defense.safe_files"]
+    assert answer["project"] == ["defense", "defense.core", "defense.core.errors", "defense.core.safe_files"]
     assert answer["labels"] == champion_expected
     # the 30-point B' breaks the attack: most sunglasses faces are flagged N (csaw_extracts table: G test ASR 8 %)
     assert sum(label == 1283 for label in champion_expected[FACES_PER_SET:]) >= FACES_PER_SET // 2

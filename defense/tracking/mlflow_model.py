@@ -29,9 +29,9 @@ from defense.core.errors import DefenseError
 log = logging.getLogger("defense.mlflow_model")
 
 PACKAGE = Path(__file__).resolve().parent
-MODEL_CODE = PACKAGE / "pyfunc_g.py"
+MODEL_CODE = PACKAGE / "pyfunc_g.py"  # PACKAGE: defense/tracking
 # what the model's code/ folder ships: the file checks and their error type (no other project code)
-SHIPPED = ("__init__.py", "errors.py", "safe_files.py")
+SHIPPED = ("__init__.py", "core/__init__.py", "core/errors.py", "core/safe_files.py")  # under defense/
 CHAMPION = "champion"
 INPUT_EXAMPLE_IMAGES = 2
 
@@ -55,9 +55,9 @@ def requirements() -> list[str]:
 def _code_folder(tmp: Path) -> Path:
     """A `defense` package holding only the file checks, for the model's code/ folder."""
     package = tmp / "defense"
-    package.mkdir(parents=True)
     for name in SHIPPED:
-        shutil.copy(PACKAGE / name, package / name)
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PACKAGE.parent / name, package / name)
     return package
 
 
