@@ -26,10 +26,11 @@ log = logging.getLogger("defense.run")
 def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run the defense described by `cfg`, writing into `out_dir`; returns the result summary.
 
-    SIGINT or SIGTERM (defense/interrupt.py) stops it at any step: the MLflow run ends KILLED with
-    the files written so far, and Interrupted (a KeyboardInterrupt) propagates.
+    SIGINT or SIGTERM (defense/interrupt.py) stops it at the next safe point (between batches,
+    iterations and stages): the MLflow run ends KILLED with the files written so far, and Interrupted
+    (a KeyboardInterrupt) propagates. A second signal stops it at once.
     """
-    with interrupt.stop_on_signals():
+    with interrupt.stop_on_signals(deferred=True):
         result = _run_defense(cfg, out_dir)
     if cfg.tracking.get("register"):  # after the run is logged: a refused registration leaves it whole
         from defense.mlflow_model import register
@@ -75,6 +76,7 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             tracker.set_tags({"input_divisor": f"{divisor:g}"})
             OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
         test = datasets.load_split(cfg.dataset, cfg.model, "test", limits)
+        interrupt.check()
         tracker.log_datasets(valid, "validation", str(cfg.dataset.get("kind")))
         tracker.log_datasets(test, "test", str(cfg.dataset.get("kind")))
         log.info(
@@ -82,7 +84,9 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             cfg.model.name, model_path, len(valid.clean), [len(v) for v in valid.poisoned.values()],
             len(test.clean), [len(v) for v in test.poisoned.values()],
         )
+        interrupt.check()
         result = sweep.run_sweep(cfg, model, valid, test, progress=bool(cfg.get("progress", True)))
+        interrupt.check()
         warn_if_near_chance(result.curves[0]["valid_acc"], cfg.model, "the unpruned network's clean validation accuracy")
         log.info("sweep of %d steps (%d evaluated) in %.1f s (%s)", result.steps, len(result.evaluated),
                  sum(result.seconds.values()), ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
@@ -105,6 +109,7 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             row["model_path"] = ""
             if not row["reached"]:
                 continue
+            interrupt.check()
             pruned = result.pruned_for(row)
             kept[sweep.point_name(row)] = pruned
             b_prime = models.pruned_copy_layers(model, pruned)
@@ -115,7 +120,9 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
 
                 export_compact_beside(b_prime, pruned, path, tracker, models.scale_inputs(test.clean.x, cfg.model))
         channel_record.write_pruned(out_dir / "pruned.json", kept)
+        interrupt.check()
         finetune_extra = _finetune(cfg, model, result, summary, valid, test, out_dir, tracker)
+        interrupt.check()
 
         report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)
         tracker.log_params(report.threshold_params(summary))
@@ -152,6 +159,7 @@ def _run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
             from defense.mlflow_model import log_repaired_models
 
             model_uris = log_repaired_models(cfg, tracker, model, summary, valid.clean.x)
+        interrupt.check()  # a stop asked for while the models were logged: the run ends KILLED, not FINISHED
         status = "FINISHED"
         return {"curves": result.curves, "summary": summary,
                 "order": result.order if len(result.layers) == 1 else result.pairs, "run_id": tracker.run_id,

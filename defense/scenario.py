@@ -51,6 +51,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from defense import interrupt
 from defense.errors import DefenseError
 
 logger = logging.getLogger("defense.scenario")
@@ -339,7 +340,8 @@ def train_network(x_train: np.ndarray, y_train: np.ndarray, cfg: Mapping):
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    model.fit(
+    interrupt.fit(  # a signal stops it between two batches (defense/interrupt.py)
+        model,
         x_train / np.float32(INPUT_DIVISOR),
         y_train,
         epochs=int(cfg["epochs"]),

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from defense import criteria, metrics, steps as step_rules
+from defense import criteria, interrupt, metrics, steps as step_rules
 from defense.datasets import Split
 from defense.errors import DefenseError
 from defense.masked import MaskedSweep, conv_layer
@@ -301,6 +301,7 @@ class _OneLayer:
         if kept is not None:
             labels = []
             for outputs in kept:
+                interrupt.check()
                 labels.append(engine.predict_from_outputs(outputs, order))
                 if bar is not None:
                     bar.update(len(labels[-1]))
