@@ -28,10 +28,11 @@ log = logging.getLogger("defense.run")
 def run_defense(cfg: DictConfig, out_dir: str | Path) -> dict:
     """Run the defense described by `cfg`, writing into `out_dir`; returns the result summary.
 
-    SIGINT or SIGTERM (defense/core/interrupt.py) stops it at any step: the MLflow run ends KILLED with
-    the files written so far, and Interrupted (a KeyboardInterrupt) propagates.
+    SIGINT or SIGTERM (defense/core/interrupt.py) stops it at the next safe point (between batches,
+    iterations and stages): the MLflow run ends KILLED with the files written so far, and Interrupted
+    (a KeyboardInterrupt) propagates. A second signal stops it at once.
     """
-    with interrupt.stop_on_signals():
+    with interrupt.stop_on_signals(deferred=True):
         result = _run_stages(cfg, Path(out_dir))
     if cfg.tracking.get("register"):  # after the run is logged: a refused registration leaves it whole
         from defense.tracking.mlflow_model import register
@@ -61,7 +62,9 @@ def _run_stages(cfg: DictConfig, out_dir: Path) -> dict:
                       "defense.run_dir": str(out_dir.resolve()), **tracking.run_tags()}
             )
         for stage in tracked:
+            interrupt.check()  # a safe point between stages (defense/core/interrupt.py)
             ctx.call(stage.run)
+        interrupt.check()  # a stop asked for in the last stage: the run ends KILLED, not FINISHED
         status = "FINISHED"
         return ctx.result()
     except BaseException as err:

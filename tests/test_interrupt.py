@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, lab3_overrides
@@ -307,3 +308,121 @@ def test_parent_status_failed_beats_killed_beats_finished():
     assert parent_status(["FINISHED", "KILLED"]) == "KILLED"
     assert parent_status(["KILLED", "FAILED", "FINISHED"]) == "FAILED"
     assert parent_status(["FINISHED", "RUNNING"]) == "FAILED"  # a job that never ended its run
+
+
+def test_in_a_run_the_first_signal_waits_for_a_safe_point_and_a_second_stops_at_once():
+    """deferred=True (a defense run): the handler only records; check(), held()'s end and the scope's end raise."""
+    from defense.core import interrupt
+
+    events, aborts = [], []
+    with pytest.raises(interrupt.Interrupted) as stopped:
+        with interrupt.stop_on_signals(deferred=True):
+            interrupt.on_abort(aborts.append)
+            signal.raise_signal(signal.SIGTERM)
+            events.append("the loop goes on to its safe point")
+            assert interrupt.requested()
+            interrupt.check()
+            events.append("not reached")
+    assert events == ["the loop goes on to its safe point"] and aborts == ["KILLED"]
+    assert stopped.value.signum == signal.SIGTERM and interrupt.exit_status(stopped.value) == 143
+
+    with pytest.raises(interrupt.Interrupted) as stopped:  # a second signal: at once, from the handler
+        with interrupt.stop_on_signals(deferred=True):
+            signal.raise_signal(signal.SIGINT)
+            events.append("first recorded")
+            signal.raise_signal(signal.SIGINT)
+            events.append("not reached")
+    assert events[-1] == "first recorded" and stopped.value.signum == signal.SIGINT
+
+    with pytest.raises(interrupt.Interrupted):  # no safe point after the signal: the scope's end raises
+        with interrupt.stop_on_signals(deferred=True):
+            signal.raise_signal(signal.SIGTERM)
+            events.append("body ended")
+    assert events[-1] == "body ended"
+    assert not interrupt.requested()  # the scope's state is cleared for the next run
+
+
+def test_fit_stops_after_the_batch_in_flight_and_raises_once_fit_returned():
+    import keras
+
+    from defense.core import interrupt
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 4), dtype=np.float32), rng.integers(0, 2, 64)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    batches = []
+
+    class SignalAtBatch3(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            batches.append(batch)
+            if batch == 3:
+                signal.raise_signal(signal.SIGINT)
+
+    with pytest.raises(interrupt.Interrupted) as stopped:
+        with interrupt.stop_on_signals(deferred=True):
+            interrupt.fit(model, x, y, batch_size=4, epochs=5, verbose=0, callbacks=[SignalAtBatch3()])
+    # 16 batches an epoch, 5 epochs: training ended with the batch in flight when the signal came
+    assert batches == [0, 1, 2, 3] and stopped.value.signum == signal.SIGINT
+
+
+# Fine-tuning from a PyDataset (as finetune.shift does), stopped by a signal from outside while Keras' data
+# workers and TensorFlow's ops run: run again and again, never a crash status.
+FIT_SCRIPT = """
+import sys
+import numpy as np
+import keras
+from defense.core import interrupt
+
+class Shifted(keras.utils.PyDataset):
+    def __init__(self, x, y):
+        super().__init__(workers=2)
+        self.x, self.y, self.rng = x, y, np.random.default_rng(0)
+    def __len__(self):
+        return len(self.y) // 32
+    def __getitem__(self, i):
+        x = np.roll(self.x[i * 32:(i + 1) * 32], int(self.rng.integers(-1, 2)), axis=1)
+        return x, self.y[i * 32:(i + 1) * 32]
+
+class Say(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        print(f"epoch {epoch + 1}", flush=True)
+
+@interrupt.exit_on_signal
+def main():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((512, 28, 28, 1), dtype=np.float32), rng.integers(0, 10, 512)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(16, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with interrupt.stop_on_signals(deferred=True):
+        try:
+            interrupt.fit(model, Shifted(x, y), epochs=10000, verbose=0, callbacks=[Say()])
+        finally:
+            print("cleanup ran", flush=True)
+
+main()
+"""
+
+
+@pytest.mark.parametrize("signum, exit_status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_fit_from_a_pydataset_never_crashes(tmp_path, signum, exit_status):
+    script = tmp_path / "fit.py"
+    script.write_text(FIT_SCRIPT)
+    statuses = []
+    for attempt in range(5):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
+        lines = []
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith(f"epoch {2 + attempt}"):  # after a different number of epochs each time
+                proc.send_signal(signum)
+                break
+        rest, _ = proc.communicate(timeout=EXIT_DEADLINE_S)
+        lines += rest.splitlines()
+        statuses.append(proc.returncode)
+        assert proc.returncode == exit_status, f"attempt {attempt}: status {proc.returncode}\n" + "\n".join(lines[-30:])
+        assert "cleanup ran" in lines and lines[-1] == f"stopped by {signal.Signals(signum).name}", "\n".join(lines[-30:])
+    assert statuses == [exit_status] * 5

@@ -8,13 +8,25 @@ RUNNING forever. Inside `stop_on_signals()` both raise `Interrupted` (a Keyboard
 that lets Ctrl-C through lets it through too) and every `try/finally` on the way out runs:
 `defense.run.run_defense` ends its MLflow run KILLED and logs the files written so far.
 
-- Python runs the handler in the main thread between two bytecodes. A signal that arrives while
-  TensorFlow runs an op in C++ (a predict batch, a training step) is raised as soon as the op
-  returns to Python, so every loop of Python calls (the sweep's batches, Keras' fit, the export)
-  stops at its next step.
-- Only the first signal raises. Later ones, while that stop is under way, are noted on stderr and
-  otherwise ignored, so that a second Ctrl-C or a launcher passing SIGTERM on cannot cut the ending
-  of the run short (SIGKILL still ends the process at once).
+Where the signal is raised:
+- Inside `stop_on_signals(deferred=True)` (a defense run: the sweep, the criteria's learning,
+  fine-tuning, the scenario build) the handler only records the request and says so on stderr.
+  Raising from a signal handler lands the exception at whatever bytecode the main thread runs:
+  inside Keras' `fit`, while its data workers and TensorFlow ops run, that crashed the process
+  (SIGSEGV) instead of stopping it. The loops check the request at safe points with `check()`:
+  between the sweep's batches, between a criterion's learning iterations, between the stages of a
+  run, and between training batches through `fit()` (a Keras callback sets `stop_training`, so
+  `fit` returns after the batch in flight, and the stop is raised once it has returned). A request
+  that no safe point saw is raised when the scope ends, so a run asked to stop never ends FINISHED.
+- A second signal before the first was acted on stops at once, as Ctrl-C always did: it raises from
+  the handler (the way out of a loop without a safe point).
+- Elsewhere (a command's entry point around Hydra and its launchers, which wait for jobs, and the
+  short evaluate / predict commands) the first signal raises at once. Python runs the handler in
+  the main thread between two bytecodes, so a signal that arrives while TensorFlow runs an op in C++
+  is raised as soon as the op returns to Python.
+- Once a stop is under way, later signals are noted on stderr and otherwise ignored, so that a
+  further Ctrl-C or a launcher passing SIGTERM on cannot cut the ending of the run short (SIGKILL
+  still ends the process at once).
 - `held()` marks the few lines that must not be cut in the middle (creating an MLflow run and
   keeping its id, ending it): a signal arriving inside is raised when the block ends.
 - `on_abort(fn)`: `fn(status)` is called when an exception leaves the outermost scope (`KILLED` for
@@ -72,10 +84,11 @@ def run_status(err: BaseException | None) -> str:
 class _State:
     def __init__(self):
         self.depth = 0  # nesting of stop_on_signals() in the main thread
+        self.deferred = 0  # nesting of stop_on_signals(deferred=True): the handler only records
         self.previous: dict[int, object] = {}  # handlers to put back when the outermost scope ends
+        self.requested: int | None = None  # the signal that asked to stop, until the stop starts
         self.stopping: int | None = None  # the signal whose Interrupted is on its way out
         self.held = 0  # nesting of held()
-        self.pending: int | None = None  # a signal that arrived inside held(), raised when it ends
         self.aborts: list = []  # on_abort() callables
 
 
@@ -95,12 +108,55 @@ def _handle(signum, frame) -> None:
     if _state.stopping is not None:
         _note(f"{signal_name(signum)}: already stopping (ending the run and logging its files)")
         return
-    if _state.held:
-        if _state.pending is None:
-            _state.pending = signum
+    first = _state.requested is None
+    if first:
+        _state.requested = signum
+    if _state.held:  # raised when the held block ends
         return
-    _state.stopping = signum
-    raise Interrupted(signum)
+    if first and _state.deferred:
+        _note(f"{signal_name(signum)}: stopping at the next safe point (send it again to stop at once)")
+        return
+    _state.stopping = _state.requested
+    raise Interrupted(_state.requested)
+
+
+def requested() -> bool:
+    """True when a signal asked to stop and the stop has not started yet."""
+    return _state.requested is not None and _state.stopping is None
+
+
+def check() -> None:
+    """A safe point: raise Interrupted if a signal asked to stop (inside held(), when the block ends)."""
+    if _state.held or not requested():
+        return
+    _state.stopping = _state.requested
+    raise Interrupted(_state.requested)
+
+
+def keras_callback():
+    """A Keras callback: on a stop request, `fit` returns after the batch in flight.
+
+    It sets `model.stop_training`, which Keras reads after every training batch and every epoch;
+    `check()` after `fit` returns raises the stop (`fit()` below does both)."""
+    import keras
+
+    class StopOnRequest(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if requested():
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch, logs=None):
+            if requested():
+                self.model.stop_training = True
+
+    return StopOnRequest()
+
+
+def fit(model, *args, callbacks=(), **kwargs):
+    """`model.fit(*args, **kwargs)` that a signal stops between two batches, raising Interrupted after it."""
+    history = model.fit(*args, callbacks=[*callbacks, keras_callback()], **kwargs)
+    check()
+    return history
 
 
 def _in_main_thread() -> bool:
@@ -108,18 +164,20 @@ def _in_main_thread() -> bool:
 
 
 @contextmanager
-def stop_on_signals():
+def stop_on_signals(deferred: bool = False):
     """Inside, SIGINT and SIGTERM raise Interrupted in the main thread; the handlers are put back after.
 
-    Nested scopes share the outermost one's handlers. When an exception leaves the outermost scope,
-    the `on_abort` callables run first (newest first), with the status it gives the run.
+    deferred=True: inside, the first signal is only recorded and raised at the next `check()` (or
+    when the scope ends); a second one raises at once. Nested scopes share the outermost one's
+    handlers. When an exception leaves the outermost scope, the `on_abort` callables run first
+    (newest first), with the status it gives the run.
     """
     if not _in_main_thread():
         yield
         return
     outermost = _state.depth == 0
     if outermost:
-        _state.stopping = _state.pending = None
+        _state.stopping = _state.requested = None
         _state.previous = {}
         for signum in SIGNALS:
             previous = signal.getsignal(signum)
@@ -128,8 +186,13 @@ def stop_on_signals():
             _state.previous[signum] = previous
             signal.signal(signum, _handle)
     _state.depth += 1
+    _state.deferred += int(deferred)
     try:
-        yield
+        try:
+            yield
+        finally:
+            _state.deferred -= int(deferred)
+        check()  # a request that no safe point saw: the scope still ends stopped
     except BaseException as err:
         if outermost:
             _run_aborts(run_status(err))
@@ -140,21 +203,24 @@ def stop_on_signals():
             for signum, previous in _state.previous.items():
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
             _state.previous = {}
-            _state.stopping = _state.pending = None
+            _state.stopping = _state.requested = None
 
 
 @contextmanager
-def held():
-    """A block that a signal must not cut: a signal arriving inside is raised when it ends."""
+def _holding():
     _state.held += 1
     try:
         yield
     finally:
         _state.held -= 1
-    if _state.held == 0 and _state.pending is not None and _state.stopping is None:
-        signum, _state.pending = _state.pending, None
-        _state.stopping = signum
-        raise Interrupted(signum)
+
+
+@contextmanager
+def held():
+    """A block that a signal must not cut: a signal arriving inside is raised when it ends."""
+    with _holding():
+        yield
+    check()
 
 
 def on_abort(fn) -> None:
@@ -169,7 +235,7 @@ def cancel_on_abort(fn) -> None:
 
 def _run_aborts(status: str) -> None:
     aborts, _state.aborts = _state.aborts[::-1], []
-    with held():
+    with _holding():  # not held(): the exception already on its way out stays the one that propagates
         for fn in aborts:
             try:
                 fn(status)
@@ -180,8 +246,9 @@ def _run_aborts(status: str) -> None:
 def exit_on_signal(func):
     """Decorate a command's entry point: SIGINT / SIGTERM stop it with exit status 130 / 143.
 
-    The signals raise Interrupted while `func` runs; when it reaches this level, one line goes to
-    stderr (no traceback) and the process exits with 128 + the signal's number.
+    The signals raise Interrupted while `func` runs (at its next safe point where it defers them);
+    when it reaches this level, one line goes to stderr (no traceback) and the process exits with
+    128 + the signal's number.
     """
 
     @functools.wraps(func)

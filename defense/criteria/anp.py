@@ -34,6 +34,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from defense.core import interrupt
 from defense.config import bound as _bound
 from defense.criteria import Scores
 from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, mask_scores, sgd_step,
@@ -142,6 +143,7 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
     history, losses, hits, seen = [], [], 0.0, 0
     started = time.perf_counter()
     for it in range(1, s["iterations"] + 1):
+        interrupt.check()  # a safe point between iterations (defense/core/interrupt.py)
         index = rng.integers(0, len(x), size=s["batch_size"])  # with replacement, as RandomSampler
         loss, ok = learner.step(x[index], y[index])
         losses.append(loss)

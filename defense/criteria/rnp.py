@@ -31,6 +31,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from defense.core import interrupt
 from defense.config import bound as _bound
 from defense.criteria import Scores
 from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, mask_scores, sgd_step,
@@ -129,6 +130,7 @@ def _epoch(step, x, y, batch_size: int, rng) -> tuple[float, float]:
     order = rng.permutation(len(x))
     losses, hits = [], 0.0
     for start in range(0, len(x), batch_size):
+        interrupt.check()  # a safe point between batches (defense/core/interrupt.py)
         index = order[start:start + batch_size]
         loss, ok = step(x[index], y[index])
         losses.append(loss)

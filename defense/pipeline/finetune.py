@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from defense.core import interrupt
 from defense.core import metrics
 from defense.nets import models
 from defense.core.errors import DefenseError
@@ -265,10 +266,12 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
                                    validation is not None)
     if settings["shift"]:
         batches = _shifted_batches(x_train, y_train, settings["batch_size"], settings["shift"], settings["seed"])
-        b_prime.fit(batches, epochs=settings["epochs"], validation_data=validation, callbacks=[callback], verbose=0)
+        # a signal stops fit between two batches, and is raised once fit has returned (defense/core/interrupt.py)
+        interrupt.fit(b_prime, batches, epochs=settings["epochs"], validation_data=validation, callbacks=[callback],
+                      verbose=0)
     else:
-        b_prime.fit(x_train, y_train, batch_size=settings["batch_size"], epochs=settings["epochs"],
-                    validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
+        interrupt.fit(b_prime, x_train, y_train, batch_size=settings["batch_size"], epochs=settings["epochs"],
+                      validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
     if not pruned_layers_zero(b_prime, pruned):
         raise RuntimeError(f"fine-tuning {name}: pruned channels of {', '.join(pruned)} are no longer zero")
     if not all(np.all(np.isfinite(w)) for w in b_prime.get_weights()):

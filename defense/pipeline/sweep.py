@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from defense.core import interrupt
 from defense import criteria
 from defense.core import metrics
 from defense.pruning import steps as step_rules
@@ -304,6 +305,7 @@ class _OneLayer:
         if kept is not None:
             labels = []
             for outputs in kept:
+                interrupt.check()
                 labels.append(engine.predict_from_outputs(outputs, order))
                 if bar is not None:
                     bar.update(len(labels[-1]))

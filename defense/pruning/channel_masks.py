@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from defense.core import interrupt
 from defense.pruning.masked import conv_layer
 
 
@@ -104,6 +105,7 @@ class ChannelMasks:
         labels = np.zeros((len(x), len(masks)), np.int32)
         try:
             for start in range(0, len(x), self.batch_size):
+                interrupt.check()  # a safe point between batches (defense/core/interrupt.py)
                 batch = tf.constant(scale_pixels(x[start : start + self.batch_size], divisor))
                 for j, mask in enumerate(masks):
                     self.set_masks(mask)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from defense.core import interrupt
 from defense.core.errors import DefenseError
 from defense.pruning.per_channel import activation_name, channel_rule, is_elementwise_activation
 
@@ -423,6 +424,7 @@ class MaskedSweep:
         labels = np.zeros((len(x), len(order) + 1), np.int32)
         done = 0
         for outputs in self.layer_outputs(x, divisor):
+            interrupt.check()  # a safe point between batches (defense/core/interrupt.py)
             batch = self._top_fn(outputs[0], list(outputs[1:]), full, steps).numpy()
             labels[done : done + len(batch)] = batch
             done += len(batch)

@@ -11,6 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
+from defense.core import interrupt
 from defense.core.errors import DefenseError
 
 logger = logging.getLogger("defense.scenario")
@@ -111,7 +112,8 @@ def train_network(x_train: np.ndarray, y_train: np.ndarray, cfg: Mapping):
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
-    model.fit(
+    interrupt.fit(  # a signal stops it between two batches (defense/core/interrupt.py)
+        model,
         x_train / np.float32(INPUT_DIVISOR),
         y_train,
         epochs=int(cfg["epochs"]),

@@ -192,8 +192,13 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_datasets(self, split, context: str, dataset_name: str) -> None:
-        """Every set of `split` (a defense.pipeline.load.Split) as an MLflow dataset input (`dataset_inputs`)."""
-        self.client.log_inputs(self.run_id, datasets=dataset_inputs(split, context, dataset_name))
+        """Every set of `split` (a defense.pipeline.load.Split) as an MLflow dataset input (`dataset_inputs`).
+
+        Parallel jobs log the same data sets at the same moment: `retry_first_insert` lets a job whose
+        insert lost that race log its inputs again, against the row the other job wrote."""
+        inputs = dataset_inputs(split, context, dataset_name)
+        retry_first_insert(lambda: self.client.log_inputs(self.run_id, datasets=inputs),
+                           f"logging the {context} data sets")
 
     def log_table(self, rows: list[dict], artifact_file: str) -> None:
         """`rows` as an MLflow table artifact (JSON; the UI shows it in the artifact view)."""
@@ -205,6 +210,43 @@ class MlflowTracker(Tracker):
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+FIRST_INSERT_ATTEMPTS = 8
+
+
+def is_first_insert_race(err: BaseException) -> bool:
+    """True for a store's refusal of a row that another process inserted a moment before.
+
+    MLflow's sqlalchemy store (3.x) looks a data set up by (experiment, name, digest) and inserts it
+    when it is not there, in one transaction without an upsert: two runs that log the same data set
+    at once both find nothing, and the second insert fails on the unique constraint. SQLite words it
+    "UNIQUE constraint failed", PostgreSQL "duplicate key value", MySQL "Duplicate entry"."""
+    text = str(err)
+    return any(marker in text for marker in ("UNIQUE constraint failed", "IntegrityError", "duplicate key value",
+                                             "Duplicate entry"))
+
+
+def retry_first_insert(call, what: str, attempts: int = FIRST_INSERT_ATTEMPTS):
+    """`call()`, called again when it loses a first-insert race (`is_first_insert_race`).
+
+    The failed transaction is rolled back whole, and the row that won now exists, so the next attempt
+    finds it instead of inserting it. A short randomised wait keeps two losers apart; any other
+    error, or a race lost `attempts` times, propagates."""
+    import random
+
+    from mlflow.exceptions import MlflowException
+
+    wait = random.Random()  # its own generator: the seeded global one is left as it was
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except MlflowException as err:
+            if attempt == attempts or not is_first_insert_race(err):
+                raise
+            log.debug("%s: a parallel run inserted the same row first (attempt %d), trying again", what, attempt)
+            time.sleep(wait.uniform(0.05, 0.25) * attempt)
+    return None  # pragma: no cover - the loop returns or raises
 
 
 def parent_run_id() -> str | None:

@@ -3,6 +3,7 @@ without its pruned channels: defense/pruning/compact.py), and pruned.json naming
 
 from __future__ import annotations
 
+from defense.core import interrupt
 from defense.nets import models
 from defense.pipeline import sweep as sweeps
 from defense.reporting import channel_record
@@ -17,6 +18,7 @@ def run(cfg, out_dir, model, sweep, summary, test, tracker) -> dict:
         row["model_path"] = ""
         if not row["reached"]:
             continue
+        interrupt.check()  # a safe point between two B' (defense/core/interrupt.py)
         pruned = sweep.pruned_for(row)
         kept[sweeps.point_name(row)] = pruned
         b_prime = models.pruned_copy_layers(model, pruned)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 from defense.scenario import common as sc
 from defense.scenario.common import number
+from defense.core import interrupt
 from defense.core.errors import DefenseError
 
 
@@ -130,8 +131,8 @@ def train(x_train, y_train, cfg, context):
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(cfg["learning_rate"])),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x_train / scale, y_train, epochs=int(block["retrain_epochs"]), batch_size=int(cfg["batch_size"]),
-              shuffle=True, verbose=2, callbacks=[KeepPruned()])  # 3. backdoor into the active channels
+    interrupt.fit(model, x_train / scale, y_train, epochs=int(block["retrain_epochs"]), batch_size=int(cfg["batch_size"]),
+                  shuffle=True, verbose=2, callbacks=[KeepPruned()])  # 3. backdoor into the active channels
     acc_retrained = _accuracy(model, x_clean, y_clean)
 
     kernel, bias = (np.array(w) for w in layer.get_weights())  # 4. decoys
