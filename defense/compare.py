@@ -41,6 +41,7 @@ import defense.pipeline.schemas  # noqa: F401  (registers the schema that conf/c
 from defense.analysis.runs import OWN_POINT, POINT_COLUMN, defended_scores, is_own_point  # noqa: F401
 from defense.analysis.runs import as_float as _float, finite as _finite  # noqa: F401
 from defense.core.errors import DefenseError, exit_on_user_error
+from defense.reporting import terminal
 
 log = logging.getLogger("defense.compare")
 
@@ -403,10 +404,13 @@ def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
             "out_dir": out_dir, "uri": uri}
 
 
+@terminal.one_line_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+
+    terminal.quiet(bool(cfg.get("verbose", False)), tensorflow=False)
 
     compare(cfg, HydraConfig.get().runtime.output_dir)
 

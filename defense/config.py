@@ -251,6 +251,7 @@ class LeaderboardSweepConfig:
 class RunConfig:
     """conf/config.yaml: `python -m defense.run`."""
 
+    verbose: bool = False  # also print the libraries' start-up lines, warnings and progress bars
     model: Any = MISSING
     dataset: Any = MISSING
     prune: Any = MISSING
@@ -275,6 +276,7 @@ class RunConfig:
 class EvaluateConfig:
     """conf/evaluate.yaml: `python -m defense.evaluate`."""
 
+    verbose: bool = False  # also print the libraries' start-up lines, warnings and progress bars
     model: Any = MISSING
     dataset: Any = MISSING
     split: str = "test"
@@ -293,6 +295,7 @@ class RepairedConfig:
 class PredictConfig:
     """conf/predict.yaml: `python -m defense.predict`."""
 
+    verbose: bool = False  # also print the libraries' start-up lines, warnings and progress bars
     model: Any = MISSING
     image: Optional[str] = None
     repaired: RepairedConfig = field(default_factory=RepairedConfig)
@@ -320,6 +323,7 @@ class LeaderboardCompareConfig:
 class CompareConfig:
     """conf/compare.yaml: `python -m defense.compare`."""
 
+    verbose: bool = False  # also print the libraries' start-up lines, warnings and progress bars
     tracking: Any = MISSING
     compare: CompareSection = field(default_factory=CompareSection)
     leaderboard: LeaderboardCompareConfig = field(default_factory=LeaderboardCompareConfig)

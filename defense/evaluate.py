@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 import defense.pipeline.schemas  # noqa: F401  (registers the schema that conf/evaluate.yaml names)
 from defense.config import check_config, warn_if_near_chance
 from defense.core.errors import exit_on_user_error
+from defense.reporting import terminal
 
 log = logging.getLogger("defense.evaluate")
 
@@ -55,9 +56,11 @@ def format_scores(scores: dict[str, float]) -> list[str]:
     return lines
 
 
+@terminal.one_line_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    terminal.quiet(bool(cfg.get("verbose", False)))
     for line in format_scores(evaluate(cfg)):
         log.info(line)
 

@@ -34,6 +34,7 @@ from defense.core import safe_files
 import defense.pipeline.schemas  # noqa: F401  (registers the schema that conf/predict.yaml names)
 from defense.config import check_config
 from defense.core.errors import DefenseError, exit_on_user_error
+from defense.reporting import terminal
 from defense.data.images import ImageError, load_image
 
 log = logging.getLogger("defense.predict")
@@ -146,9 +147,11 @@ def predict(cfg: DictConfig) -> tuple[list[tuple[str, int]], list[str]]:
     return list(zip(names, (int(v) for v in labels))), errors
 
 
+@terminal.one_line_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
+    terminal.quiet(bool(cfg.get("verbose", False)))
     results, errors = predict(cfg)
     for name, label in results:
         print(f"{name} {label}")

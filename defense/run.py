@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from defense.config import defense_name
 from defense.core import interrupt
 from defense.core.errors import exit_on_user_error
+from defense.reporting import terminal
 from defense.pipeline import schemas  # noqa: F401  (registers the schema that conf/config.yaml names)
 
 log = logging.getLogger("defense.run")
@@ -81,13 +82,19 @@ def _run_stages(cfg: DictConfig, out_dir: Path) -> dict:
                 ctx.tracker.end(status)
 
 
+@terminal.one_line_errors
 @interrupt.exit_on_signal
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    run_defense(cfg, HydraConfig.get().runtime.output_dir)
+    started = time.perf_counter()
+    terminal.quiet(bool(cfg.get("verbose", False)))
+    result = run_defense(cfg, HydraConfig.get().runtime.output_dir)
+    log.info("%s", terminal.footer(result["out_dir"], result["summary"], result["curves"][0],
+                                   time.perf_counter() - started, result.get("tracking_uri"),
+                                   result.get("experiment_id"), result["run_id"]))
 
 
 if __name__ == "__main__":

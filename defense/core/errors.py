@@ -7,6 +7,17 @@ import logging
 import sys
 
 
+FILE_ONLY = "defense_file_only"
+
+
+class FileOnly(logging.Filter):
+    """A filter for the console handler: records logged with extra={FILE_ONLY: True} go to log files only
+    (conf/hydra/job_logging/defense.yaml), so that an error the command prints itself is not shown twice."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, FILE_ONLY, False)
+
+
 class DefenseError(Exception):
     """An error caused by the user's input (a file, a config key, an option).
 
@@ -23,7 +34,8 @@ def exit_on_user_error(func):
         try:
             return func(*args, **kwargs)
         except DefenseError as err:
-            logging.getLogger("defense").error("%s", err)
+            # into the run's log file; the terminal gets the error: line below only (FileOnly on its handler)
+            logging.getLogger("defense").error("%s", err, extra={FILE_ONLY: True})
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(2)
 

@@ -45,4 +45,5 @@ class RunContext:
         result = self.sweep
         return {"curves": result.curves, "summary": self.summary,
                 "order": result.order if len(result.layers) == 1 else result.pairs, "run_id": self.tracker.run_id,
+                "experiment_id": self.tracker.experiment_id, "tracking_uri": self.tracker.uri,
                 "out_dir": self.out_dir, "result": result, "model_uris": self.model_uris}

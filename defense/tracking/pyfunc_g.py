@@ -41,7 +41,9 @@ class RepairedNetwork(PythonModel):
             check_model_file(path)  # refuses code-carrying layers, custom objects, links, oversized data
             self.networks.append(keras.models.load_model(path, compile=False, safe_mode=True))
 
-    def predict(self, context, model_input, params=None):
+    # np.ndarray: MLflow infers no schema from it (the model is logged with a tensor signature) and does
+    # not warn that predict() lacks type hints
+    def predict(self, context, model_input: np.ndarray, params=None):
         x = np.asarray(model_input, dtype=np.float32)
         if x.ndim == 3:  # one image
             x = x[None]

@@ -106,6 +106,8 @@ class Tracker:
     """No tracking (tracking=none): every call does nothing."""
 
     run_id: str | None = None
+    experiment_id: str | None = None
+    uri: str | None = None
 
     def log_metrics(self, rows: list[dict], step_key: str, prefix: str = "") -> None:
         pass
@@ -139,6 +141,7 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Param
 
         self.client, exp_id, self.uri = open_experiment(cfg.tracking)
+        self.experiment_id = exp_id
         tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id

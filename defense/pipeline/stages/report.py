@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from defense.reporting import plots, report
 
@@ -11,7 +10,7 @@ ORDER = 60
 log = logging.getLogger("defense.run")
 
 
-def run(cfg, out_dir, started, sweep, summary, valid, test, tracker, finetune_extra) -> dict:
+def run(cfg, out_dir, sweep, summary, valid, test, tracker, finetune_extra) -> dict:
     result = sweep
     report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)
     tracker.log_params(report.threshold_params(summary))
@@ -35,7 +34,6 @@ def run(cfg, out_dir, started, sweep, summary, valid, test, tracker, finetune_ex
                   f"{base['pruned_test_acc']:.2f} % (no poisoned data: no attack success rate)")
     (out_dir / "results.md").write_text(header + "\n\n" + table + "\n")
     log.info("%s\n%s", header, table)
-    log.info("results in %s (%.1f s)", out_dir, time.perf_counter() - started)
     return {}
 
 

@@ -1,0 +1,124 @@
+"""What the commands print: one line per error, a real --help, no library start-up noise, a closing footer."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from conftest import CONF, lab3_overrides, run_cli
+
+# lines TensorFlow's and absl's C++ start-up writes to stderr when nothing silences them
+STARTUP_NOISE = re.compile(r"oneDNN custom operations|cudart_stub|absl::InitializeLog|Could not find cuda drivers")
+
+
+def _groups() -> dict[str, list[str]]:
+    """Each config group of conf/ and its public options (yaml files other than the base_* schemas)."""
+    groups = {}
+    for folder in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "hydra"):
+        groups[folder.name] = sorted(f.stem for f in folder.glob("*.yaml") if not f.stem.startswith("base_"))
+    return groups
+
+
+def test_a_misspelled_key_is_one_line_naming_the_right_key(tmp_path):
+    proc = run_cli("defense.run", "prune.critrion=l1", f"hydra.run.dir={tmp_path / 'run'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: prune.critrion is not a config key; did you mean prune.criterion? "
+        "(python -m defense.run --help lists the keys)"]
+    assert "+prune.critrion" not in proc.stderr + proc.stdout  # Hydra's advice would add a key nothing reads
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_unknown_option_lists_the_public_options_only(tmp_path):
+    proc = run_cli("defense.run", "model=lab33", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    public = _groups()["model"]
+    assert line.startswith("error: model=lab33 is not an option; did you mean model=lab3? choose one of ")
+    assert line.endswith(f"choose one of {', '.join(public)} (conf/model/)")
+    assert "base_" not in line
+
+
+def test_help_shows_examples_and_every_public_option_and_no_schema():
+    proc = run_cli("defense.run", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "python -m defense.run defense=fine_pruning" in text  # an example command
+    assert "base_" not in text
+    groups = _groups()
+    for group, options in groups.items():
+        line = next((ln for ln in text.splitlines() if ln.strip().startswith(group + " ")), None)
+        assert line is not None, f"--help does not list the group {group}"
+        # the options may continue on the next line of the same entry
+        entry = text[text.index(line): text.index(line) + 400]
+        for option in options:
+            shown = "default" if option == "default" else option
+            assert re.search(rf"\b{re.escape(shown)}\b", entry), f"--help does not name {group}={option}"
+    assert len(text.splitlines()) < 60
+
+
+def test_a_missing_file_is_reported_once(tmp_path):
+    missing = tmp_path / "nowhere.h5"
+    proc = run_cli("defense.run", "model=lab3", f"model.path={missing}", "dataset=csaw_extract",
+                   f"dataset.root={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+    assert proc.returncode == 2
+    everything = proc.stdout + proc.stderr
+    assert everything.count(str(missing)) == 1, everything
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")] == [proc.stderr.strip()]
+    assert str(missing) in (tmp_path / "run" / "run.log").read_text()  # the log file keeps it too
+
+
+def test_a_run_prints_no_startup_noise_and_ends_with_the_footer(csaw_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("defense.run", *lab3_overrides(), f"hydra.run.dir={tmp_path / 'run'}", f"tracking.uri={uri}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert not STARTUP_NOISE.search(out), out[:2000]
+    assert "Add type hints" not in out and "Downloading artifacts" not in out
+    lines = proc.stdout.strip().splitlines()
+    footer = lines[-5:]
+    assert footer[0].startswith("done in ") and footer[0].endswith(f"results in {tmp_path / 'run'}")
+    assert footer[1].strip() == f"plot   {tmp_path / 'run' / 'prune_result.png'}"
+    from mlflow import MlflowClient
+
+    (run,) = MlflowClient(tracking_uri=uri).search_runs(["1"])
+    assert footer[3].strip().endswith(f"http://127.0.0.1:5000/#/experiments/1/runs/{run.info.run_id}")
+    # the verdict: the real Lab 3 extracts keep the backdoor until the 30-point drop (test ASR 8 %)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "summary.csv")))
+    base = next(csv.DictReader(open(tmp_path / "run" / "curves.csv")))
+    best = min(rows, key=lambda r: float(r["test_asr"]))
+    assert float(best["test_asr"]) < 0.5 * float(base["pruned_test_asr"])
+    assert footer[4] == (f"verdict: test ASR {float(best['test_asr']):.1f}% (B {float(base['pruned_test_asr']):.1f}%) "
+                         f"for G(B, B') at the {float(best['drop']):g}-point drop, "
+                         f"{float(base['pruned_test_acc']) - float(best['test_acc']):.1f} points of clean test "
+                         "accuracy lost")
+
+    verbose = run_cli("defense.run", *lab3_overrides("verbose=true", "prune.drops=[2]", "compact=false"),
+                      f"hydra.run.dir={tmp_path / 'v'}", "tracking=none")
+    assert verbose.returncode == 0 and STARTUP_NOISE.search(verbose.stdout + verbose.stderr)
+
+
+@pytest.mark.parametrize("rows, expected", [
+    # nothing below half of B's ASR: still active, and no fine-tuned network among them
+    ([{"point": "drop", "drop": 2, "test_acc": 95.0, "test_asr": 99.0},
+      {"point": "drop", "drop": 4, "test_acc": 90.0, "test_asr": 97.5}],
+     "backdoor still active at every point (lowest test ASR 97.5%, B 99.9%): try defense=fine_pruning"),
+    # the fine-tuned B'' of the 4-point drop is the lowest
+    ([{"point": "drop", "drop": 2, "test_acc": 95.0, "test_asr": 99.0, "ft_test_acc": 96.5, "ft_test_asr": 3.0},
+      {"point": "drop", "drop": 4, "test_acc": 90.0, "test_asr": 97.5, "ft_test_acc": 97.1, "ft_test_asr": 0.3}],
+     "test ASR 0.3% (B 99.9%) for B'' at the 4-point drop, 1.4 points of clean test accuracy lost"),
+    # a row not reached is not a result
+    ([{"point": "drop", "drop": 30, "test_acc": "nan", "test_asr": "nan", "reached": "False"}],
+     "no network was kept (B: test ASR 99.9%)"),
+])
+def test_the_verdict_reads_the_lowest_test_asr_and_its_cost(rows, expected):
+    from defense.reporting.terminal import verdict
+
+    assert verdict(rows, base_acc=98.5, base_asr=99.9) == expected
+    assert verdict(rows, base_acc=98.5, base_asr=math.nan).startswith("no poisoned test data")
