@@ -366,3 +366,63 @@ def test_images_count_is_capped_and_fewer_than_classes_warns(caplog):
     assert len(x) == 2 and len(warned) == 1 and "2 clean validation images" in warned[0]
     x, _ = clean_subset(clean, 500, 0.5, 0, 1.0, "prune.criterion=anp", 3)  # an explicit fraction replaces images
     assert len(x) == 15
+
+
+# ------------------------------------------------------------------------------------------------
+# the runner on a BN network: sweep, operating point, B', compact export, summary.csv and MLflow
+
+
+def test_run_on_a_bn_network_prunes_the_bn_and_names_the_variant(tmp_path):
+    """prune=clp on a saved conv-BN network (model=auto, dataset=files): the B' of the operating point has
+    gamma and beta of exactly the operating point's channels zeroed (set_weights oracle on its labels),
+    summary.csv and the MLflow run say `bn`, and no compact model is written for a BN-level B'."""
+    import csv
+    import json
+
+    import keras
+    import mlflow
+
+    from defense.run import run_defense
+
+    rng = np.random.default_rng(0)
+    x = keras.Input((12, 12, 1))
+    h = keras.layers.Conv2D(8, 3, use_bias=False, name="conv_a")(x)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization(name="bn_a")(h))
+    h = keras.layers.Flatten()(h)
+    model = keras.Model(x, keras.layers.Dense(4, name="out")(h))
+    model.get_layer("conv_a").set_weights([rng.normal(size=(3, 3, 1, 8)) / 3])
+    gamma = rng.uniform(0.5, 1.5, 8)
+    gamma[2] = 30.0  # one channel CLP must find
+    model.get_layer("bn_a").set_weights([gamma, rng.normal(size=8), rng.normal(size=8) * 0.1, rng.uniform(0.5, 2, 8)])
+    model.get_layer("out").set_weights([rng.normal(size=(800, 4)) * 0.1, np.zeros(4)])
+    model.save(tmp_path / "bn.h5")
+    pixels = rng.integers(0, 256, (60, 12, 12), dtype=np.uint8)
+    labels = model.predict(pixels[..., None] / 255.0, verbose=0).argmax(1)
+    for name in ("valid", "test"):
+        np.savez(tmp_path / f"{name}.npz", x=pixels, y=labels)
+    db = tmp_path / "mlflow.db"
+    cfg = compose(["model=auto", f"model.path={tmp_path / 'bn.h5'}", "model.input_divisor=255", "dataset=files",
+                   f"dataset.clean_valid={tmp_path / 'valid.npz'}", f"dataset.clean_test={tmp_path / 'test.npz'}",
+                   "prune=clp", "prune.clp.u=2", "prune.layer=conv_a", "prune.drops=[4]", "progress=false",
+                   f"tracking.uri=sqlite:///{db}", "tracking.log_models=false", "compact=true"])
+    out = tmp_path / "run"
+    run_defense(cfg, out)
+
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["defense_variant"] == "bn" for r in rows)
+    op = json.loads((out / "pruned.json").read_text())["operating_point"]
+    assert op == {"conv_a": [2]}
+    (row,) = [r for r in rows if r["point"] == "operating_point"]
+    b_prime = keras.models.load_model(row["model_path"], compile=False)
+    g, b, mean, var = [w.copy() for w in model.get_layer("bn_a").get_weights()]
+    g[2], b[2] = 0.0, 0.0
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    clone.get_layer("bn_a").set_weights([g, b, mean, var])
+    for got, want in zip(b_prime.get_weights(), clone.get_weights()):
+        np.testing.assert_array_equal(got, want)
+    assert not list((out / "models").glob("*compact*"))
+    runs = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
+    assert [r.data.tags.get("defense_variant") for r in runs] == ["bn"] and runs[0].info.status == "FINISHED"
