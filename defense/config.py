@@ -122,6 +122,7 @@ class AnpConfig:
     images: int = 500  # clean validation images that learn the masks (>= 1; capped by what there is)
     fraction: Optional[float] = None  # former option: a share of the clean validation data ((0, 1]); replaces images
     level: str = "auto"  # where the masks sit: auto, bn or conv (defense/pruning/bn_pairing.py)
+    shift: Optional[int] = None  # random translation of every batch (px, >= 0); null: 4 per 32 px with BN masks, else 0
     threshold: float = 0.2  # operating point: prune masks below it ([0, 1])
     log_every: int = 100  # iterations per history row (>= 1)
 
@@ -142,6 +143,7 @@ class RnpConfig:
     images: int = 500  # clean validation images used (>= 1; capped by what there is)
     fraction: Optional[float] = None  # former option: a share of the clean validation data ((0, 1]); replaces images
     level: str = "auto"  # where the masks sit: auto, bn or conv (defense/pruning/bn_pairing.py)
+    shift: Optional[int] = None  # random translation of every batch (px, >= 0); null: 4 per 32 px with BN masks, else 0
     threshold: float = 0.2  # operating point: prune masks below it ([0, 1])
 
 

@@ -426,3 +426,28 @@ def test_run_on_a_bn_network_prunes_the_bn_and_names_the_variant(tmp_path):
     runs = mlflow.MlflowClient(f"sqlite:///{db}").search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()])
     assert [r.data.tags.get("defense_variant") for r in runs] == ["bn"] and runs[0].info.status == "FINISHED"
+
+
+def test_learning_batches_are_shifted_with_bn_masks_and_not_for_the_conv_adaptation(monkeypatch):
+    """null shift: 4 px per 32 of width with masks on BN (RandomCrop(32, padding=4)), none for the conv
+    adaptation; an explicit shift wins. A spy on the learner's batches: every image is
+    a translation of a given image by at most `shift` pixels (numpy: a window of the zero-padded images)."""
+    from defense.criteria import anp
+
+    model = conv_bn_network()
+    x = images(16, 2)
+    y = np.zeros(16, np.int64)
+    seen = []
+    original = anp.MaskLearner.step
+    monkeypatch.setattr(anp.MaskLearner, "step", lambda self, xb, yb: (seen.append(np.array(xb)), original(self, xb, yb))[1])
+    base = ["prune=anp", "prune.anp.iterations=2", "prune.anp.batch_size=4"]
+    for extra, shift in [([], 1), (["prune.anp.level=conv"], 0), (["prune.anp.shift=2"], 2)]:
+        seen.clear()
+        anp.learn_masks(model, ["conv_a", "conv_b"], x, y, anp.settings(compose(base + extra).prune), 0)
+        for batch in seen:
+            for image in batch:
+                padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+                windows = [padded[:, dy:dy + 6, dx:dx + 6] for dy in range(2 * shift + 1) for dx in range(2 * shift + 1)]
+                assert any(np.any(np.all(w == image, axis=(1, 2, 3))) for w in windows)
+        if shift == 0:
+            assert all(np.any(np.all(x == image, axis=(1, 2, 3))) for batch in seen for image in batch)

@@ -206,6 +206,24 @@ def data_settings(given, name: str, s: dict) -> None:
         fraction = float(fraction)
     s["fraction"] = fraction
     s["level"] = check_level(f"prune.{name}.level", given.get("level", None) or "auto")
+    shift = given.get("shift", None)
+    if shift is not None:
+        bound(f"prune.{name}.shift", shift, lambda v: v >= 0 and float(v).is_integer(),
+              f"a whole number of pixels >= 0, e.g. prune.{name}.shift=4, or null (4 px per 32 with BN masks, "
+              "else 0)")
+        shift = int(shift)
+    s["shift"] = shift
+
+
+def batch_shift(s: dict, x: np.ndarray, on_bn: bool) -> int:
+    """The random translation (pixels) of every training batch: `shift`, or, null, the references'
+    RandomCrop(32, padding=4) scaled to the image width (round(4 * width / 32)) when the masks sit on
+    BatchNormalization layers (the reference variant), and 0 for the conv adaptation (as before: its
+    prefix outputs are computed once per image). No horizontal flip: the references' RandomHorizontalFlip
+    is for CIFAR-10, and mirrored digits are other symbols."""
+    if s.get("shift") is not None:
+        return int(s["shift"])
+    return int(round(4 * x.shape[2] / 32)) if on_bn and x.ndim == 4 else 0
 
 
 def mask_scores(masks: dict, threshold: float, history):

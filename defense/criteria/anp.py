@@ -14,7 +14,10 @@ uniform in [-eps, eps] for every batch (reset(rand_init=True)), then take `steps
 steps of size eps / steps (loss_noise = -CE, sign_grad, noise_opt = SGD(lr=anp_eps / anp_steps)); the
 masks take one SGD step on the weighted loss (momentum 0.9, lr 0.2, as mask_optimizer there) and are
 clipped to [0, 1] (clip_mask). Batches are drawn with replacement (RandomSampler(replacement=True)) from
-`images` seeded clean validation images (default 500: --val-frac 0.01 of CIFAR-10's 50,000).
+`images` seeded clean validation images (default 500: --val-frac 0.01 of CIFAR-10's 50,000), each batch
+randomly translated by up to `shift` pixels (transform_train's RandomCrop(32, padding=4), lines 49-54;
+by default 4 px per 32 of width with masks on BatchNormalization, none for the conv adaptation; no
+horizontal flip, see defense.criteria._masking.batch_shift).
 
 Where the masks sit (defense.pruning.bn_pairing; `prune.anp.level`, default auto):
 
@@ -46,8 +49,9 @@ import tensorflow as tf
 from defense.core import interrupt
 from defense.config import bound as _bound
 from defense.criteria import Scores
-from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, data_settings, mask_scores,
-                                       sgd_step, split_before, step_signature)
+from defense.criteria._masking import (ChannelMasks, batch_shift, clean_subset, correct, cross_entropy, data_settings,
+                                       mask_scores, sgd_step, split_before, step_signature)
+from defense.data.arrays import shift_images
 from defense.pruning import bn_pairing
 
 NEEDS_DATA = True
@@ -157,7 +161,9 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
     runs only the rest. With masks on BatchNormalization layers the network runs in training mode (batch
     statistics everywhere), so it runs whole."""
     units = bn_pairing.bn_units(model, layers, s.get("level", "auto"), "prune.anp.level")
-    prefix, network = (None, model) if units else split_before(model, layers, x[: min(len(x), 8)])
+    shift = batch_shift(s, x, bool(units))  # random translations per batch (the references' RandomCrop)
+    whole = units or shift
+    prefix, network = (None, model) if whole else split_before(model, layers, x[: min(len(x), 8)])
     if prefix is not None:
         x = np.concatenate([np.asarray(prefix(x[i:i + 256], training=False)) for i in range(0, len(x), 256)])
     learner = MaskLearner(model, layers, s, seed, network, units)
@@ -167,7 +173,8 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
     for it in range(1, s["iterations"] + 1):
         interrupt.check()  # a safe point between iterations (defense/core/interrupt.py)
         index = rng.integers(0, len(x), size=s["batch_size"])  # with replacement, as RandomSampler
-        loss, ok = learner.step(x[index], y[index])
+        batch = shift_images(x[index], shift, rng) if shift else x[index]
+        loss, ok = learner.step(batch, y[index])
         losses.append(loss)
         hits, seen = hits + ok, seen + len(index)
         if it % s["log_every"] == 0 or it == s["iterations"]:

@@ -4,7 +4,9 @@ Li, Lyu, Ma, Koren, Lyu, Li and Jiang, "Reconstructive Neuron Pruning for Backdo
 reference code github.com/bboylyg/RNP (`main.py`, `models/mask_batchnorm.py`).
 
 1. Unlearn: gradient ascent on the cross-entropy of `images` seeded clean validation images (default
-   500, the reference's --ratio 0.01 of CIFAR-10's 50,000 training images),
+   500, the reference's --ratio 0.01 of CIFAR-10's 50,000 training images; each batch randomly translated
+   by up to `shift` pixels, the reference's RandomCrop(32, padding=4) in its CIFAR-10 loader: by default
+   4 px per 32 of width with masks on BatchNormalization, none for the conv adaptation, no flip),
    SGD lr `unlearn_lr` 0.01, momentum 0.9, weight decay 5e-4, the learning rate divided by 10 after
    epoch 10 (the reference's MultiStepLR schedule [10, 20]), epoch by epoch until the epoch's running
    clean accuracy falls to `clean_threshold` (20 %) or `unlearn_epochs` (20) have run
@@ -44,8 +46,9 @@ import tensorflow as tf
 from defense.core import interrupt
 from defense.config import bound as _bound
 from defense.criteria import Scores
-from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, data_settings, mask_scores,
-                                       sgd_step, step_signature)
+from defense.criteria._masking import (ChannelMasks, batch_shift, clean_subset, correct, cross_entropy, data_settings,
+                                       mask_scores, sgd_step, step_signature)
+from defense.data.arrays import shift_images
 from defense.pruning import bn_pairing
 
 NEEDS_DATA = True
@@ -141,14 +144,15 @@ class Reconstructor:
         return float(loss), float(hits)
 
 
-def _epoch(step, x, y, batch_size: int, rng) -> tuple[float, float]:
-    """One shuffled pass over (x, y) through `step`; mean batch loss and accuracy (%)."""
+def _epoch(step, x, y, batch_size: int, rng, shift: int = 0) -> tuple[float, float]:
+    """One shuffled pass over (x, y) through `step`, each batch randomly translated by up to `shift` pixels;
+    mean batch loss and accuracy (%)."""
     order = rng.permutation(len(x))
     losses, hits = [], 0.0
     for start in range(0, len(x), batch_size):
         interrupt.check()  # a safe point between batches (defense/core/interrupt.py)
         index = order[start:start + batch_size]
-        loss, ok = step(x[index], y[index])
+        loss, ok = step(shift_images(x[index], shift, rng) if shift else x[index], y[index])
         losses.append(loss)
         hits += ok
     return float(np.mean(losses)), 100.0 * hits / len(x)
@@ -159,12 +163,13 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
     accuracy; while recovering also the mask statistics and every mask value, `mask/<layer>/<channel>`)."""
     r = Reconstructor(model, layers, s)
     rng = np.random.default_rng(seed)
+    shift = batch_shift(s, x, bool(r.masks.bn_units))  # the reference's RandomCrop (get_train_loader)
     history, step = [], 0
     started = time.perf_counter()
     reached = False
     for epoch in range(1, s["unlearn_epochs"] + 1):
         r.unlearn_lr.assign(s["unlearn_lr"] * 0.1 ** sum(epoch > m for m in UNLEARN_MILESTONES))
-        loss, acc = _epoch(r.unlearn, x, y, s["batch_size"], rng)
+        loss, acc = _epoch(r.unlearn, x, y, s["batch_size"], rng, shift)
         step += 1
         history.append({"step": step, "unlearn_epoch": epoch, "unlearn_loss": loss, "unlearn_accuracy": acc,
                         "seconds": time.perf_counter() - started})
@@ -177,7 +182,7 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
                     "unlearning (bound %.0f %%); the masks are learned on that network", acc, s["unlearn_epochs"],
                     100.0 * s["clean_threshold"])
     for epoch in range(1, s["recover_epochs"] + 1):
-        loss, acc = _epoch(r.recover, x, y, s["batch_size"], rng)
+        loss, acc = _epoch(r.recover, x, y, s["batch_size"], rng, shift)
         step += 1
         history.append({"step": step, "recover_epoch": epoch, "recover_loss": loss, "recover_accuracy": acc,
                         **r.masks.stats(s["threshold"]), "seconds": time.perf_counter() - started})
