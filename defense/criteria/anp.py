@@ -9,23 +9,24 @@ are learned on clean validation data only, minimising
 
     alpha * CE(masked network) + (1 - alpha) * CE(masked network, adversarially perturbed)
 
-per batch (`optimize_mask_cifar.py::mask_train`, lines 172-214; optimizers at lines 97-99): the perturbations are drawn again
-uniform in [-eps, eps] for every batch (reset(rand_init=True)), then take `steps` signed-gradient ascent
-steps of size eps / steps (loss_noise = -CE, sign_grad, noise_opt = SGD(lr=anp_eps / anp_steps)); the
-masks take one SGD step on the weighted loss (momentum 0.9, lr 0.2, as mask_optimizer there) and are
-clipped to [0, 1] (clip_mask). Batches are drawn with replacement (RandomSampler(replacement=True)) from
-`images` seeded clean validation images (default 500: --val-frac 0.01 of CIFAR-10's 50,000), each batch
-randomly translated by up to `shift` pixels (transform_train's RandomCrop(32, padding=4), lines 49-54;
-by default 4 px per 32 of width with masks on BatchNormalization, none for the conv adaptation; no
-horizontal flip, see defense.criteria._masking.batch_shift).
+per batch (`optimize_mask_cifar.py::mask_train`, lines 172-214; optimizers at lines 97-99): the
+perturbations are drawn again uniform in [-eps, eps] for every batch (reset(rand_init=True)), then take
+`steps` signed-gradient ascent steps of size eps / steps (loss_noise = -CE, sign_grad, noise_opt =
+SGD(lr=anp_eps / anp_steps)); the masks take one SGD step on the weighted loss (momentum 0.9, lr 0.2, as
+mask_optimizer there) and are clipped to [0, 1] (clip_mask). Batches are drawn with replacement
+(RandomSampler(replacement=True)) from `images` seeded clean validation images (default 500: --val-frac
+0.01 of CIFAR-10's 50,000), each batch randomly translated by up to `shift` pixels (transform_train's
+RandomCrop(32, padding=4), lines 49-54; by default 4 px per 32 of width with masks on BatchNormalization,
+none for the conv adaptation; no horizontal flip, see defense.criteria._masking.batch_shift).
 
 Where the masks sit (defense.pruning.bn_pairing; `prune.anp.level`, default auto):
 
 - `bn` (the reference): a conv paired with a BatchNormalization is masked and perturbed on the BN, as
-  `models/anp_batchnorm.py::NoisyBatchNorm2d` (reset lines 26-29, forward lines 77-88): weight gamma * (m + d), bias
-  beta * (1 + e); the network runs in training mode (BN with batch statistics), as model.train() in
-  mask_train; the perturbations are not clipped after their step (the reference does not). Pruning a
-  channel sets gamma := 0 (`prune_neuron_cifar.py::pruning`, lines 108-112: state_dict[<bn>.weight][idx] = 0).
+  `models/anp_batchnorm.py::NoisyBatchNorm2d` (reset lines 26-29, forward lines 77-88): weight gamma * (m
+  + d), bias beta * (1 + e); the network runs in training mode (BN with batch statistics), as
+  model.train() in mask_train; the perturbations are not clipped after their step (the reference does
+  not). Pruning a channel sets gamma := 0 (`prune_neuron_cifar.py::pruning`, lines 108-112:
+  state_dict[<bn>.weight][idx] = 0).
 - `conv (adapted: no BatchNormalization)`: a conv without one (DeepID, the Lab 3 network) is masked and
   perturbed on the channel itself (kernel * (m + d), bias * (m + e)), m = 0 being exactly this
   framework's pruning of the channel (kernel and bias zeroed); the network runs in inference mode and the

@@ -260,7 +260,8 @@ def pruned_copy(model, layer_name: str, channels) -> "keras.Model":  # noqa: F82
     return pruned_copy_layers(model, {layer_name: channels})
 
 
-def pruned_copy_layers(model, pruned: dict, bn_units: dict | None = None, bn_zero=("gamma",)) -> "keras.Model":  # noqa: F821
+def pruned_copy_layers(model, pruned: dict, bn_units: dict | None = None,
+                       bn_zero=("gamma",)) -> "keras.Model":  # noqa: F821
     """A copy of `model` with the output channels `pruned[layer]` of each conv layer pruned (kernel and
     bias zeroed); `model` is not changed.
 
