@@ -105,6 +105,7 @@ class ClpConfig:
     """`prune.clp` (conf/prune/clp.yaml; defense/criteria/clp.py)."""
 
     u: float = 3.0  # prune channels above mean + u * std of their layer (>= 0)
+    level: str = "auto"  # where channels are pruned: auto, bn or conv (defense/pruning/bn_pairing.py)
 
 
 @dataclass
@@ -118,7 +119,10 @@ class AnpConfig:
     momentum: float = 0.9  # SGD momentum of the masks ([0, 1))
     iterations: int = 2000  # mask updates (>= 1)
     batch_size: int = 128  # images per iteration, drawn with replacement (>= 1)
-    fraction: float = 0.05  # share of the clean validation data used ((0, 1])
+    images: int = 500  # clean validation images that learn the masks (>= 1; capped by what there is)
+    fraction: Optional[float] = None  # former option: a share of the clean validation data ((0, 1]); replaces images
+    level: str = "auto"  # where the masks sit: auto, bn or conv (defense/pruning/bn_pairing.py)
+    shift: Optional[int] = None  # random translation of every batch (px, >= 0); null: 4 per 32 px with BN masks, else 0
     threshold: float = 0.2  # operating point: prune masks below it ([0, 1])
     log_every: int = 100  # iterations per history row (>= 1)
 
@@ -136,7 +140,10 @@ class RnpConfig:
     alpha: float = 0.2  # weight of the recovering loss ((0, 1])
     momentum: float = 0.9  # SGD momentum of both phases ([0, 1))
     batch_size: int = 128  # (>= 1)
-    fraction: float = 0.05  # share of the clean validation data used ((0, 1])
+    images: int = 500  # clean validation images used (>= 1; capped by what there is)
+    fraction: Optional[float] = None  # former option: a share of the clean validation data ((0, 1]); replaces images
+    level: str = "auto"  # where the masks sit: auto, bn or conv (defense/pruning/bn_pairing.py)
+    shift: Optional[int] = None  # random translation of every batch (px, >= 0); null: 4 per 32 px with BN masks, else 0
     threshold: float = 0.2  # operating point: prune masks below it ([0, 1])
 
 

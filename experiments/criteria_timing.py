@@ -6,7 +6,7 @@
 Runs defense/criteria/anp.py::score with the published defaults (conf/prune/anp.yaml: 2000 iterations
 of batch 128, eps 0.4, 1 perturbation step) on the real Lab 3 network (`lab3_bd_weights.h5`) and
 `--images` clean images (default 577 = 5 % of the 11547 clean validation images of the Lab 3 data, the
-default prune.anp.fraction; the extracts' clean faces are repeated to that count: only their number
+former default prune.anp.fraction; the extracts' clean faces are repeated to that count: only their number
 and size matter for the time). Writes experiments/results/criteria_timing.{md,json}: wall seconds of
 the whole scoring (including the one trace of the training step) and per iteration, and the CPU
 seconds of the process (steadier than wall time on a shared machine).

@@ -53,15 +53,16 @@ def lab3_valid(csaw_dir):
 
 def oracle_clp(kernel: np.ndarray, bn: tuple | None) -> list[float]:
     """Largest singular value of each output channel's kernel as an (in_channels, kh * kw) matrix, times
-    |gamma / sqrt(var + eps)| where a BatchNormalization (gamma, var, eps) follows the conv."""
+    |gamma / sqrt(var)| where a BatchNormalization (gamma, var) follows the conv (defense.py::CLP:
+    std = running_var.sqrt(), without the BN's eps)."""
     kh, kw, cin, cout = kernel.shape
     out = []
     for k in range(cout):
         w = kernel[:, :, :, k].astype(np.float64).reshape(kh * kw, cin).T  # rows: input channels
         value = float(np.linalg.norm(w, 2))
         if bn is not None:
-            gamma, var, eps = bn
-            value *= abs(float(gamma[k]) / np.sqrt(float(var[k]) + eps))
+            gamma, var = bn
+            value *= abs(float(gamma[k]) / np.sqrt(float(var[k])))
         out.append(value)
     return out
 
@@ -146,7 +147,7 @@ def test_clp_folds_the_batch_norm_right_after_a_conv_as_numpy_does(caplog):
     def bn(name):
         layer = model.get_layer(name)
         gamma, _, _, var = layer.get_weights()
-        return gamma, var, layer.epsilon
+        return gamma, var
 
     bounds = {"conv_a": oracle_clp(model.get_layer("conv_a").get_weights()[0], bn("bn_a")),
               "conv_b": oracle_clp(model.get_layer("conv_b").get_weights()[0], None),

@@ -17,7 +17,10 @@ from conftest import compose, run_cli
 TINY = {
     "clp": ["prune.clp.u=1"],
     "anp": ["prune.anp.iterations=20", "prune.anp.batch_size=32", "prune.anp.log_every=10"],
-    "rnp": ["prune.rnp.unlearn_epochs=2", "prune.rnp.recover_epochs=2", "prune.rnp.batch_size=32"],
+    # 64 images: unlearning (gradient ascent) on the default 500 in batches of 32 drives the embedded
+    # scenario's loss to inf within the first epoch, before the epoch-end accuracy check can stop it
+    "rnp": ["prune.rnp.unlearn_epochs=2", "prune.rnp.recover_epochs=2", "prune.rnp.batch_size=32",
+            "prune.rnp.images=64"],
 }
 COMMON = ["prune.drops=[4]", "prune.eval_steps=5", "tracking=none", "compact=false", "progress=false"]
 
@@ -78,7 +81,7 @@ def test_clp_run_prunes_what_numpy_says(tmp_path):
 @pytest.mark.parametrize("criterion, layer", [("anp", "[conv_3,conv_4]"), ("rnp", "conv_3")])
 def test_learning_criteria_run_on_clean_validation_images_only(criterion, layer, tmp_path, monkeypatch):
     """A spy on the mask learning: every image is a clean validation image with its label (none of the
-    poisoned ones), 5 % of them; the masks, their history and the operating point reach the run's files."""
+    poisoned ones), prune.<criterion>.images of them (500 by default, capped by how many there are); the masks, their history and the operating point reach the run's files."""
     from defense.nets.models import scale_pixels
 
     seen = []
@@ -86,7 +89,8 @@ def test_learning_criteria_run_on_clean_validation_images_only(criterion, layer,
     model, valid = scenario_model_and_valid(cfg)
     assert len(seen) == 1
     x, y = seen[0]
-    assert len(x) == round(0.05 * len(valid.clean))
+    assert len(x) == min(int(cfg.prune[criterion].images), len(valid.clean))
+    assert criterion == "rnp" or int(cfg.prune[criterion].images) == 500  # ANP with the default count
     divisor = float(cfg.model.input_divisor)
     clean = scale_pixels(valid.clean.x, divisor).reshape(len(valid.clean), -1)
     poisoned = np.concatenate([scale_pixels(p.x, divisor).reshape(len(p), -1) for p in valid.poisoned.values()])
@@ -118,7 +122,8 @@ def test_learning_criteria_run_on_clean_validation_images_only(criterion, layer,
 
 
 @pytest.mark.parametrize("option, key", [("prune=clp prune.clp.u=-1", "prune.clp.u"),
-                                         ("prune=rnp prune.rnp.threshold=-0.1", "prune.rnp.threshold")])
+                                         ("prune=rnp prune.rnp.threshold=-0.1", "prune.rnp.threshold"),
+                                         ("prune=anp prune.anp.images=0", "prune.anp.images")])
 def test_cli_bad_criterion_option_is_one_line_and_logs_nothing(option, key, tmp_path):
     db = tmp_path / "mlflow.db"
     proc = run_cli("defense.run", *option.split(), f"tracking.uri=sqlite:///{db}", "progress=false",
@@ -126,4 +131,28 @@ def test_cli_bad_criterion_option_is_one_line_and_logs_nothing(option, key, tmp_
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
     assert key in errors[0]
+    assert not db.exists()
+
+
+def test_cli_level_bn_on_a_network_without_per_channel_bn_is_one_line_and_logs_nothing(tmp_path):
+    """prune.anp.level=bn on a network whose BatchNormalization normalizes the rows (axis 1), not the
+    channels: one line naming the key and the layer, exit 2, no MLflow store created (no run logged)."""
+    import keras
+
+    x = keras.Input((28, 28, 1))
+    h = keras.layers.Conv2D(4, 3, name="conv_a")(x)
+    h = keras.layers.BatchNormalization(axis=1, name="bn_rows")(h)
+    keras.Model(x, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(h))).save(tmp_path / "rows.h5")
+    rng = np.random.default_rng(0)
+    for name in ("valid", "test"):
+        np.savez(tmp_path / f"{name}.npz", x=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8),
+                 y=np.arange(20) % 10)
+    db = tmp_path / "mlflow.db"
+    proc = run_cli("defense.run", "model=auto", f"model.path={tmp_path / 'rows.h5'}", "dataset=files",
+                   f"dataset.clean_valid={tmp_path / 'valid.npz'}", f"dataset.clean_test={tmp_path / 'test.npz'}",
+                   "prune=anp", "prune.anp.level=bn", "prune.layer=conv_a", f"tracking.uri=sqlite:///{db}",
+                   "progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
+    assert "prune.anp.level" in errors[0] and "bn_rows" in errors[0]
     assert not db.exists()

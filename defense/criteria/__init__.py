@@ -16,6 +16,11 @@ when one is added. A criterion module defines:
                  labels, `y`; scale a batch with defense.nets.models.scale_pixels(x, divisor)), or None.
         cfg:     the whole run config; the criterion's own keys live under cfg.prune.<name>.
 
+    def bn_units(model, layers, cfg) -> dict[str, str]   (optional)
+        {conv: BatchNormalization name} of the layers this criterion prunes at the BN level (ANP, RNP, CLP:
+        defense.pruning.bn_pairing), known before scoring so that the sweep builds the right evaluator;
+        with it, `BN_ZERO`: the BN parameters a pruned channel zeroes.
+
     def check_config(prune_cfg) -> None   (optional)
         Checks of the criterion's own options that need no model or data, run with the other config
         checks before any work (defense.pipeline.sweep.check_prune_config); raises a DefenseError naming the key.
@@ -46,6 +51,11 @@ class Scores:
                      CLP's raw upper bound beside its standardized score, ANP's mask.
     history:         rows logged per iteration block while learning (ANP / RNP losses), in order;
                      each has a "step" key; written to <criterion>_history.csv and as step metrics.
+    bn_units:        {conv: BatchNormalization name} of the convs pruned at the BN level (their channels are
+                     pruned by zeroing the BN's `bn_zero` parameters, not the conv's kernel and bias).
+    bn_zero:         ("gamma",) (ANP, RNP) or ("gamma", "beta") (CLP).
+    variant:         `bn` or `conv (adapted: no BatchNormalization)` (defense.pruning.bn_pairing.variant);
+                     empty for criteria without a reference to adapt.
     """
 
     values: dict[str, np.ndarray]
@@ -53,6 +63,9 @@ class Scores:
     operating_point: dict[str, list[int]] | None = None
     columns: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    bn_units: dict[str, str] = field(default_factory=dict)
+    bn_zero: tuple = ("gamma",)
+    variant: str = ""
 
 
 def names() -> list[str]:

@@ -1,4 +1,11 @@
-"""Learned per-channel masks on Conv2D layers, without touching the network's weights (ANP and RNP).
+"""Learned per-channel masks on Conv2D layers or their BatchNormalization, without touching the network's
+weights (ANP and RNP).
+
+With a BatchNormalization paired with the conv (defense.pruning.bn_pairing), the mask sits where the
+references put it: on the BN's scale, gamma_k * m_k (RNP's MaskBatchNorm2d), and ANP's perturbations
+enter as gamma_k * (m_k + d_k) and beta_k * (1 + e_k) (ANP's NoisyBatchNorm2d); the network then runs
+in training mode (BN with batch statistics), as the references' model.train(). Without one (DeepID), the
+conv adaptation below.
 
 A mask m_k in [0, 1] scales output channel k of a masked Conv2D as a whole, kernel and bias:
 z_k = m_k * (W_k * x) + m_k * b_k, so m_k = 0 is exactly what pruning the channel does in this framework
@@ -68,13 +75,18 @@ class ChannelMasks:
     """One mask variable per output channel of each Conv2D in `layers`, all ones at first.
 
     base: optional {id(variable): tf.Variable} of replacement values for the network's variables (RNP's
-    unlearned copy); masked kernels and biases scale those replacements."""
+    unlearned copy); masked kernels and biases scale those replacements.
+    bn_units: {conv: BatchNormalization name} of the convs whose mask sits on their BN's gamma; with any,
+    forward() runs the network in training mode (batch statistics), as the references' model.train()."""
 
-    def __init__(self, model, layers: list[str], network=None):
+    def __init__(self, model, layers: list[str], network=None, bn_units: dict | None = None):
         self.model = model
         self.network = model if network is None else network  # what forward() runs: model or a suffix of it
         self.layers = list(layers)
+        self.bn_units = dict(bn_units or {})
+        self.training = bool(self.bn_units)
         self.convs = [model.get_layer(name) for name in self.layers]
+        self.bns = [model.get_layer(self.bn_units[name]) if name in self.bn_units else None for name in self.layers]
         self.masks = [tf.Variable(tf.ones([int(conv.filters)]), trainable=False, name=f"mask_{name}")
                       for name, conv in zip(self.layers, self.convs)]
         self.base: dict[int, tuple] = {}
@@ -90,6 +102,15 @@ class ChannelMasks:
         pairs, done = [], set()
         if masked:
             for i, conv in enumerate(self.convs):
+                bn = self.bns[i]
+                if bn is not None:  # anp_batchnorm.py: weight * (mask + noise), bias * (1 + noise_bias)
+                    coeff = self.masks[i] if noise_w is None else self.masks[i] + noise_w[i]
+                    pairs.append((bn.gamma, self._read(bn.gamma) * coeff))
+                    done.add(id(bn.gamma))
+                    if bn.beta is not None and noise_b is not None:
+                        pairs.append((bn.beta, self._read(bn.beta) * (1.0 + noise_b[i])))
+                        done.add(id(bn.beta))
+                    continue
                 coeff = self.masks[i] if noise_w is None else self.masks[i] + noise_w[i]
                 pairs.append((conv.kernel, self._read(conv.kernel) * coeff))
                 done.add(id(conv.kernel))
@@ -102,7 +123,7 @@ class ChannelMasks:
 
     def forward(self, x, masked: bool = True, noise_w=None, noise_b=None):
         with keras.StatelessScope(state_mapping=self.mapping(masked, noise_w, noise_b)):
-            return self.network(x, training=False)
+            return self.network(x, training=self.training)
 
     def clip(self) -> None:
         for m in self.masks:
@@ -138,16 +159,71 @@ def sgd_step(variables, grads, velocity, lr, momentum: float, weight_decay: floa
         p.assign_sub(lr * v)
 
 
-def clean_subset(clean, fraction: float, seed: int, divisor: float, what: str):
-    """A seeded `fraction` of the clean validation images (at least one), scaled for the network; (x, y)."""
+def clean_subset(clean, images: int | None, fraction: float | None, seed: int, divisor: float, what: str,
+                 num_classes: int | None = None):
+    """A seeded choice of the clean validation images, scaled for the network; (x, y).
+
+    `images` of them (capped by how many there are), or, where `fraction` is given instead, that share of
+    them (at least one)."""
     from defense.core.errors import DefenseError
 
     if clean is None or len(clean) == 0:
         raise DefenseError(f"{what} learns its masks from clean validation data, and there is none; give a data set "
                            "with clean validation images")
-    n = max(1, int(round(fraction * len(clean))))
+    if fraction is not None:
+        n = max(1, int(round(fraction * len(clean))))
+    else:
+        n = min(int(images), len(clean))
+    if num_classes is not None and n < int(num_classes):
+        import logging
+
+        logging.getLogger(__name__).warning("warning: %s learns from %d clean validation images, fewer than the %d "
+                                            "classes", what, n, int(num_classes))
     index = np.sort(np.random.default_rng(seed).choice(len(clean), size=n, replace=False))
     return scale_pixels(clean.x[index], divisor), np.asarray(clean.y[index], np.int64)
+
+
+def data_settings(given, name: str, s: dict) -> None:
+    """`prune.<name>.images`, `.fraction` and `.level` into `s`, checked (a DefenseError naming the key).
+
+    images: how many clean validation images learn the masks (>= 1; default 500, the references' count:
+    ANP's --val-frac 0.01 and RNP's 1 % of CIFAR-10's 50,000 training images), capped by what the
+    defender has. fraction: the former option, still honoured when set explicitly (it then replaces
+    images). level: auto, bn or conv (defense.pruning.bn_pairing)."""
+    from defense.config import bound
+    from defense.pruning.bn_pairing import check_level
+
+    images = given.get("images", None)
+    s["images"] = 500 if images is None else images
+    bound(f"prune.{name}.images", s["images"], lambda v: v >= 1 and float(v).is_integer(),
+          f"a whole number of clean validation images >= 1, e.g. prune.{name}.images=500")
+    s["images"] = int(s["images"])
+    fraction = given.get("fraction", None)
+    if fraction is not None:
+        bound(f"prune.{name}.fraction", fraction, lambda v: 0 < v <= 1,
+              f"a fraction of the clean validation data in (0, 1], e.g. prune.{name}.fraction=0.05, or give "
+              f"prune.{name}.images instead")
+        fraction = float(fraction)
+    s["fraction"] = fraction
+    s["level"] = check_level(f"prune.{name}.level", given.get("level", None) or "auto")
+    shift = given.get("shift", None)
+    if shift is not None:
+        bound(f"prune.{name}.shift", shift, lambda v: v >= 0 and float(v).is_integer(),
+              f"a whole number of pixels >= 0, e.g. prune.{name}.shift=4, or null (4 px per 32 with BN masks, "
+              "else 0)")
+        shift = int(shift)
+    s["shift"] = shift
+
+
+def batch_shift(s: dict, x: np.ndarray, on_bn: bool) -> int:
+    """The random translation (pixels) of every training batch: `shift`, or, null, the references'
+    RandomCrop(32, padding=4) scaled to the image width (round(4 * width / 32)) when the masks sit on
+    BatchNormalization layers (the reference variant), and 0 for the conv adaptation (as before: its
+    prefix outputs are computed once per image). No horizontal flip: the references' RandomHorizontalFlip
+    is for CIFAR-10, and mirrored digits are other symbols."""
+    if s.get("shift") is not None:
+        return int(s["shift"])
+    return int(round(4 * x.shape[2] / 32)) if on_bn and x.ndim == 4 else 0
 
 
 def mask_scores(masks: dict, threshold: float, history):

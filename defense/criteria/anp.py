@@ -5,21 +5,34 @@ github.com/csdongxian/ANP_backdoor (`optimize_mask_cifar.py`, `models/anp_batchn
 `prune_neuron_cifar.py`).
 
 A mask m in [0, 1] per output channel of the pruned Conv2D layers and multiplicative perturbations d, e
-of each channel's weights and bias are learned on clean validation data only, minimising
+are learned on clean validation data only, minimising
 
     alpha * CE(masked network) + (1 - alpha) * CE(masked network, adversarially perturbed)
 
-per batch. The perturbations start uniform in [-eps, eps] and take `steps` signed-gradient ascent steps
-of size eps / steps (`optimize_mask_cifar.py::mask_train`; here they are also kept within [-eps, eps],
-the bound of the paper); the masks take one SGD step (momentum 0.9, as the reference) and are clipped
-to [0, 1]. Batches are drawn with replacement from a seeded `fraction` of the clean validation data (the
-reference's RandomSampler(replacement=True)).
+per batch (`optimize_mask_cifar.py::mask_train`, lines 172-214; optimizers at lines 97-99): the
+perturbations are drawn again uniform in [-eps, eps] for every batch (reset(rand_init=True)), then take
+`steps` signed-gradient ascent steps of size eps / steps (loss_noise = -CE, sign_grad, noise_opt =
+SGD(lr=anp_eps / anp_steps)); the masks take one SGD step on the weighted loss (momentum 0.9, lr 0.2, as
+mask_optimizer there) and are clipped to [0, 1] (clip_mask). Batches are drawn with replacement
+(RandomSampler(replacement=True)) from `images` seeded clean validation images (default 500: --val-frac
+0.01 of CIFAR-10's 50,000), each batch randomly translated by up to `shift` pixels (transform_train's
+RandomCrop(32, padding=4), lines 49-54; by default 4 px per 32 of width with masks on BatchNormalization,
+none for the conv adaptation; no horizontal flip, see defense.criteria._masking.batch_shift).
 
-Where the reference masks and perturbs the BatchNormalization after each convolution (`NoisyBatchNorm2d`:
-weight * (m + d), bias * (1 + e)), this module masks and perturbs the Conv2D channel itself (kernel *
-(m + d), bias * (m + e)): DeepID, the Lab 3 network, has no BatchNormalization, and m = 0 is then
-exactly this framework's pruning of the channel (kernel and bias zeroed). The network runs in inference
-mode (BatchNormalization with its moving statistics) and its weights are never changed.
+Where the masks sit (defense.pruning.bn_pairing; `prune.anp.level`, default auto):
+
+- `bn` (the reference): a conv paired with a BatchNormalization is masked and perturbed on the BN, as
+  `models/anp_batchnorm.py::NoisyBatchNorm2d` (reset lines 26-29, forward lines 77-88): weight gamma * (m
+  + d), bias beta * (1 + e); the network runs in training mode (BN with batch statistics), as
+  model.train() in mask_train; the perturbations are not clipped after their step (the reference does
+  not). Pruning a channel sets gamma := 0 (`prune_neuron_cifar.py::pruning`, lines 108-112:
+  state_dict[<bn>.weight][idx] = 0).
+- `conv (adapted: no BatchNormalization)`: a conv without one (DeepID, the Lab 3 network) is masked and
+  perturbed on the channel itself (kernel * (m + d), bias * (m + e)), m = 0 being exactly this
+  framework's pruning of the channel (kernel and bias zeroed); the network runs in inference mode and the
+  perturbations are also kept within [-eps, eps], the bound of the paper. A conv without a bias has no e.
+
+The run's `defense_variant` tag and summary.csv column say which. The network's weights are never changed.
 
 Score = 1 - m (the lowest masks are pruned first); operating point: channels with m <= `threshold`
 (default 0.2). History: every `log_every` iterations, the mean loss and natural accuracy of that block,
@@ -37,14 +50,17 @@ import tensorflow as tf
 from defense.core import interrupt
 from defense.config import bound as _bound
 from defense.criteria import Scores
-from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, mask_scores, sgd_step,
-                                       split_before, step_signature)
+from defense.criteria._masking import (ChannelMasks, batch_shift, clean_subset, correct, cross_entropy, data_settings,
+                                       mask_scores, sgd_step, split_before, step_signature)
+from defense.data.arrays import shift_images
+from defense.pruning import bn_pairing
 
 NEEDS_DATA = True
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"eps": 0.4, "steps": 1, "alpha": 0.2, "lr": 0.2, "momentum": 0.9, "iterations": 2000,
-            "batch_size": 128, "fraction": 0.05, "threshold": 0.2, "log_every": 100}
+            "batch_size": 128, "threshold": 0.2, "log_every": 100}
+BN_ZERO = ("gamma",)  # prune_neuron_cifar.py: the pruned channel's BN weight := 0
 
 
 def settings(prune_cfg) -> dict:
@@ -61,21 +77,25 @@ def settings(prune_cfg) -> dict:
            "a whole number of iterations >= 1, e.g. prune.anp.iterations=2000")
     _bound("prune.anp.batch_size", s["batch_size"], lambda v: v >= 1 and whole(v),
            "a whole number of images >= 1, e.g. prune.anp.batch_size=128")
-    _bound("prune.anp.fraction", s["fraction"], lambda v: 0 < v <= 1,
-           "a fraction of the clean validation data in (0, 1], e.g. prune.anp.fraction=0.05")
     _bound("prune.anp.threshold", s["threshold"], lambda v: 0 <= v <= 1,
            "a mask threshold in [0, 1], e.g. prune.anp.threshold=0.2")
     _bound("prune.anp.log_every", s["log_every"], lambda v: v >= 1 and whole(v),
            "a whole number of iterations >= 1, e.g. prune.anp.log_every=100")
     for key in ("steps", "iterations", "batch_size", "log_every"):
         s[key] = int(s[key])
-    for key in ("eps", "alpha", "lr", "momentum", "fraction", "threshold"):
+    for key in ("eps", "alpha", "lr", "momentum", "threshold"):
         s[key] = float(s[key])
+    data_settings(given, "anp", s)
     return s
 
 
 def check_config(prune_cfg) -> None:
     settings(prune_cfg)
+
+
+def bn_units(model, layers: list[str], cfg) -> dict[str, str]:
+    """{conv: BatchNormalization} of the layers whose masks sit on a BN (`prune.anp.level`)."""
+    return bn_pairing.bn_units(model, layers, settings(cfg.prune)["level"], "prune.anp.level")
 
 
 class MaskLearner:
@@ -84,9 +104,9 @@ class MaskLearner:
     network: what a step runs, the whole model (its inputs are images) or the suffix of it from the
     first masked layer's input (its inputs are the prefix's outputs; defense.criteria._masking.split_before)."""
 
-    def __init__(self, model, layers: list[str], s: dict, seed: int, network=None):
+    def __init__(self, model, layers: list[str], s: dict, seed: int, network=None, bn_units: dict | None = None):
         self.model, self.s = model, s
-        self.masks = ChannelMasks(model, layers, network)
+        self.masks = ChannelMasks(model, layers, network, bn_units)
         zeros = [tf.zeros_like(m) for m in self.masks.masks]
         self.noise_w = [tf.Variable(z, trainable=False) for z in zeros]
         self.noise_b = [tf.Variable(z, trainable=False) for z in zeros]
@@ -106,8 +126,12 @@ class MaskLearner:
                     tape.watch(self.noise_w + self.noise_b)
                     loss = cross_entropy(self.model, y, masks.forward(x, True, self.noise_w, self.noise_b))
                 grads = tape.gradient(loss, self.noise_w + self.noise_b)
-                for n, g in zip(self.noise_w + self.noise_b, grads):
-                    n.assign(tf.clip_by_value(n + (eps / s["steps"]) * tf.sign(g), -eps, eps))
+                for i, (n, g) in enumerate(zip(self.noise_w + self.noise_b, grads)):
+                    if g is None:  # a conv without bias (or a BN without beta) has no bias perturbation
+                        continue
+                    stepped = n + (eps / s["steps"]) * tf.sign(g)
+                    on_bn = masks.bns[i % len(self.noise_w)] is not None
+                    n.assign(stepped if on_bn else tf.clip_by_value(stepped, -eps, eps))
         # the masks: natural and perturbed loss (step 2)
         with tf.GradientTape() as tape:
             tape.watch(masks.masks)
@@ -133,19 +157,25 @@ class MaskLearner:
 def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict, seed: int):
     """Run ANP's mask learning on the scaled clean images (x, y); the learner (its masks) and the history rows.
 
-    The layers before the first masked one carry no mask and the network runs in inference mode, so
-    their outputs are computed once per image (`split_before`) and each iteration runs only the rest."""
-    prefix, network = split_before(model, layers, x[: min(len(x), 8)])
+    With the conv adaptation, the layers before the first masked one carry no mask and the network runs
+    in inference mode, so their outputs are computed once per image (`split_before`) and each iteration
+    runs only the rest. With masks on BatchNormalization layers the network runs in training mode (batch
+    statistics everywhere), so it runs whole."""
+    units = bn_pairing.bn_units(model, layers, s.get("level", "auto"), "prune.anp.level")
+    shift = batch_shift(s, x, bool(units))  # random translations per batch (the references' RandomCrop)
+    whole = units or shift
+    prefix, network = (None, model) if whole else split_before(model, layers, x[: min(len(x), 8)])
     if prefix is not None:
         x = np.concatenate([np.asarray(prefix(x[i:i + 256], training=False)) for i in range(0, len(x), 256)])
-    learner = MaskLearner(model, layers, s, seed, network)
+    learner = MaskLearner(model, layers, s, seed, network, units)
     rng = np.random.default_rng(seed)
     history, losses, hits, seen = [], [], 0.0, 0
     started = time.perf_counter()
     for it in range(1, s["iterations"] + 1):
         interrupt.check()  # a safe point between iterations (defense/core/interrupt.py)
         index = rng.integers(0, len(x), size=s["batch_size"])  # with replacement, as RandomSampler
-        loss, ok = learner.step(x[index], y[index])
+        batch = shift_images(x[index], shift, rng) if shift else x[index]
+        loss, ok = learner.step(batch, y[index])
         losses.append(loss)
         hits, seen = hits + ok, seen + len(index)
         if it % s["log_every"] == 0 or it == s["iterations"]:
@@ -162,10 +192,16 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
     """ANP's masks on `layers`, learned from the clean validation data `clean` only."""
     s = settings(cfg.prune)
     seed = int(cfg.prune.get("seed", 0))
-    x, y = clean_subset(clean, s["fraction"], seed, divisor, "prune.criterion=anp")
-    log.info("ANP: learning %d masks on %s from %d clean validation images (%d iterations of %d)",
-             sum(model.get_layer(n).filters for n in layers), ", ".join(layers), len(x), s["iterations"],
+    units = bn_pairing.bn_units(model, layers, s["level"], "prune.anp.level")
+    x, y = clean_subset(clean, s["images"], s["fraction"], seed, divisor, "prune.criterion=anp",
+                        cfg.model.get("num_classes") if "model" in cfg else None)
+    variant = bn_pairing.variant(units, layers)
+    log.info("ANP (%s): learning %d masks on %s from %d clean validation images (%d iterations of %d)", variant,
+             sum(model.get_layer(n).filters for n in layers),
+             ", ".join(f"{n} ({units[n]})" if n in units else n for n in layers), len(x), s["iterations"],
              s["batch_size"])
     learner, history = learn_masks(model, layers, x, y, s, seed)
     masks = learner.masks.values("prune.anp.lr or prune.anp.eps")
-    return mask_scores(masks, s["threshold"], history)
+    scores = mask_scores(masks, s["threshold"], history)
+    scores.bn_units, scores.bn_zero, scores.variant = units, BN_ZERO, variant
+    return scores

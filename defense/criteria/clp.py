@@ -4,11 +4,18 @@ Zheng, Tang, Li and Liu, "Data-Free Backdoor Defense via Channel Lipschitzness",
 reference code: github.com/rkteddy/channel-Lipschitzness-based-pruning, `defense.py::CLP`.
 
 The upper bound of a channel's Lipschitz constant (UCLC) of output channel k of a Conv2D is the largest
-singular value of its kernel W_k reshaped to (in_channels, kh * kw), times |gamma_k / sqrt(var_k + eps)|
-of the BatchNormalization that follows the convolution directly (the reference code folds the BN scale
-into the kernel the same way; it takes sqrt(running_var) without BN's eps, the BN layer itself divides
-by sqrt(var + eps), which is what is used here). A convolution without such a BatchNormalization (DeepID,
-the Lab 3 network, has none) is scored by its kernel alone; one warning line says so.
+singular value of its kernel W_k reshaped to (in_channels, kh * kw), times |gamma_k / sqrt(var_k)| of the
+BatchNormalization paired with the conv (`defense.py::CLP`: w = conv.weight[idx].reshape(...) *
+(weight[idx] / std[idx]).abs() with std = running_var.sqrt(), without BN's eps, as there). The pairing
+is defense.pruning.bn_pairing's rule, the one ANP and RNP use (conv -> BN, or conv -> Add -> BN): the
+reference pairs each BatchNorm2d with the last Conv2d registered before it. A convolution without a
+paired BatchNormalization (DeepID, the Lab 3 network, has none) is scored by its kernel alone; one
+warning line says so.
+
+Pruning (`prune.clp.level`, default auto): a channel of a conv paired with a BatchNormalization is pruned
+as the reference does, params[<bn>.weight][index] = 0 and params[<bn>.bias][index] = 0 (gamma and beta
+:= 0: the `bn` variant); a conv without one has its kernel and bias zeroed (`conv (adapted: no
+BatchNormalization)`). The run's `defense_variant` tag and summary.csv column say which.
 
 Operating point (the reference's rule, `defense.py`): in each layer, the channels whose bound exceeds
 mean + u * std of that layer's bounds (std with n - 1, as torch.std) are pruned; `prune.clp.u`,
@@ -26,9 +33,11 @@ import numpy as np
 
 from defense.config import bound as _bound
 from defense.criteria import Scores
+from defense.pruning import bn_pairing
 
 NEEDS_DATA = False
 log = logging.getLogger(__name__)
+BN_ZERO = ("gamma", "beta")  # defense.py::CLP: params[name + '.weight'][index] = 0; params[name + '.bias'][index] = 0
 
 
 def check_config(prune_cfg) -> None:
@@ -36,29 +45,19 @@ def check_config(prune_cfg) -> None:
     clp = prune_cfg.get("clp") or {}
     _bound("prune.clp.u", clp.get("u", 3.0), lambda v: v >= 0,
            "a number of standard deviations >= 0, e.g. prune.clp.u=3 (the CLP paper's default)")
+    bn_pairing.check_level("prune.clp.level", clp.get("level", None) or "auto")
+
+
+def bn_units(model, layers: list[str], cfg) -> dict[str, str]:
+    """{conv: BatchNormalization} of the layers pruned at the BN level (`prune.clp.level`)."""
+    check_config(cfg.prune)
+    level = (cfg.prune.get("clp") or {}).get("level", None) or "auto"
+    return bn_pairing.bn_units(model, layers, level, "prune.clp.level")
 
 
 def following_batch_norm(model, conv):
-    """The BatchNormalization layer that normalizes `conv`'s output directly, or None.
-
-    Directly: `conv` has no activation of its own, its output feeds exactly one layer, and that layer is
-    a BatchNormalization over the channel axis."""
-    import keras
-
-    if getattr(conv, "activation", None) not in (None, keras.activations.linear):
-        return None
-    consumers = []
-    for node in getattr(conv, "_outbound_nodes", []):
-        layer = getattr(node, "operation", None)
-        if layer is not None and layer in model.layers:
-            consumers.append(layer)
-    if len(consumers) != 1 or not isinstance(consumers[0], keras.layers.BatchNormalization):
-        return None
-    bn = consumers[0]
-    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
-    if axis not in (-1, len(conv.output.shape) - 1):
-        return None
-    return bn
+    """The BatchNormalization paired with `conv` (defense.pruning.bn_pairing.find_batch_norm), or None."""
+    return bn_pairing.find_batch_norm(model, conv.name)[0]
 
 
 def channel_bounds(model, layer_name: str) -> tuple[np.ndarray, bool]:
@@ -74,7 +73,7 @@ def channel_bounds(model, layer_name: str) -> tuple[np.ndarray, bool]:
         return bounds, False
     var = np.asarray(bn.moving_variance.numpy(), np.float64)
     gamma = np.asarray(bn.gamma.numpy(), np.float64) if bn.gamma is not None else np.ones_like(var)
-    return bounds * np.abs(gamma / np.sqrt(var + float(bn.epsilon))), True
+    return bounds * np.abs(gamma / np.sqrt(var)), True  # defense.py: std = running_var.sqrt(), no eps
 
 
 def standardize(bounds: np.ndarray) -> np.ndarray:
@@ -111,4 +110,6 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
     if without_bn:
         log.warning("warning: CLP: no BatchNormalization right after %s; their bounds are those of the conv kernels "
                     "alone", ", ".join(without_bn))
-    return Scores(values=values, prune_first="high", operating_point=op, columns={"clp_bound": bounds})
+    units = bn_units(model, layers, cfg)
+    return Scores(values=values, prune_first="high", operating_point=op, columns={"clp_bound": bounds},
+                  bn_units=units, bn_zero=BN_ZERO, variant=bn_pairing.variant(units, layers))

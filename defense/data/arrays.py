@@ -172,3 +172,16 @@ def as_uint8_pixels(images: LabeledImages) -> LabeledImages:
     if not np.array_equal(pixels, x):  # pixels with fractions
         return images
     return LabeledImages(images.name, pixels, images.y, images.clean_label, images.path)
+
+
+def shift_images(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each NHWC image translated by its own random (dy, dx) in [-shift, shift], zero-filled."""
+    if shift <= 0:
+        return x
+    n, h, w = x.shape[:3]
+    padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    dy = rng.integers(0, 2 * shift + 1, n)
+    dx = rng.integers(0, 2 * shift + 1, n)
+    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
+    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
+    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]

@@ -260,14 +260,30 @@ def pruned_copy(model, layer_name: str, channels) -> "keras.Model":  # noqa: F82
     return pruned_copy_layers(model, {layer_name: channels})
 
 
-def pruned_copy_layers(model, pruned: dict) -> "keras.Model":  # noqa: F821
+def pruned_copy_layers(model, pruned: dict, bn_units: dict | None = None,
+                       bn_zero=("gamma",)) -> "keras.Model":  # noqa: F821
     """A copy of `model` with the output channels `pruned[layer]` of each conv layer pruned (kernel and
-    bias zeroed); `model` is not changed."""
+    bias zeroed); `model` is not changed.
+
+    bn_units: {conv: BatchNormalization name} of the convs pruned at the BN level: for those, the BN's
+    `bn_zero` parameters of the pruned channels are zeroed instead (gamma, or gamma and beta), as the
+    ANP, RNP and CLP reference codes prune."""
     import keras
 
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
+    bn_units = bn_units or {}
     for layer_name, channels in pruned.items():
+        channels = [int(c) for c in channels]
+        if layer_name in bn_units:
+            bn = clone.get_layer(bn_units[layer_name])
+            names = [v.path.rsplit("/", 1)[-1] for v in bn.weights]
+            values = bn.get_weights()
+            for i, name in enumerate(names):
+                if name in bn_zero:
+                    values[i][channels] = 0
+            bn.set_weights(values)
+            continue
         layer = clone.get_layer(layer_name)
         kernel, *rest = layer.get_weights()
         channels = [int(c) for c in channels]

@@ -33,6 +33,7 @@ from defense.core import metrics
 from defense.nets import models
 from defense.core.errors import DefenseError
 from defense.pipeline.sweep import file_key, point_name
+from defense.data.arrays import shift_images  # noqa: F401  (the pure function lives in the data layer)
 
 log = logging.getLogger("defense.finetune")
 
@@ -93,19 +94,6 @@ def split_holdout(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
         )
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
-
-
-def shift_images(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
-    """Each NHWC image translated by its own random (dy, dx) in [-shift, shift], zero-filled."""
-    if shift <= 0:
-        return x
-    n, h, w = x.shape[:3]
-    padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
-    dy = rng.integers(0, 2 * shift + 1, n)
-    dx = rng.integers(0, 2 * shift + 1, n)
-    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
-    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
-    return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
 def _shifted_batches(x: np.ndarray, y: np.ndarray, batch_size: int, shift: int, seed: int):

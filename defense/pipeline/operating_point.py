@@ -34,11 +34,12 @@ def checked_pairs(operating_point: dict, model, layers: list[str]) -> list[tuple
 
 
 def predictions(model, layers: list[str], pairs, sets: list[tuple[str, object]], divisor: float,
-                batch_size: int) -> dict[str, np.ndarray]:
-    """Labels (N, 2) per set: column 0 B, column 1 B' with `pairs` pruned (defense.pruning.channel_masks)."""
+                batch_size: int, bn_units: dict | None = None, bn_zero=("gamma",)) -> dict[str, np.ndarray]:
+    """Labels (N, 2) per set: column 0 B, column 1 B' with `pairs` pruned (defense.pruning.channel_masks; the
+    convs of `bn_units` pruned on their BatchNormalization)."""
     from defense.pruning.channel_masks import ChannelMasks
 
-    masks = ChannelMasks(model, layers, batch_size)
+    masks = ChannelMasks(model, layers, batch_size, bn_units, bn_zero)
     return {key: masks.predict(images.x, pairs, [0, len(pairs)], divisor=divisor) for key, images in sets}
 
 

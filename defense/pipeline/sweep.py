@@ -8,8 +8,9 @@
    - one layer: `defense.pruning.masked.MaskedSweep` (the network before the layer runs once per image, every
      step at once); ranked by activation, the layer's outputs of the clean validation images are
      computed once and serve both the ranking and the predictions;
-   - several layers: `defense.pruning.channel_masks.ChannelMasks` (one traced graph, one mask per layer,
-     assigned per step);
+   - several layers, or channels pruned at the BatchNormalization level (ANP, RNP, CLP on a network with
+     BatchNormalization: the criterion's `bn_units`): `defense.pruning.channel_masks.ChannelMasks` (one
+     traced graph, one mask per layer, assigned per step);
 3. curves per evaluated step and the first step reaching each accuracy drop (defense/pipeline/curves.py).
 """
 
@@ -134,12 +135,26 @@ def check_layers(cfg, model) -> list[str]:
     Returns the pruned layers; null options are filled (defense.pruning.autodetect: DeepID -> conv_3 / pool_3).
     """
     layers = pruned_layers(cfg, model)
+    bn_pruning(cfg, model, layers)  # a criterion's level=bn on a network without per-channel BN fails here
     if cfg.prune.criterion == "activation":
         from defense.criteria.activation import probe_path
 
         for name in layers:
             probe_path(model, layers, name, cfg.prune.get("probe"))
     return layers
+
+
+def bn_pruning(cfg, model, layers: list[str]) -> tuple[dict[str, str], tuple, str]:
+    """(bn_units, bn_zero, variant) of the criterion: the convs it prunes at the BatchNormalization level
+    ({conv: BN name}), the BN parameters a pruned channel zeroes, and the `defense_variant` ('' for a
+    criterion without one); DefenseError for a level the network cannot give."""
+    from defense.pruning.bn_pairing import variant
+
+    module = criteria.get(cfg.prune.criterion)
+    if not hasattr(module, "bn_units"):
+        return {}, ("gamma",), ""
+    units = module.bn_units(model, layers, cfg)
+    return units, tuple(module.BN_ZERO), variant(units, layers)
 
 
 def drop_name(drop: float) -> str:
@@ -179,6 +194,16 @@ class SweepResult:
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # set name -> (N, len(evaluated))
     seconds: dict[str, float] = field(default_factory=dict)
     operating_pruned: dict[str, list[int]] | None = None  # {layer: channels} of the criterion's operating point
+    bn_units: dict[str, str] = field(default_factory=dict)  # {conv: BN} of the convs pruned at the BN level
+    bn_zero: tuple = ("gamma",)  # the BN parameters a pruned channel zeroes there
+    variant: str = ""  # defense_variant: `bn` or `conv (adapted: no BatchNormalization)` ('' for other criteria)
+
+    def pruned_model(self, model, pruned: dict):
+        """B': a copy of `model` with `pruned` ({layer: channels}) pruned as this sweep pruned them (conv
+        kernel and bias, or the BatchNormalization's bn_zero parameters)."""
+        from defense.nets.models import pruned_copy_layers
+
+        return pruned_copy_layers(model, pruned, self.bn_units, self.bn_zero)
 
     @property
     def order(self) -> np.ndarray:
@@ -238,10 +263,11 @@ def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> S
     seconds: dict[str, float] = {}
     sets = [("valid_clean", valid.clean)] + [(f"valid_{n}", valid.poisoned[n]) for n in names]
     sets += [("test_clean", test.clean)] + [(f"test_{n}", test.poisoned[n]) for n in names]
-    if len(layers) == 1:
+    units, zero, variant = bn_pruning(cfg, model, layers)
+    if len(layers) == 1 and not units:
         engine = _OneLayer(cfg, model, layers[0], batch_size, divisor)
     else:
-        engine = _SeveralLayers(cfg, model, layers, batch_size, divisor)
+        engine = _SeveralLayers(cfg, model, layers, batch_size, divisor, units, zero)
     channels = engine.channels
     candidates = step_rules.evaluated_steps(cfg.stop, channels, cfg.prune.get("eval_steps"), len(layers) > 1)
     total = len(valid.clean) + sum(len(images) for _, images in sets[1:])
@@ -263,8 +289,10 @@ def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> S
 
     curves = curve_rows(preds, valid, test, names, evaluated, channels, num_classes)
     thresholds = threshold_rows(curves, drops)
+    if scores.bn_units != units or (units and tuple(scores.bn_zero) != zero):
+        raise RuntimeError(f"criterion {cfg.prune.criterion}: scored with BN units {scores.bn_units}, pruned with {units}")
     return SweepResult(pairs, layers, scores, channels, evaluated[-1], evaluated, curves, thresholds, names, preds,
-                       seconds)
+                       seconds, bn_units=units, bn_zero=zero, variant=variant)
 
 
 class _OneLayer:
@@ -323,11 +351,12 @@ class _OneLayer:
 class _SeveralLayers:
     """Several pruned layers: ChannelMasks evaluates each step with masks assigned."""
 
-    def __init__(self, cfg, model, layers: list[str], batch_size: int, divisor: float):
+    def __init__(self, cfg, model, layers: list[str], batch_size: int, divisor: float, bn_units=None,
+                 bn_zero=("gamma",)):
         from defense.pruning.channel_masks import ChannelMasks
 
         self.cfg, self.model, self.layers, self.divisor = cfg, model, layers, divisor
-        self.engine = ChannelMasks(model, layers, batch_size)
+        self.engine = ChannelMasks(model, layers, batch_size, bn_units, bn_zero)
         self.channels = sum(self.engine.channels.values())
 
     def rank_and_predict_valid(self, valid, candidates, bar, seconds):

@@ -12,6 +12,15 @@ whose convolution + bias is multiplied by a mask `tf.Variable` before their acti
 step is then one `assign` per masked layer; no model is rebuilt, cloned or traced again per step.
 For one layer the faster `defense.pruning.masked.MaskedSweep` (every step at once) is used instead.
 
+BN level (`bn_units`: {conv: BatchNormalization name}; ANP, RNP and CLP on networks with BatchNormalization,
+defense.pruning.bn_pairing): channel c of such a conv is pruned on its BatchNormalization instead, by
+zeroing the BN's `bn_zero` parameters of channel c, as the references' pruning scripts do: gamma := 0
+(ANP, RNP) or gamma := 0 and beta := 0 (CLP). The mask then sits on the BN's affine part,
+out = (gamma * m) * xhat + beta * m_beta (m_beta = m where beta is zeroed, else 1), xhat normalized with
+the moving statistics (inference mode). The BN layer itself is called with gamma * m and beta * m_beta
+read in place of its variables (keras.StatelessScope), so a 0/1 mask gives the very values, and labels,
+that `set_weights` with those parameters zeroed gives (defense.nets.models.pruned_copy_layers).
+
     masks = ChannelMasks(model, ["conv_1", "conv_2", "conv_3", "conv_4"])
     labels = masks.predict(x, pairs, steps=[0, 10, 200])  # (N, 3): column j = steps[j] pairs pruned
 """
@@ -28,11 +37,17 @@ from defense.pruning.masked import conv_layer
 class ChannelMasks:
     """Top-1 labels of `model` with chosen output channels of the conv layers `layer_names` masked."""
 
-    def __init__(self, model, layer_names: list[str], batch_size: int = 512):
+    def __init__(self, model, layer_names: list[str], batch_size: int = 512, bn_units: dict | None = None,
+                 bn_zero=("gamma",)):
         self.model = model
         self.layers = [conv_layer(model, name) for name in layer_names]
         self.names = [layer.name for layer in self.layers]
         self.channels = {layer.name: int(layer.filters) for layer in self.layers}
+        self.bn_units = {conv: bn for conv, bn in (bn_units or {}).items() if conv in self.channels}
+        self.bn_zero = tuple(bn_zero)
+        if not set(self.bn_zero) <= {"gamma", "beta"} or "gamma" not in self.bn_zero:
+            raise ValueError(f"bn_zero={bn_zero!r}: zero ('gamma',) or ('gamma', 'beta')")
+        self._bn_of = {id(model.get_layer(bn)): conv for conv, bn in self.bn_units.items()}
         self.batch_size = int(batch_size)
         self.masks = {layer.name: tf.Variable(tf.ones([layer.filters], tf.float32), trainable=False,
                                               name=f"mask_{layer.name}") for layer in self.layers}
@@ -54,13 +69,25 @@ class ChannelMasks:
         z = z * self.masks[layer.name]  # channels last (conv_layer checks it)
         return layer.activation(z) if layer.activation is not None else z
 
+    def _masked_bn(self, layer, x):
+        import keras
+
+        m = self.masks[self._bn_of[id(layer)]]
+        mapping = [(layer.gamma, tf.convert_to_tensor(layer.gamma) * m)]
+        if "beta" in self.bn_zero and layer.beta is not None:
+            mapping.append((layer.beta, tf.convert_to_tensor(layer.beta) * m))
+        with keras.StatelessScope(state_mapping=mapping):
+            return layer(x, training=False)
+
     def _run(self, x):
         self.traces += 1  # Python side effect: counts traces, not calls
-        masked = {id(layer) for layer in self.layers}
+        masked = {id(layer) for layer in self.layers if layer.name not in self.bn_units}
         values = {self._input_id: x}
         for node in self._nodes:
             op = node.operation
-            if id(op) in masked:
+            if id(op) in self._bn_of:
+                outs = [self._masked_bn(op, values[id(node.input_tensors[0])])]
+            elif id(op) in masked:
                 outs = [self._masked_conv(op, values[id(node.input_tensors[0])])]
             else:
                 args, kwargs = node.arguments.fill_in(values)

@@ -27,6 +27,8 @@ def run(cfg, model, sweep, valid, test) -> dict:
         # DER of G(B, B') against the unpruned B (0.5: nothing changed, e.g. defense=none)
         row["der"] = der(base_curve["pruned_test_acc"], row["test_acc"], base_curve["pruned_test_asr"],
                          row["test_asr"]) if row["reached"] else float("nan")
+        if sweep.variant:  # where the criterion prunes: `bn` or `conv (adapted: no BatchNormalization)`
+            row["defense_variant"] = sweep.variant
     return {"summary": summary}
 
 
@@ -40,7 +42,7 @@ def operating_point_row(cfg, model, result, valid, test) -> dict | None:
     sets = [("valid_clean", valid.clean)] + [(f"valid_{n}", valid.poisoned[n]) for n in names]
     sets += [("test_clean", test.clean)] + [(f"test_{n}", test.poisoned[n]) for n in names]
     preds = operating_point.predictions(model, result.layers, pairs, sets, input_divisor(cfg.model),
-                                        int(cfg.get("batch_size", 512)))
+                                        int(cfg.get("batch_size", 512)), result.bn_units, result.bn_zero)
     row = operating_point.operating_point_row(pairs, result.channels, preds, valid, test, names,
                                               int(cfg.model.num_classes))
     log.info("the criterion's operating point prunes %d channels: clean valid accuracy %.2f %%, valid ASR %.2f %%, "
