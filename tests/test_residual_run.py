@@ -96,4 +96,5 @@ def test_fine_pruning_fine_tunes_a_logits_network_with_from_logits(badnet, tmp_p
         ft_acc, ft_asr = _keras_scores(row["ft_model_path"], badnet)  # the saved B'' by plain Keras
         assert float(row["ft_test_acc"]) == pytest.approx(ft_acc, abs=1e-3)  # summary.csv: 4 decimals
         assert float(row["ft_test_asr"]) == pytest.approx(ft_asr, abs=1e-3)
-        assert ft_acc > 50.0, (row["drop"], ft_acc)  # far above chance (10 %): the loss fits logits
+        # far above chance: with the logits read as probabilities, SGD drove every B'' to one class (10.0 %)
+        assert ft_acc > 30.0, (row["drop"], ft_acc)
