@@ -60,12 +60,14 @@ def build_architecture(model_cfg):
             f"model.architecture={arch!r} is not known; the weights-only loader builds "
             f"{', '.join(repr(n) for n in architectures.names())} (give a full .h5 model for other architectures)"
         )
-    widths = model_cfg.get("widths", None)
-    kwargs = {"widths": list(widths)} if widths else {}
-    kernels = model_cfg.get("kernels", None)
-    if kernels:
-        kwargs["kernels"] = list(kernels)
-    kwargs["padding"] = model_cfg.get("padding", "valid")
+    kwargs = {}
+    if arch == "deepid":  # DeepID's own options (conf/model/badnets_mnist.yaml); other architectures: their defaults
+        widths = model_cfg.get("widths", None)
+        kwargs = {"widths": list(widths)} if widths else {}
+        kernels = model_cfg.get("kernels", None)
+        if kernels:
+            kwargs["kernels"] = list(kernels)
+        kwargs["padding"] = model_cfg.get("padding", "valid")
     return module.build(tuple(model_cfg.input_shape), int(model_cfg.num_classes), **kwargs)
 
 
