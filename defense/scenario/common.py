@@ -89,29 +89,46 @@ def attack_candidates(labels: np.ndarray, cfg: Mapping) -> np.ndarray:
     return np.flatnonzero(np.asarray(labels) != int(cfg["target"]))
 
 
-def build_network(cfg: Mapping):
-    from defense.nets.architectures.deepid import build_deepid
+DEFAULT_ARCH = "deepid"
 
-    return build_deepid(
-        input_shape=IMAGE_SHAPE,
-        num_classes=NUM_CLASSES,
-        widths=list(cfg["widths"]),
-        kernels=list(cfg["kernels"]),
-        padding="same",
+
+def arch_options(cfg: Mapping) -> dict:
+    """The options of the scenario's architecture: DeepID's `widths` / `kernels` (top-level settings, where they
+    always were), or the block `dataset.scenario.<arch>` of another architecture."""
+    arch = cfg.get("arch", DEFAULT_ARCH)
+    if arch == DEFAULT_ARCH:
+        return {"widths": list(cfg["widths"]), "kernels": list(cfg["kernels"]), "padding": "same"}
+    return dict(cfg[arch])
+
+
+def build_network(cfg: Mapping):
+    """The scenario's network, untrained: `dataset.scenario.arch` (defense/nets/architectures/<arch>.py)."""
+    from defense.nets import architectures
+
+    module = architectures.get(cfg.get("arch", DEFAULT_ARCH))
+    return module.build(IMAGE_SHAPE, NUM_CLASSES, **arch_options(cfg))
+
+
+def compile_network(model, learning_rate: float) -> None:
+    """Adam and the cross-entropy, from the logits when the network outputs logits (no softmax)."""
+    import keras
+
+    from defense.nets.models import uses_logits
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=float(learning_rate)),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=uses_logits(model)),
+        metrics=["accuracy"],
     )
 
 
 def train_network(x_train: np.ndarray, y_train: np.ndarray, cfg: Mapping):
-    """Train the DeepID network on (x_train / 255, y_train), seeded; returns the model."""
+    """Train the scenario's network on (x_train / 255, y_train), seeded; returns the model."""
     import keras
 
     keras.utils.set_random_seed(int(cfg["seed"]))
     model = build_network(cfg)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=float(cfg["learning_rate"])),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    compile_network(model, cfg["learning_rate"])
     interrupt.fit(  # a signal stops it between two batches (defense/core/interrupt.py)
         model,
         x_train / np.float32(INPUT_DIVISOR),

@@ -1,7 +1,15 @@
 """Architectures a weights-only model file is loaded onto, one module each (`model.architecture=<name>`).
 
 An architecture module defines `build(input_shape, num_classes, **options)` returning an unbuilt-weights
-Keras model; `get(name)` finds it by importing `defense.nets.architectures.<name>`."""
+Keras model; `get(name)` finds it by importing `defense.nets.architectures.<name>`. A module imports Keras inside
+its functions only, so that composing a config (which reads the scenario settings below) does not load TensorFlow.
+
+An architecture the embedded scenario can train (`dataset.scenario.arch=<name>`, defense/scenario/build.py) also has
+`dormant_convs(**options)` (the convs whose channels each pass their own ReLU: where the pruning-aware attack can
+hide dormant decoys) and `attack_layer(**options)` (that attack's default layer); every one but deepid (whose
+options are the top-level `dataset.scenario.widths` / `kernels`) has `Settings` (the schema of
+conf/dataset/arch/<name>.yaml, stored by defense/pipeline/schemas.py), `DEFAULTS` (the block
+`dataset.scenario.<name>`) and `check(block, where)` (that block checked, a DefenseError naming the key)."""
 
 from __future__ import annotations
 

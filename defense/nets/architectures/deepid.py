@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import keras
 
 LAB3_INPUT_SHAPE = (55, 47, 3)
 LAB3_NUM_CLASSES = 1283
@@ -30,6 +29,8 @@ def build_deepid(
     The Lab 3 network is the default (valid padding, no dropout layer: the published weights have
     none). Small inputs such as 28x28 digits need `padding="same"` to keep conv_4 a real convolution.
     """
+    import keras
+
     c1, c2, c3, c4, fc = (int(w) for w in widths)
     k1, k2, k3, k4 = (int(k) for k in kernels)
     x = keras.Input(shape=tuple(int(s) for s in input_shape), name="input")
@@ -53,3 +54,14 @@ def build_deepid(
 def build(input_shape: Sequence[int], num_classes: int, **options) -> keras.Model:
     """The architecture interface (defense/nets/architectures/__init__.py): `build_deepid`."""
     return build_deepid(input_shape, num_classes, **options)
+
+
+def dormant_convs(**_) -> list[str]:
+    """The convolutions whose every channel goes through its own ReLU: where a pruning-aware attacker can
+    park dormant channels (every conv: conv_1..conv_4)."""
+    return ["conv_1", "conv_2", "conv_3", "conv_4"]
+
+
+def attack_layer(**_) -> str:
+    """The pruning-aware attack's layer on this network: conv_3, the layer the defender prunes."""
+    return "conv_3"
