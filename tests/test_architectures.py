@@ -22,9 +22,12 @@ SHAPE, CLASSES = (28, 28, 1), 10
 # skip, so it has two readers: CLP pairs only a BN that is its conv's one reader).
 PAIRS = {
     "vgg_bn": {"conv_1": "bn_1", "conv_2": "bn_2", "conv_3": "bn_3", "conv_4": "bn_4"},
-    "preact_resnet": {"stem_conv": None, "s1b1_conv1": "s1b1_bn2", "s1b1_conv2": None,
-                      "s2b1_shortcut": None, "s2b1_conv1": "s2b1_bn2", "s2b1_conv2": None,
-                      "s3b1_shortcut": None, "s3b1_conv1": "s3b1_bn2", "s3b1_conv2": None},
+    # defense/pruning/bn_pairing.py: the BN that reads a conv, else the BN of the residual sum it feeds, which
+    # goes to the sum's last conv (the 1x1 shortcut where a block has one), as the reference CLP pairs by
+    # module order (BackdoorBench's PreActBlock registers bn1, conv1, bn2, conv2, shortcut)
+    "preact_resnet": {"stem_conv": "s1b1_bn1", "s1b1_conv1": "s1b1_bn2", "s1b1_conv2": "s2b1_bn1",
+                      "s2b1_shortcut": "s3b1_bn1", "s2b1_conv1": "s2b1_bn2", "s2b1_conv2": None,
+                      "s3b1_shortcut": "final_bn", "s3b1_conv1": "s3b1_bn2", "s3b1_conv2": None},
     "deepid": {"conv_1": None, "conv_2": None, "conv_3": None, "conv_4": None},
 }
 BN_INPUTS = {  # every BN and the layer whose output it normalises (the data flow, by hand)

@@ -22,13 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from defense.nets.models import scale_pixels
-
-
-def uses_logits(model) -> bool:
-    """True when the network's output layer has no softmax (its outputs are logits)."""
-    activation = getattr(model.layers[-1], "activation", None)
-    return activation is None or activation is keras.activations.linear
+from defense.nets.models import scale_pixels, uses_logits  # noqa: F401  (uses_logits: ANP's and RNP's losses)
 
 
 def cross_entropy(model, y, out) -> tf.Tensor:

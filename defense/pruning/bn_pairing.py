@@ -7,7 +7,8 @@ conv is paired with the BatchNormalization that normalizes ITS OUTPUT CHANNELS, 
 1. conv -> BN: a BatchNormalization that reads the conv's output directly (the conv's output may also
    feed other layers, e.g. an identity shortcut; exactly one of its readers is a BatchNormalization);
 2. otherwise conv -> Add -> BN: the conv's output is a summand of an Add (a residual sum) and exactly one
-   reader of the sum is a BatchNormalization. This is the PreAct block (BN -> ReLU -> conv): the BN that
+   reader of the sum is a BatchNormalization; of several conv summands (conv2 and a 1x1 shortcut) only the
+   last in the network's layer order gets it, the others keep the conv adaptation. This is the PreAct block (BN -> ReLU -> conv): the BN that
    comes BEFORE a conv there is paired with the conv (or residual sum) that feeds it, not with the conv
    after it, as the reference CLP pairs each BatchNorm2d with the last Conv2d registered before it
    (channel-Lipschitzness-based-pruning, defense.py::CLP, the `elif isinstance(m, nn.Conv2d): conv = m`
@@ -68,8 +69,20 @@ def find_batch_norm(model, conv_name: str):
     if bn is None:
         for add in (r for r in readers if isinstance(r, keras.layers.Add)):
             bn = _one_batch_norm(_readers(model, add))
-            if bn is not None:
-                break
+            if bn is None:
+                continue
+            # the sum's BN goes to ONE of its summands: the last conv before it in the network's layer order,
+            # as the reference pairs each BN with the last Conv2d registered before it (in a PreActBlock the
+            # shortcut conv is registered after conv2, and so it is created here); the others keep the conv
+            # adaptation
+            order = {layer.name: i for i, layer in enumerate(model.layers)}
+            summands = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)
+                        and add in _readers(model, layer)]
+            last = max(summands, key=lambda layer: order[layer.name])
+            if last is not conv:
+                return None, (f"the BatchNormalization {bn.name} of the residual sum {add.name} is paired with "
+                              f"{last.name}, the last conv before it")
+            break
     if bn is None:
         return None, f"no BatchNormalization reads {conv_name}'s output (directly or through a residual Add)"
     problem = batch_norm_problem(bn, rank)
