@@ -30,6 +30,7 @@ import numpy as np
 
 from defense.core import interrupt
 from defense.core import metrics
+from defense.core.divergence import divergence
 from defense.nets import models
 from defense.core.errors import DefenseError
 from defense.pipeline.sweep import file_key, point_name
@@ -274,13 +275,12 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
                       validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
     if not pruned_layers_zero(b_prime, pruned):
         raise RuntimeError(f"fine-tuning {name}: pruned channels of {', '.join(pruned)} are no longer zero")
-    if not all(np.all(np.isfinite(w)) for w in b_prime.get_weights()):
-        log.warning("fine-tuning %s diverged: the network's weights are no longer finite, so B'' answers nothing "
-                    "useful (its scores are kept as measured); lower finetune.learning_rate", name)
     info = {"ft_epochs": len(callback.history), "ft_best_epoch": callback.best_epoch,
             "ft_train_images": int(len(train_idx)), "ft_holdout_images": int(len(hold_idx))}
     if callback.history:
         info["ft_final_loss"] = callback.history[-1].get("loss", float("nan"))
+    if not all(np.all(np.isfinite(w)) for w in b_prime.get_weights()):
+        info["ft_final_loss"] = float("nan")  # NaN weights: whatever the last logged loss was, the network is lost
     if callback.best is not None:
         info[f"ft_best_{settings['monitor']}"] = float(callback.best)
     return b_prime, info
@@ -353,8 +353,38 @@ def base_predictions(cfg, model, result, test) -> dict[str, np.ndarray]:
     return preds
 
 
-def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
-    """Fine-prune every reached threshold of `summary` (rows get the B'' columns); points/columns back."""
+SCORE_COLUMNS = ("ft_test_acc", "ft_test_asr", "ft_test_ra", "ft_der", "ft_g_test_acc", "ft_g_test_asr", "ft_g_test_ra",
+                 "ft_g_der")
+
+
+def check_diverged(row: dict, name: str, num_classes: int) -> bool:
+    """Mark a fine-tuned row `diverged` (defense/core/divergence.py: its last loss, its clean accuracy on the
+    held-out images) and blank its fine-tuned scores, so no table reports them as a defense's; one warning line."""
+    reason = divergence(row.get("ft_final_loss"), row.get("ft_holdout_acc"), num_classes)
+    if reason is None:
+        return False
+    row["diverged"] = True
+    for key in list(row):
+        if key in SCORE_COLUMNS or any(key.startswith(f"{c}_") for c in SCORE_COLUMNS):
+            row[key] = float("nan")
+    log.warning("warning: fine-tuning of %s diverged (%s after %s epoch(s)): its fine-tuned network is not reported "
+                "as a defense and never chosen; lower finetune.learning_rate", name.replace("_", " "), reason,
+                row.get("ft_epochs"))
+    return True
+
+
+def holdout_accuracy(cfg, network, holdout, batch_size: int) -> float:
+    """Clean accuracy (%) of `network` on the held-out clean validation images (nan without them)."""
+    if holdout is None or not len(holdout):
+        return float("nan")
+    return metrics.accuracy(models.predict_labels(network, holdout.x, cfg.model, batch_size), holdout.y)
+
+
+def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker, holdout=None) -> dict:
+    """Fine-prune every reached threshold of `summary` (rows get the fine-tuned columns); points/columns back.
+
+    holdout: the held-out clean validation images (defense/pipeline/select.py), never trained on: the fine-tuned
+    network's clean accuracy there (`ft_holdout_acc`) and its last loss tell whether the fine-tuning diverged."""
     settings = finetune_settings(cfg.finetune)
     out_dir = Path(out_dir)
     num_classes = int(cfg.model.num_classes)
@@ -381,6 +411,7 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
                  sum(len(c) for c in pruned.values()), ", ".join(pruned), row["fraction_pruned"])
         b_prime = models.pruned_copy_layers(model, pruned)
         b2, info = fine_tune(cfg, b_prime, pruned, valid.clean, tracker, name)
+        info["ft_holdout_acc"] = holdout_accuracy(cfg, b2, holdout, batch_size)
 
         pred_clean = models.predict_labels(b2, test.clean.x, cfg.model, batch_size)
         poisoned = {}
@@ -403,6 +434,8 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
         row.update(scores)
         row.update(info)
         row["ft_model_path"] = str(path)
+        if check_diverged(row, name, num_classes):
+            continue
         # the fine-tuned scores are static facts of the run (params); its step metrics stay the curves and
         # the per-epoch fine-tuning history
         tracker.log_params({f"ft.{name}.{key}": f"{row[key]:.4f}"

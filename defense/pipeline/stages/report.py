@@ -15,6 +15,7 @@ def run(cfg, out_dir, started, sweep, summary, valid, test, tracker, finetune_ex
     result = sweep
     report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)
     tracker.log_params(report.threshold_params(summary))
+    log_point_metrics(summary, tracker)
     tracker.log_table(summary, "thresholds.json")
     with open(out_dir / "pruning_order.txt", "w") as f:
         if len(result.layers) == 1:
@@ -37,6 +38,21 @@ def run(cfg, out_dir, started, sweep, summary, valid, test, tracker, finetune_ex
     log.info("%s\n%s", header, table)
     log.info("results in %s (%.1f s)", out_dir, time.perf_counter() - started)
     return {}
+
+
+def log_point_metrics(summary, tracker) -> None:
+    """The scores of the defender's and the oracle's points as MLflow metrics `<point>/<score>` (a diverged
+    or unreached point logs none)."""
+    import math
+
+    for row in summary:
+        if row.get("point") not in ("defender", "oracle_test_asr") or not row.get("reached") or row.get("diverged"):
+            continue
+        for key in ("holdout_acc", "valid_acc", "test_acc", "test_asr", "der", "ft_test_acc", "ft_test_asr", "ft_der",
+                    "ft_g_test_acc", "ft_g_test_asr", "ft_holdout_acc"):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(float(value)):
+                tracker.log_metric(f"{row['point']}/{key}", float(value))
 
 
 def layers_title(layers: list[str]) -> str:

@@ -33,8 +33,8 @@ def check_unpruned_defense(cfg) -> None:
                            f"leave prune.drops out of the command line with defense={name}")
 
 
-def run(cfg, out_dir, model, valid, test, tracker) -> dict:
-    result = sweep.run_sweep(cfg, model, valid, test, progress=bool(cfg.get("progress", True)))
+def run(cfg, out_dir, model, valid, test, holdout, tracker) -> dict:
+    result = sweep.run_sweep(cfg, model, valid, test, progress=bool(cfg.get("progress", True)), holdout=holdout)
     warn_if_near_chance(result.curves[0]["valid_acc"], cfg.model, "the unpruned network's clean validation accuracy")
     log.info("sweep of %d steps (%d evaluated) in %.1f s (%s)", result.steps, len(result.evaluated),
              sum(result.seconds.values()), ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
