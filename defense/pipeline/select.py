@@ -105,17 +105,17 @@ def write_candidates(path: Path, candidates: list[dict], base_acc: float, max_dr
 
 
 def log_choice(what: str, candidates: list[dict], index: int | None, base_acc: float, max_drop: float,
-               setting: str, n_holdout: int) -> None:
+               setting: str, n_holdout: int, point: str = DEFENDER) -> None:
     """One run.log line: the chosen setting and the held-out scores behind it."""
+    who = "defender's point" if point == DEFENDER else "ORACLE point (lowest test ASR, not available to a defender)"
     if index is None:
-        log.warning("warning: defender's point (%s): no candidate keeps the held-out clean accuracy within "
-                    "select.max_drop=%g points of B's %.2f %% (%d held-out images); raise select.max_drop",
-                    what, max_drop, base_acc, n_holdout)
+        log.warning("warning: %s (%s): no candidate keeps the held-out clean accuracy within select.max_drop=%g "
+                    "points of B's %.2f %% (%d held-out images)", who, what, max_drop, base_acc, n_holdout)
         return
     c = candidates[index]
-    log.info("defender's point (%s): %s, held-out clean accuracy %.2f %% (B %.2f %%, budget %g points, %d "
-             "held-out images, %d candidates)", what, setting, float(c["holdout_acc"]), base_acc, max_drop,
-             n_holdout, len(candidates))
+    log.info("%s (%s): %s, held-out clean accuracy %.2f %% (B %.2f %%, budget %g points, %d held-out images, %d "
+             "candidates)", who, what, setting, float(c["holdout_acc"]), base_acc, max_drop, n_holdout,
+             len(candidates))
 
 
 def pruning_rows(curves: list[dict], max_drop: float, out_dir: Path | None = None, n_holdout: int = 0) -> list[dict]:
