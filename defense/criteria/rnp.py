@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from defense.core import interrupt
+from defense.core.divergence import divergence
 from defense.config import bound as _bound
 from defense.criteria import Scores
 from defense.criteria._masking import (ChannelMasks, clean_subset, correct, cross_entropy, mask_scores, sgd_step,
@@ -138,6 +139,21 @@ def _epoch(step, x, y, batch_size: int, rng) -> tuple[float, float]:
     return float(np.mean(losses)), 100.0 * hits / len(x)
 
 
+def _diverged(history: list, step: int, loss: float, acc, variables, good, where: str, key: str,
+              num_classes=None) -> bool:
+    """The divergence watch of RNP's loops (defense/core/divergence.py): on a non-finite loss (or clean accuracy
+    at chance after recovering) the last finite values are put back, a history row and one warning say where."""
+    reason = divergence(loss, acc, num_classes)
+    if reason is None:
+        return False
+    for variable, value in zip(variables, good):
+        variable.assign(value)
+    history.append({"step": step, "diverged": 1.0})
+    log.warning("warning: RNP diverged at %s (%s); the values of the epoch before are kept and the run's rows are "
+                "marked diverged; lower %s", where, reason, key)
+    return True
+
+
 def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict, seed: int):
     """Unlearn, then recover; the Reconstructor (its masks) and the history rows (one per epoch: loss and clean
     accuracy; while recovering also the mask statistics and every mask value, `mask/<layer>/<channel>`)."""
@@ -146,10 +162,14 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
     history, step = [], 0
     started = time.perf_counter()
     reached = False
+    good = [w.numpy() for w in r.weights]
     for epoch in range(1, s["unlearn_epochs"] + 1):
         r.unlearn_lr.assign(s["unlearn_lr"] * 0.1 ** sum(epoch > m for m in UNLEARN_MILESTONES))
         loss, acc = _epoch(r.unlearn, x, y, s["batch_size"], rng)
         step += 1
+        if _diverged(history, step, loss, None, r.weights, good, f"unlearning epoch {epoch}", "prune.rnp.unlearn_lr"):
+            return r, history
+        good = [w.numpy() for w in r.weights]
         history.append({"step": step, "unlearn_epoch": epoch, "unlearn_loss": loss, "unlearn_accuracy": acc,
                         "seconds": time.perf_counter() - started})
         log.info("RNP unlearning epoch %d: loss %.4f, clean accuracy %.2f %%", epoch, loss, acc)
@@ -160,9 +180,16 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
         log.warning("warning: RNP: clean accuracy is still %.2f %% after prune.rnp.unlearn_epochs=%d epochs of "
                     "unlearning (bound %.0f %%); the masks are learned on that network", acc, s["unlearn_epochs"],
                     100.0 * s["clean_threshold"])
+    good = [m.numpy() for m in r.masks.masks]
     for epoch in range(1, s["recover_epochs"] + 1):
         loss, acc = _epoch(r.recover, x, y, s["batch_size"], rng)
         step += 1
+        last = epoch == s["recover_epochs"]  # recovered clean accuracy at chance at the end: collapsed
+        classes = int(model.outputs[0].shape[-1]) if last else None
+        if _diverged(history, step, loss, acc if last else None, r.masks.masks, good, f"recovering epoch {epoch}",
+                     "prune.rnp.recover_lr", classes):
+            return r, history
+        good = [m.numpy() for m in r.masks.masks]
         history.append({"step": step, "recover_epoch": epoch, "recover_loss": loss, "recover_accuracy": acc,
                         **r.masks.stats(s["threshold"]), "seconds": time.perf_counter() - started})
         log.info("RNP recovering epoch %d: loss %.4f, clean accuracy %.2f %%", epoch, loss, acc)
@@ -174,6 +201,10 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
     s = settings(cfg.prune)
     seed = int(cfg.prune.get("seed", 0))
     x, y = clean_subset(clean, s["fraction"], seed, divisor, "prune.criterion=rnp")
+    classes = int(cfg.model.num_classes)
+    if len(x) < classes:
+        log.warning("warning: RNP unlearns and recovers on %d clean images, fewer than the %d classes; raise "
+                    "prune.rnp.fraction (or give more clean validation data)", len(x), classes)
     log.info("RNP: unlearning and recovering on %d clean validation images; masks on %s", len(x), ", ".join(layers))
     r, history = learn_masks(model, layers, x, y, s, seed)
     masks = r.masks.values("prune.rnp.unlearn_lr or prune.rnp.recover_lr")

@@ -118,14 +118,16 @@ def log_choice(what: str, candidates: list[dict], index: int | None, base_acc: f
              len(candidates))
 
 
-def pruning_rows(curves: list[dict], max_drop: float, out_dir: Path | None = None, n_holdout: int = 0) -> list[dict]:
+def pruning_rows(curves: list[dict], max_drop: float, out_dir: Path | None = None, n_holdout: int = 0,
+                 diverged: bool = False) -> list[dict]:
     """The summary rows of the defender's and the oracle's points over the sweep's evaluated steps (the
     candidates: B' with the first k channels pruned, weakest first); `curves` need `holdout_acc` (column 0 is
-    B). Writes select.csv into `out_dir` when given. An unreached point has `reached` False, as a drop row."""
+    B). Writes select.csv into `out_dir` when given. An unreached point has `reached` False, as a drop row.
+    diverged: the ranking came from a learning that diverged (ANP, RNP): every candidate is marked, none chosen."""
     if not curves or "holdout_acc" not in curves[0]:
         return []
     base_acc = float(curves[0]["holdout_acc"])
-    candidates = [dict(c, diverged=False) for c in curves]
+    candidates = [dict(c, diverged=diverged) for c in curves]
     chosen = {DEFENDER: defender_index(candidates, base_acc, max_drop),
               ORACLE: oracle_index(candidates, base_acc, max_drop)}
     log_choice("channels pruned along the sweep", candidates, chosen[DEFENDER], base_acc, max_drop,
@@ -143,7 +145,7 @@ def pruning_rows(curves: list[dict], max_drop: float, out_dir: Path | None = Non
         else:
             row = {"drop": float("nan"), "reached": True, **curves[index]}
             row["fraction_pruned"] = row["fraction_pruned"] * 100.0
-        row.update(point=point, oracle=point == ORACLE, diverged=False, base_holdout_acc=base_acc)
+        row.update(point=point, oracle=point == ORACLE, diverged=diverged, base_holdout_acc=base_acc)
         rows.append(row)
     return rows
 

@@ -27,6 +27,8 @@ def run(cfg, out_dir, model, model_path, limits, tracker) -> dict:
         divisor = autodetect.choose_input_divisor(cfg.model, model, valid.clean, int(cfg.get("batch_size", 512)))
         tracker.set_tags({"input_divisor": f"{divisor:g}"})
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+    else:  # a configured scaling that the clean validation data contradicts is said, in one line
+        autodetect.warn_if_scaling_mismatch(cfg.model, model, valid.clean, int(cfg.get("batch_size", 512)))
     test = load.load_split(cfg.dataset, cfg.model, "test", limits)
     tracker.log_datasets(valid, "validation", str(cfg.dataset.get("kind")))
     tracker.log_datasets(test, "test", str(cfg.dataset.get("kind")))

@@ -25,11 +25,14 @@ def run(cfg, out_dir, model, sweep, valid, test, holdout, tracker) -> dict:
     op_row = operating_point_row(cfg, model, sweep, valid, test)
     if op_row is not None:
         summary.append(op_row)
+    # a criterion whose learning diverged (ANP, RNP: a history row `diverged`) ranked with the masks it had
+    # then: every row of its ranking is marked, and the defender's rule chooses none
+    diverged = any(r.get("diverged") for r in (sweep.scores.history or []))
     for row in summary:
         row.setdefault("oracle", False)
-        row.setdefault("diverged", False)
+        row["diverged"] = diverged
     points = select.pruning_rows(sweep.curves, select.settings(cfg)["max_drop"], out_dir,
-                                 0 if holdout is None else len(holdout))
+                                 0 if holdout is None else len(holdout), diverged)
     summary += points
     tracker.log_params(select.point_params(points))
     for row in summary:

@@ -131,9 +131,11 @@ def train(x_train, y_train, cfg, context):
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=float(cfg["learning_rate"])),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    interrupt.fit(model, x_train / scale, y_train, epochs=int(block["retrain_epochs"]), batch_size=int(cfg["batch_size"]),
-                  shuffle=True, verbose=2, callbacks=[KeepPruned()])  # 3. backdoor into the active channels
+    history = interrupt.fit(model, x_train / scale, y_train, epochs=int(block["retrain_epochs"]),
+                            batch_size=int(cfg["batch_size"]), shuffle=True, verbose=2,
+                            callbacks=[KeepPruned()])  # 3. backdoor into the active channels
     acc_retrained = _accuracy(model, x_clean, y_clean)
+    sc.warn_if_diverged(history, "the prune-aware retraining", "dataset.scenario.learning_rate", acc_retrained)
 
     kernel, bias = (np.array(w) for w in layer.get_weights())  # 4. decoys
     kernel[..., pruned] = clean_kernel[..., pruned]
