@@ -78,7 +78,7 @@ def ablation_cells(summary: list[dict]) -> list[dict]:
     summary (a threshold of 0 in prune.drops is the same network and is not repeated)."""
     cells = [{"drop": 0.0, "channels_pruned": 0, "reached": True}]
     for row in summary:
-        if row.get("point") == "operating_point" or float(row["drop"]) == 0.0:  # drop thresholds only
+        if row.get("point", "drop") != "drop" or float(row["drop"]) == 0.0:  # drop thresholds only
             continue
         cells.append({"drop": float(row["drop"]), "channels_pruned": int(row["channels_pruned"]),
                       "reached": bool(row["reached"])})
