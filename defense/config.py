@@ -226,11 +226,16 @@ def check_select(select_cfg) -> None:
     """`select`: holdout in (0, 1), max_drop >= 0 (DefenseError naming the key)."""
     if select_cfg is None:
         return
-    bound("select.holdout", select_cfg.get("holdout"), lambda v: 0 < v < 1,
-          "a fraction of the clean validation images in (0, 1), e.g. select.holdout=0.2")
-    bound("select.max_drop", select_cfg.get("max_drop"), lambda v: v >= 0,
-          "an accuracy loss in points >= 0, e.g. select.max_drop=5")
-    bound("select.seed", select_cfg.get("seed"), lambda v: float(v).is_integer(), "an integer seed, e.g. select.seed=0")
+
+    def shown(key, ok, what):  # the value as typed (-1, not -1.0: the schema makes it a float)
+        value = select_cfg.get(key)
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        bound(f"select.{key}", value, ok, what)
+
+    shown("holdout", lambda v: 0 < v < 1, "a fraction of the clean validation images in (0, 1), e.g. select.holdout=0.2")
+    shown("max_drop", lambda v: v >= 0, "an accuracy loss in points >= 0, e.g. select.max_drop=5")
+    shown("seed", lambda v: float(v).is_integer(), "an integer seed, e.g. select.seed=0")
 
 
 @dataclass

@@ -51,10 +51,11 @@ def log_point_params(summary, tracker) -> None:
             continue
         params[f"{row['point']}.oracle"] = str(bool(row.get("oracle"))).lower()
         for key in ("valid_acc", "test_acc", "test_asr", "der", "ft_test_acc", "ft_test_asr", "ft_der", "ft_g_test_acc",
-                    "ft_g_test_asr", "ft_holdout_acc"):
+                    "ft_g_test_asr", "ft_holdout_acc", "ft_learning_rate", "ft_epochs_setting"):
             value = row.get(key)
             if isinstance(value, (int, float)) and math.isfinite(float(value)):
-                params[f"{row['point']}.{key}"] = f"{float(value):.4f}"
+                params[f"{row['point']}.{key}"] = f"{float(value):g}" if key in ("ft_learning_rate", "ft_epochs_setting") \
+                    else f"{float(value):.4f}"
     tracker.log_params(params)
 
 
