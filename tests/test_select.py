@@ -191,7 +191,9 @@ def test_a_diverged_fine_tuning_is_marked_not_reported_and_not_chosen(diverging_
     cfg, out, result, _ = diverging_run
     rows = {r["point"]: r for r in read_rows(out / "summary.csv")}
     drop = rows["drop"]
-    assert drop["diverged"] == "True" and drop["ft_final_loss"] == ""  # NaN loss, written blank
+    # diverged by the rule, computed here: a NaN loss (written blank) or held-out clean accuracy at <= 1.5 x chance
+    assert drop["diverged"] == "True"
+    assert drop["ft_final_loss"] == "" or float(drop["ft_holdout_acc"]) <= 1.5 * 100.0 / 1283
     for key in ("ft_test_acc", "ft_test_asr", "ft_der", "ft_g_test_acc", "ft_g_test_asr"):
         assert drop[key] == "", key  # no score of a diverged network is reported
     defender = rows["defender"]
