@@ -161,6 +161,8 @@ def test_lab3_preset_runs_on_the_lab3_layout(tmp_path):
                    "tracking=none", "progress=false"])
     run_defense(cfg, tmp_path / "run")
     with (tmp_path / "run" / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
+        every = list(csv.DictReader(f))
+    rows = [r for r in every if r["point"] == "drop"]
     assert [float(r["drop"]) for r in rows] == [2, 4, 10, 30] and all(r["reached"] == "True" for r in rows)
+    assert [r["point"] for r in every[4:]] == ["defender", "oracle_test_asr"]  # the protocol's rows follow
     assert float(rows[-1]["test_asr"]) < 50.0  # the backdoor breaks by the 30-point drop
