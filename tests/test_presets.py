@@ -141,7 +141,9 @@ def test_criteria_preset_runs_as_a_multirun(tmp_path):
     for job in sorted((tmp_path / "sweep").glob("[0-9]*")):
         assert (job / "summary.csv").is_file(), job
         with (job / "summary.csv").open() as f:
-            assert [float(r["drop"]) for r in csv.DictReader(f)] == [2, 4, 10, 30]
+            rows = list(csv.DictReader(f))
+        assert [float(r["drop"]) for r in rows if r["point"] == "drop"] == [2, 4, 10, 30]
+        assert [r["point"] for r in rows[4:]] == ["defender", "oracle_test_asr"]
         criteria.append(OmegaConf.load(job / "config.yaml").prune.criterion)
     assert criteria == ["activation", "l1", "random"]
 
