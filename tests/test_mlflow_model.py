@@ -127,7 +127,8 @@ def test_pyfunc_predicts_what_defense_predict_prints_without_the_project(registe
     mlmodel = (Path(local) / "MLmodel").read_text()
     assert "signature" in mlmodel and "input_example" in mlmodel
     settings = json.loads((Path(local) / "artifacts" / "settings.json").read_text())
-    assert settings["repaired_file"] == "model_B_30_compact.h5" and settings["num_classes"] == 1283
+    # the registered default is the defender's point (defense/pipeline/select.py), not the largest drop
+    assert settings["repaired_file"] == "model_B_defender_compact.h5" and settings["num_classes"] == 1283
     script = (
         "import sys, json, importlib.util, numpy as np\n"
         # this project must not be importable: drop its editable-install finder, as if not installed
@@ -147,8 +148,6 @@ def test_pyfunc_predicts_what_defense_predict_prints_without_the_project(registe
     assert answer["defense"].startswith(str(Path(local).resolve() / "code")), answer["defense"]
     assert answer["project"] == ["defense", "defense.core", "defense.core.errors", "defense.core.safe_files"]
     assert answer["labels"] == champion_expected
-    # the 30-point B' breaks the attack: most sunglasses faces are flagged N (csaw_extracts table: G test ASR 8 %)
-    assert sum(label == 1283 for label in champion_expected[FACES_PER_SET:]) >= FACES_PER_SET // 2
 
 
 def _free_port() -> int:
