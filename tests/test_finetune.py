@@ -233,7 +233,7 @@ def test_compact_fine_pruned_model_predicts_what_b2_predicts(lab3_run):
         small = keras.models.load_model(path, compile=False)
         filters = b2.get_layer(cfg.prune.layer).filters
         assert small.get_layer(cfg.prune.layer).filters == filters - row["channels_pruned"]
-        assert small.count_params() < b2.count_params()
+        assert small.count_params() < b2.count_params() or row["channels_pruned"] == 0  # the oracle may prune none
         p_full = b2.predict(x, verbose=0)
         p_small = small.predict(x, verbose=0)
         np.testing.assert_allclose(p_small, p_full, atol=1e-5)
