@@ -167,8 +167,13 @@ def describe_run(client, run, tmp: Path) -> dict:
     if summary and not math.isfinite(base_acc):
         base_acc = _float(summary[0].get("base_test_acc"))
         base_asr = _float(summary[0].get("base_test_asr"))
-    thresholds, defended, operating = {}, "G(B,B')", None
+    thresholds, defended, operating, points = {}, "G(B,B')", None, {}
     for row in summary:
+        if str(row.get("point", "")) in PROTOCOL_POINTS:  # the defender's and the oracle's points (select.py)
+            scores = defended_scores(row, base_acc, base_asr)
+            points[row["point"]] = None if scores is None else {k: scores[k] for k in ("channels_pruned", "test_acc",
+                                                                                         "test_asr", "der")}
+            continue
         if is_own_point(row):
             scores = defended_scores(row, base_acc, base_asr)
             operating = None if scores is None else {k: scores[k] for k in ("channels_pruned", "test_acc",
@@ -196,6 +201,7 @@ def describe_run(client, run, tmp: Path) -> dict:
         "base_test_asr": base_asr,
         "thresholds": thresholds,
         "operating_point": operating,
+        "points": points,
         "curves": curves,
         "start_time": run.info.start_time or 0,
         "summary": summary,
@@ -215,6 +221,14 @@ def run_defense_name(tags: dict, params: dict) -> str:
     return defense_name({"defense_name": None if given in (None, "", "None") else given,
                          "prune": {"criterion": params.get("prune.criterion", "activation")},
                          "finetune": {"kind": params.get("finetune.kind", "none")}})
+
+
+PROTOCOL_POINTS = ("defender", "oracle_test_asr")  # summary.csv `point` rows of defense/pipeline/select.py
+POINT_HEADS = {"defender": "defender", "oracle_test_asr": "ORACLE"}
+POINTS_TEXT = (" defender: the strongest setting whose held-out clean validation accuracy stays within select.max_drop "
+               "points of B's; ORACLE: the lowest test ASR within the same budget, an oracle not available to a "
+               "defender (BackdoorBench's choice); n/r there: none within the budget, or its learning diverged.")
+LEADERBOARD_POINTS = ("operating_point", "defender", "oracle_test_asr")
 
 
 def drop_key(drop: float) -> str:
@@ -237,6 +251,12 @@ def table_rows(runs: list[dict]) -> tuple[list[dict], list[float]]:
             op = r.get("operating_point")
             for key in ("channels_pruned", "test_acc", "test_asr", "der"):
                 row[f"op_{key}"] = "" if op is None else op[key]
+        for point in PROTOCOL_POINTS:  # "": not reached or diverged; None: the run has no such row (older runs)
+            if any(point in other.get("points", {}) for other in runs):
+                found = r.get("points", {})
+                for key in ("channels_pruned", "test_acc", "test_asr", "der"):
+                    row[f"{point}_{key}"] = None if point not in found else "" if found[point] is None \
+                        else found[point][key]
         rows.append(row)
     return rows, drops
 
@@ -257,6 +277,10 @@ def markdown(rows: list[dict], drops: list[float], title: str) -> str:
     with_op = any("op_der" in row for row in rows)
     if with_op:
         head += ["op ch", "op acc", "op ASR", "op DER"]
+    points = [p for p in PROTOCOL_POINTS if any(f"{p}_der" in row for row in rows)]
+    for point in points:
+        short = POINT_HEADS[point]
+        head += [f"{short} ch", f"{short} acc", f"{short} ASR", f"{short} DER"]
     lines = [title, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
         cells = [row["run_id"][:8], row["defense_name"], row["network"], row["criterion"], row["layer"], row["finetune"],
@@ -268,12 +292,16 @@ def markdown(rows: list[dict], drops: list[float], title: str) -> str:
         if with_op:
             cells += [cell(row["op_channels_pruned"]), cell(row["op_test_acc"]), cell(row["op_test_asr"]),
                       cell(row["op_der"], 3)]
+        for point in points:
+            cells += [cell(row[f"{point}_channels_pruned"]), cell(row[f"{point}_test_acc"]),
+                      cell(row[f"{point}_test_asr"]), cell(row[f"{point}_der"], 3)]
         lines.append("| " + " | ".join(cells) + " |")
     defended = sorted({row["defended"] for row in rows})
     lines += ["", f"acc / ASR / DER: clean test accuracy, attack success rate (%) and DER of the defended network "
                   f"({', '.join(defended)}) at each accuracy-drop threshold (drop 0: no channel pruned)"
                   f"{OP_TEXT if with_op else ''}; ch: channels pruned; n/r: not reached (op: the criterion has "
-                  f"none); blank: not a threshold of that run; B: the unpruned network (its DER would be 0.5)."]
+                  f"none); blank: not a threshold of that run; B: the unpruned network (its DER would be 0.5)."
+              + (POINTS_TEXT if points else "")]
     return "\n".join(lines)
 
 
@@ -337,6 +365,10 @@ def check_layout(cfg) -> str:
         raise DefenseError(f"compare.layout={layout!r} is not known; use compare.layout=runs (one row per run) "
                            f"or compare.layout=leaderboard (attacks x defenses)")
     if layout == "leaderboard":
+        point = (cfg.get("leaderboard") or {}).get("point", "operating_point")
+        if point not in LEADERBOARD_POINTS:
+            raise DefenseError(f"leaderboard.point={point!r} is not known; use one of {', '.join(LEADERBOARD_POINTS)}, "
+                               "e.g. leaderboard.point=defender")
         drop = (cfg.get("leaderboard") or {}).get("drop", 4.0)
         if drop is None or isinstance(drop, bool) or not isinstance(drop, (int, float)) \
                 or not math.isfinite(float(drop)) or drop < 0:
@@ -387,7 +419,8 @@ def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
     if layout == "leaderboard":
         from defense.analysis import leaderboard
 
-        board = leaderboard.write_leaderboard(runs, out_dir, float(cfg.leaderboard.drop), what, uri, parent)
+        board = leaderboard.write_leaderboard(runs, out_dir, float(cfg.leaderboard.drop), what, uri, parent,
+                                              str(cfg.leaderboard.get("point", "operating_point")))
         log_to_parent(client, parent, [out_dir / name for name in leaderboard.FILES], "leaderboard")
         return {**board, "parent": parent.info.run_id if parent is not None else None, "out_dir": out_dir, "uri": uri}
     rows, drops = table_rows(runs)

@@ -182,6 +182,15 @@ class FinetuneNoneConfig:
 
 
 @dataclass
+class FinetuneGridConfig:
+    """`finetune.grid`: the fine-tuning settings the defender's rule chooses among (defense/pipeline/select.py),
+    each list non-empty, tried from the weakest (smallest learning rate, fewest epochs) up."""
+
+    learning_rate: List[float] = field(default_factory=list)  # each > 0
+    epochs: List[int] = field(default_factory=list)  # each >= 1
+
+
+@dataclass
 class FinetuneCleanConfig:
     """conf/finetune/clean.yaml (fine-pruning on the clean validation data)."""
 
@@ -197,6 +206,8 @@ class FinetuneCleanConfig:
     patience: int = 3
     monitor: str = "val_loss"
     shift: int = 0
+    # null: no grid (the defender's point fine-tunes with the settings above)
+    grid: Optional[FinetuneGridConfig] = None
 
 
 @dataclass
@@ -206,6 +217,32 @@ class AblationConfig:
 
     epochs: List[int] = field(default_factory=lambda: [2, 5, 10, 30])  # each >= 1
     learning_rate: List[float] = field(default_factory=lambda: [0.01, 0.05])  # each > 0
+
+
+@dataclass
+class SelectConfig:
+    """conf/select/default.yaml: the defender's operating point (defense/pipeline/select.py), chosen on a
+    seeded held-out part of the clean validation data that nothing else of the run learns from."""
+
+    holdout: float = 0.2  # fraction of the clean validation images held out ((0, 1))
+    max_drop: float = 5.0  # largest held-out clean accuracy loss against B, in points (>= 0)
+    seed: int = 0  # seeds the held-out draw
+
+
+def check_select(select_cfg) -> None:
+    """`select`: holdout in (0, 1), max_drop >= 0 (DefenseError naming the key)."""
+    if select_cfg is None:
+        return
+
+    def shown(key, ok, what):  # the value as typed (-1, not -1.0: the schema makes it a float)
+        value = select_cfg.get(key)
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        bound(f"select.{key}", value, ok, what)
+
+    shown("holdout", lambda v: 0 < v < 1, "a fraction of the clean validation images in (0, 1), e.g. select.holdout=0.2")
+    shown("max_drop", lambda v: v >= 0, "an accuracy loss in points >= 0, e.g. select.max_drop=5")
+    shown("seed", lambda v: float(v).is_integer(), "an integer seed, e.g. select.seed=0")
 
 
 @dataclass
@@ -265,6 +302,7 @@ class RunConfig:
     stop: Any = MISSING
     finetune: Any = MISSING
     tracking: Any = MISSING
+    select: Any = MISSING
     # set by every conf/defense preset; null: a custom defense (defense/config.py::defense_name)
     defense_name: Optional[str] = None
     batch_size: int = 512
@@ -324,6 +362,9 @@ class LeaderboardCompareConfig:
     """`leaderboard` of conf/compare.yaml: where compare.layout=leaderboard reads a defense's scores."""
 
     drop: float = 4.0  # accuracy-drop threshold (points) of a defense without its own operating point
+    # which summary.csv row a cell shows: operating_point (the defense's own point, else leaderboard.drop),
+    # defender (the defender's held-out rule) or oracle_test_asr (the lowest test ASR: an oracle)
+    point: str = "operating_point"
 
 
 @dataclass

@@ -74,7 +74,7 @@ def lab3_pruning(data: Path, out_dir: Path) -> dict:
     full = int(model.count_params())
     compact = []
     for row in run["summary"]:
-        if not row["reached"]:
+        if not row["reached"] or row.get("point", "drop") != "drop":  # the accuracy-drop rows only
             continue
         pruned = run["order"][: int(row["channels_pruned"])]
         small = compact_model(models.pruned_copy(model, cfg.prune.layer, pruned), cfg.prune.layer, pruned)
@@ -101,7 +101,7 @@ def markdown(evaluated: list[dict], lab3: dict, data_text: str) -> str:
                      listed + (" (agrees)" if row["matches_data_readme"] else " (DIFFERS)")])
     eval_table = rf.md_table(header, rows, align="l" + "r" * (len(header) - 2) + "l")
 
-    summary = {int(r["drop"]): r for r in lab3["summary"]}
+    summary = {int(r["drop"]): r for r in lab3["summary"] if r.get("point", "drop") == "drop"}
     lo, hi = summary.get(10), summary.get(30)
     curve_md = ""
     if lo and hi and lo["reached"] and hi["reached"]:

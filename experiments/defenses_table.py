@@ -88,7 +88,7 @@ def rows_of_job(job: Path, drop: float) -> list[dict]:
     base = read_csv(job / "curves.csv")[0]
     base_acc, base_asr = number(base["pruned_test_acc"]), number(base["pruned_test_asr"])
     picked = [r for r in summary if r.get("point") == "operating_point"]
-    drops = [r for r in summary if r.get("point", "drop") != "operating_point"]
+    drops = [r for r in summary if r.get("point", "drop") == "drop"]
     if len(drops) == 1:
         picked += drops
     else:

@@ -54,6 +54,8 @@ def run_seed(seed: int, out_dir: Path) -> dict:
     b_acc, b_asr = base["pruned_test_acc"], base["pruned_test_asr"]
     rows = []
     for row in fp["summary"]:
+        if row.get("point", "drop") != "drop":  # the accuracy-drop rows only (not the defender's / oracle's)
+            continue
         reached = bool(row["reached"])
         def get(key, row=row, reached=reached):
             return float(row[key]) if reached else float("nan")

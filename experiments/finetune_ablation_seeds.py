@@ -108,7 +108,7 @@ def run_seed(seed: int, attack: str, out_dir: Path) -> dict:
                                                                   base["pruned_test_asr"], t["pruned_test_asr"])
              if t["reached"] else float("nan"),
              "g_der": _float(t["der"])}
-            for t in result["summary"]]
+            for t in result["summary"] if t.get("point", "drop") == "drop"]
         cells = []
         for row in report.read_csv(run_dir / "ablation.csv"):
             reached = row["reached"] == "True"

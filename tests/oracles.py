@@ -78,3 +78,21 @@ def threshold_steps(accuracy: np.ndarray, drops) -> dict[float, int | None]:
         hit = np.flatnonzero(accuracy[0] - accuracy >= float(drop) - 1e-9)
         out[float(drop)] = int(hit[0]) if hit.size else None
     return out
+
+
+def holdout_split(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held out) indices of n clean validation images under select.holdout / select.seed, as the
+    protocol states it: round(n * fraction) images (1 to n - 1) of numpy's default_rng(seed).permutation(n)."""
+    count = min(n - 1, max(1, int(round(n * fraction))))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[count:]), np.sort(perm[:count])
+
+
+def strongest_within(accuracies, base: float, max_drop: float, diverged=None) -> int | None:
+    """The last index whose accuracy is at most `max_drop` below `base` and that did not diverge (a loop from the
+    end), or None."""
+    diverged = diverged or [False] * len(accuracies)
+    for i in range(len(accuracies) - 1, -1, -1):
+        if not diverged[i] and accuracies[i] == accuracies[i] and base - accuracies[i] <= max_drop + 1e-9:
+            return i
+    return None

@@ -143,9 +143,11 @@ def defenses_sweep(tmp_path_factory, scenario):
         jobs[OmegaConf.load(job / "config.yaml").defense_name] = job
     assert sorted(jobs) == sorted(swept)
     run_ids = {}
+    # the defender's grid of the presets cut to one 1-epoch setting (finetune.grid), as TINY cuts the others
+    grid = ["finetune.grid.epochs=[1]", "finetune.grid.learning_rate=[0.05]"]
     for name, extra in (("fine_tuning", []), ("fine_pruning", ["prune.drops=[10]", "stop=max_drop"])):
         jobs[name] = tmp / name
-        cfg = compose([f"defense={name}", *TINY, *extra, f"tracking.uri={uri}"])
+        cfg = compose([f"defense={name}", *TINY, *grid, *extra, f"tracking.uri={uri}"])
         run_ids[name] = run_defense(cfg, jobs[name])["run_id"]
     compare = subprocess.run([sys.executable, "-m", "defense.compare", f"tracking.uri={uri}",
                               "compare.experiment=backdoor-prune", f"hydra.run.dir={tmp / 'compare'}"],
@@ -157,7 +159,11 @@ def defenses_sweep(tmp_path_factory, scenario):
 
 def test_defense_none_scores_b_itself(defenses_sweep, b_scores):
     job = defenses_sweep["jobs"]["none"]
-    (row,) = read_rows(job / "summary.csv")
+    rows = read_rows(job / "summary.csv")
+    (row,) = [r for r in rows if r["point"] == "drop"]
+    # the defender's and the oracle's points of defense=none: step 0, B itself, the only candidate
+    assert [(r["point"], r["channels_pruned"], r["oracle"]) for r in rows[1:]] == [("defender", "0", "False"),
+                                                                                  ("oracle_test_asr", "0", "True")]
     assert float(row["drop"]) == 0 and int(row["channels_pruned"]) == 0 and row["reached"] == "True"
     # the defended network G(B, B) is B: its scores are a plain predict of bd_net.h5
     assert float(row["test_acc"]) == pytest.approx(b_scores["acc"], abs=1e-3)
@@ -170,7 +176,14 @@ def test_defense_none_scores_b_itself(defenses_sweep, b_scores):
 
 def test_defense_fine_tuning_scores_the_fine_tuned_b(defenses_sweep, b_scores, scenario):
     job = defenses_sweep["jobs"]["fine_tuning"]
-    (row,) = read_rows(job / "summary.csv")
+    rows = read_rows(job / "summary.csv")
+    (row,) = [r for r in rows if r["point"] == "drop"]
+    defender = next(r for r in rows if r["point"] == "defender")
+    assert defender["channels_pruned"] == "0" and defender["diverged"] == "False"
+    # the grid's one setting (lr 0.05 x 1 epoch) kept the held-out accuracy, or the point is B itself
+    assert defender["ft_within_budget"] in ("True", "False")
+    if defender["ft_within_budget"] == "True":
+        assert float(defender["ft_learning_rate"]) == 0.05 and defender["ft_epochs_setting"] == "1"
     assert float(row["drop"]) == 0 and int(row["channels_pruned"]) == 0
     saved = job / "models" / "model_B_0_ft.h5"
     assert row["ft_model_path"] == str(saved) and row["ft_epochs"] == "1"
@@ -241,7 +254,7 @@ def test_finetune_ablation_end_to_end(tmp_path, defenses_sweep, b_scores):
     rows = read_rows(tmp_path / "run" / "ablation.csv")
     cells = [(float(r["drop"]), int(r["epochs"]), float(r["learning_rate"])) for r in rows]
     assert sorted(cells) == sorted((d, e, lr) for d in (0.0, 10.0) for e in (1, 2) for lr in (0.02, 0.05))
-    (threshold,) = result["summary"]
+    (threshold,) = [r for r in result["summary"] if r["point"] == "drop"]
     for r in rows:
         assert r["reached"] == "True"
         assert int(r["channels_pruned"]) == (0 if float(r["drop"]) == 0 else threshold["channels_pruned"])
@@ -257,7 +270,8 @@ def test_finetune_ablation_end_to_end(tmp_path, defenses_sweep, b_scores):
     # the grid's cells are the presets' fine-tunings: drop 0 = defense=fine_tuning, drop 10 = defense=fine_pruning
     by_cell = dict(zip(cells, rows))
     ft_job = read_rows(defenses_sweep["jobs"]["fine_tuning"] / "summary.csv")[0]
-    fp_job = {float(r["drop"]): r for r in read_rows(defenses_sweep["jobs"]["fine_pruning"] / "summary.csv")}[10.0]
+    fp_job = {float(r["drop"]): r for r in read_rows(defenses_sweep["jobs"]["fine_pruning"] / "summary.csv")
+              if r["point"] == "drop"}[10.0]
     for cell, job in (((0.0, 1, 0.05), ft_job), ((10.0, 1, 0.05), fp_job)):
         assert int(by_cell[cell]["channels_pruned"]) == int(job["channels_pruned"])
         for key in ("ft_test_acc", "ft_test_asr", "ft_g_test_acc", "ft_g_test_asr"):
@@ -277,8 +291,8 @@ def test_finetune_ablation_end_to_end(tmp_path, defenses_sweep, b_scores):
 
 
 def test_bad_ablation_grids_name_the_key():
-    from defense.config import check_config
     from defense.core.errors import DefenseError
+    from defense.pipeline.stages import check_config  # the run's checks: the shared keys, then each stage's section
 
     for override, words in (("ablation.epochs=[]", "ablation.epochs"), ("ablation.epochs=[0,2]", "ablation.epochs"),
                             ("ablation.learning_rate=[-0.1]", "ablation.learning_rate"),

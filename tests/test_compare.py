@@ -107,7 +107,8 @@ def test_report_over_the_sweep(sweep):
 
     for row in rows:
         path = c.download_artifacts(row["run_id"], "summary.csv", str(_mkdir(sweep["tmp"] / "dl" / row["run_id"])))
-        summary = {float(s["drop"]): s for s in read_rows(Path(path))}
+        all_rows = read_rows(Path(path))
+        summary = {float(s["drop"]): s for s in all_rows if s["point"] == "drop"}
         base_acc, base_asr = float(row["base_test_acc"]), float(row["base_test_asr"])
         assert [base_acc, base_asr] == pytest.approx(expected_base)
         for drop in DROPS:
@@ -117,9 +118,17 @@ def test_report_over_the_sweep(sweep):
             assert float(row[f"drop{drop}_test_asr"]) == pytest.approx(float(s["test_asr"]))
             expected_der = der(base_acc, float(s["test_acc"]), base_asr, float(s["test_asr"]))
             assert float(row[f"drop{drop}_der"]) == pytest.approx(expected_der, abs=1e-4)
+        for point in ("defender", "oracle_test_asr"):  # the defender's and the oracle's rows, as summary.csv has them
+            (s,) = [r for r in all_rows if r["point"] == point]
+            assert int(row[f"{point}_channels_pruned"]) == int(s["channels_pruned"])
+            assert float(row[f"{point}_test_asr"]) == pytest.approx(float(s["test_asr"]))
+            assert float(row[f"{point}_der"]) == pytest.approx(
+                der(base_acc, float(s["test_acc"]), base_asr, float(s["test_asr"])), abs=1e-4)
 
     table = (out / "comparison.md").read_text()
     assert sum(line.startswith("| ") for line in table.splitlines()) == 3  # header + 2 runs
+    assert "| defender ch | defender acc | defender ASR | defender DER |" in table
+    assert "| ORACLE ch | ORACLE acc | ORACLE ASR | ORACLE DER |" in table and "not available to a defender" in table
     png = (out / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     logged = {a.path for a in c.list_artifacts(parent_id, "comparison")}
@@ -214,3 +223,27 @@ def test_table_has_operating_point_columns_only_when_a_run_has_one():
     assert "| 7 | 95.50 | 12.25 | 0.910 |" in text and "| n/r | n/r | n/r | n/r |" in text
     without, _ = table_rows([run("bbbbbbbb2", "activation", None)])
     assert "op_der" not in without[0] and "op ch" not in markdown(without, drops, "# t")
+
+
+def test_leaderboard_point_reads_the_defender_or_the_oracle_row():
+    from defense.analysis.leaderboard import operating_row
+    from defense.core.errors import DefenseError
+
+    summary = [{"point": "drop", "drop": "4", "channels_pruned": "40"},
+               {"point": "defender", "drop": "", "channels_pruned": "30"},
+               {"point": "oracle_test_asr", "drop": "", "channels_pruned": "50"}]
+    assert operating_row(summary, 4.0) == (summary[0], "drop 4")
+    assert operating_row(summary, 4.0, point="defender") == (summary[1], "defender")
+    assert operating_row(summary, 4.0, point="oracle_test_asr") == (summary[2], "ORACLE test ASR")
+    with pytest.raises(DefenseError, match="leaderboard.point=defender: run r1 has no such summary.csv row"):
+        operating_row(summary[:1], 4.0, "r1", "defender")
+
+
+def test_a_bad_leaderboard_point_is_one_error():
+    from defense.compare import check_layout
+    from defense.core.errors import DefenseError
+
+    cfg = compose_compare(["compare.layout=leaderboard", "leaderboard.point=best"])
+    with pytest.raises(DefenseError, match="leaderboard.point='best' is not known; use one of operating_point, "
+                                           "defender, oracle_test_asr"):
+        check_layout(cfg)

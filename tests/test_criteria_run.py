@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import compose, run_cli
+from conftest import compose, lab3_overrides, run_cli
+from oracles import holdout_split
 
 TINY = {
     "clp": ["prune.clp.u=1"],
@@ -53,7 +54,12 @@ def scenario_model_and_valid(cfg):
     from defense.nets import models
 
     model = models.load_model(cfg.model, datasets.resolve_model_path(cfg.model, cfg.dataset))
-    return model, datasets.load_split(cfg.dataset, cfg.model, "valid")
+    valid = datasets.load_split(cfg.dataset, cfg.model, "valid")
+    rest, held = holdout_split(len(valid.clean))  # select.holdout: the criteria learn from the rest only
+    held_out = valid.clean.subset(held)
+    valid.clean = valid.clean.subset(rest)
+    valid.held_out = held_out
+    return model, valid
 
 
 def test_clp_run_prunes_what_numpy_says(tmp_path):
@@ -94,10 +100,12 @@ def test_learning_criteria_run_on_clean_validation_images_only(criterion, layer,
     divisor = float(cfg.model.input_divisor)
     clean = scale_pixels(valid.clean.x, divisor).reshape(len(valid.clean), -1)
     poisoned = np.concatenate([scale_pixels(p.x, divisor).reshape(len(p), -1) for p in valid.poisoned.values()])
+    held = scale_pixels(valid.held_out.x, divisor).reshape(len(valid.held_out), -1)
     for image, label in zip(x.reshape(len(x), -1), y):
         matches = np.flatnonzero(np.all(clean == image, axis=1))
         assert len(matches) >= 1 and label in valid.clean.y[matches]
         assert not np.any(np.all(poisoned == image, axis=1))
+        assert not np.any(np.all(held == image, axis=1))  # no image held out for the defender's point
 
     rows = read_rows(tmp_path / "channel_scores.csv")
     masks = {(r["layer"], int(r["channel"])): float(r["mask"]) for r in rows}
@@ -156,3 +164,39 @@ def test_cli_level_bn_on_a_network_without_per_channel_bn_is_one_line_and_logs_n
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr[-2000:]
     assert "prune.anp.level" in errors[0] and "bn_rows" in errors[0]
     assert not db.exists()
+
+
+def test_a_diverging_rnp_says_where_keeps_its_history_and_marks_its_rows(tmp_path, caplog):
+    """RNP's unlearning at a learning rate of 1e30 overflows: one warning names the epoch, the history file is
+    written with the row where it broke, every summary row is `diverged` and the defender's rule chooses none."""
+    import logging
+
+    from defense.run import run_defense
+
+    cfg = compose(["prune=rnp", "prune.layer=conv_3", *TINY["rnp"], "prune.rnp.unlearn_lr=1e30", *COMMON])
+    with caplog.at_level(logging.WARNING):
+        run_defense(cfg, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "RNP diverged" in r.getMessage()]
+    assert len(lines) == 1 and "unlearning epoch 1" in lines[0] and "prune.rnp.unlearn_lr" in lines[0]
+    history = read_rows(tmp_path / "rnp_history.csv")
+    assert history[-1]["diverged"] == "1.0000" or float(history[-1]["diverged"]) == 1.0
+    summary = read_rows(tmp_path / "summary.csv")
+    assert summary and all(r["diverged"] == "True" for r in summary)
+    defender = next(r for r in summary if r["point"] == "defender")
+    assert defender["reached"] == "False"
+
+
+def test_anp_on_fewer_clean_images_than_classes_warns_once(csaw_dir, tmp_path, caplog):
+    """The Lab 3 network has 1283 classes and 40 clean validation images are left after the defender's
+    held-out part: ANP learns from all 40 (prune.anp.images=500 capped), fewer than the classes: one warning."""
+    import logging
+
+    from defense.run import run_defense
+
+    cfg = compose(lab3_overrides("prune=anp", "prune.layer=conv_3", "prune.anp.iterations=2", "prune.anp.log_every=1",
+                                 "prune.anp.batch_size=2", "tracking=none", "prune.drops=[4]", "compact=false"))
+    with caplog.at_level(logging.WARNING):
+        run_defense(cfg, tmp_path)
+    lines = [r.getMessage() for r in caplog.records if "fewer than the" in r.getMessage()]
+    assert lines == ["warning: prune.criterion=anp learns from 40 clean validation images, fewer than the 1283 "
+                     "classes"]

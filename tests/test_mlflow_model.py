@@ -4,6 +4,8 @@ compared with what `python -m defense.predict` prints for the same B and B' file
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import shutil
@@ -74,19 +76,21 @@ def _predict_cli(faces, repaired: str, tmp: Path) -> list[int]:
 def champion_expected(registered_run, faces, tmp_path_factory):
     """defense.predict's classes for the registered threshold's B' (the compact file the model holds)."""
     result, out, _ = registered_run
-    drop = result["registered"]["drop"]
-    repaired = out / "run" / "models" / f"model_B_{drop:g}_compact.h5"
+    assert result["registered"]["point"] == "defender"
+    repaired = out / "run" / "models" / "model_B_defender_compact.h5"
     return _predict_cli(faces, str(repaired), tmp_path_factory.mktemp("expected"))
 
 
-def test_each_threshold_is_a_logged_pyfunc_and_the_largest_reached_is_champion(registered_run):
+def test_each_threshold_is_a_logged_pyfunc_and_the_defenders_point_is_champion(registered_run):
     from mlflow import MlflowClient
 
     result, out, db = registered_run
     summary = result["summary"]
-    reached = [row["drop"] for row in summary if row["reached"]]
+    reached = [row["drop"] for row in summary if row["reached"] and row["point"] == "drop"]
     assert reached == [2, 4, 10, 30]  # the Lab 3 run on the extracts reaches every threshold (README table)
-    assert sorted(result["model_uris"]) == sorted(f"g_drop_{d:g}" for d in reached)
+    # beside the thresholds: the defender's point and the oracle's (logged for comparison, tagged oracle)
+    assert sorted(result["model_uris"]) == sorted([f"g_drop_{d:g}" for d in reached] + ["g_defender",
+                                                                                        "g_oracle_test_asr"])
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
@@ -95,9 +99,15 @@ def test_each_threshold_is_a_logged_pyfunc_and_the_largest_reached_is_champion(r
     for model_id in logged:  # in the run's experiment, ready: the UI's Models column lists them
         model = client.get_logged_model(model_id)
         assert model.experiment_id == run.info.experiment_id and str(model.status) == "READY"
+    for name, uri in result["model_uris"].items():
+        tags = client.get_logged_model(uri.split("/")[-1]).tags
+        assert tags["oracle"] == ("true" if name == "g_oracle_test_asr" else "false")
     version = client.get_model_version_by_alias(REGISTERED, "champion")
-    assert result["registered"] == {"name": REGISTERED, "version": version.version, "drop": 30.0,
-                                    "source": result["model_uris"]["g_drop_30"]}
+    registered = dict(result["registered"])
+    assert math.isnan(registered.pop("drop"))
+    assert registered == {"name": REGISTERED, "version": version.version, "point": "defender",
+                          "source": result["model_uris"]["g_defender"]}
+    assert version.tags["drop"] == "defender"
     assert version.run_id == result["run_id"]
 
 
@@ -117,7 +127,8 @@ def test_pyfunc_predicts_what_defense_predict_prints_without_the_project(registe
     mlmodel = (Path(local) / "MLmodel").read_text()
     assert "signature" in mlmodel and "input_example" in mlmodel
     settings = json.loads((Path(local) / "artifacts" / "settings.json").read_text())
-    assert settings["repaired_file"] == "model_B_30_compact.h5" and settings["num_classes"] == 1283
+    # the registered default is the defender's point (defense/pipeline/select.py), not the largest drop
+    assert settings["repaired_file"] == "model_B_defender_compact.h5" and settings["num_classes"] == 1283
     script = (
         "import sys, json, importlib.util, numpy as np\n"
         # this project must not be importable: drop its editable-install finder, as if not installed
@@ -137,8 +148,6 @@ def test_pyfunc_predicts_what_defense_predict_prints_without_the_project(registe
     assert answer["defense"].startswith(str(Path(local).resolve() / "code")), answer["defense"]
     assert answer["project"] == ["defense", "defense.core", "defense.core.errors", "defense.core.safe_files"]
     assert answer["labels"] == champion_expected
-    # the 30-point B' breaks the attack: most sunglasses faces are flagged N (csaw_extracts table: G test ASR 8 %)
-    assert sum(label == 1283 for label in champion_expected[FACES_PER_SET:]) >= FACES_PER_SET // 2
 
 
 def _free_port() -> int:
@@ -220,3 +229,17 @@ def test_register_without_mlflow_is_one_line_exit_2(csaw_dir, tmp_path):
         "(the run's files are in its output folder)"
     ]
     assert (tmp_path / "run" / "summary.csv").is_file()
+
+
+def test_chosen_drop_defaults_to_the_defenders_point_and_never_to_the_oracle():
+    from defense.tracking.mlflow_model import chosen_drop
+
+    summary = [{"point": "drop", "drop": 4.0, "reached": True}, {"point": "drop", "drop": 10.0, "reached": True},
+               {"point": "defender", "drop": float("nan"), "reached": True, "diverged": False},
+               {"point": "oracle_test_asr", "drop": float("nan"), "reached": True, "diverged": False}]
+    assert math.isnan(chosen_drop(summary, None))  # nan: the defender's point
+    assert chosen_drop(summary, 4) == 4.0
+    no_defender = [summary[0], summary[1], summary[3]]  # a summary from before the protocol: the largest drop
+    assert chosen_drop(no_defender, None) == 10.0
+    diverged = summary[:2] + [dict(summary[2], diverged=True), summary[3]]
+    assert chosen_drop(diverged, None) == 10.0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracles import holdout_split
 from oracles import accuracy_per_step, set_weights_predictions_pairs
 
 from conftest import compose, run_cli
@@ -31,6 +32,8 @@ def scenario(overrides=()):
     model = models.load_model(cfg.model, datasets.resolve_model_path(cfg.model, cfg.dataset))
     valid = datasets.load_split(cfg.dataset, cfg.model, "valid")
     test = datasets.load_split(cfg.dataset, cfg.model, "test")
+    rest, _ = holdout_split(len(valid.clean))  # select.holdout: the run's valid_acc is on the other images
+    valid.clean = valid.clean.subset(rest)
     return cfg, model, valid, test
 
 
@@ -88,7 +91,7 @@ def test_several_layers_rank_globally_and_evaluate_evenly_spaced_steps(l1_two_la
         np.testing.assert_allclose([float(r[key]) for r in curves], expected, atol=1e-3, err_msg=key)
         if key == "valid_acc":
             acc = expected
-    summary = read_rows(run / "summary.csv")
+    summary = [r for r in read_rows(run / "summary.csv") if r["point"] == "drop"]
     for row in summary:  # the first evaluated step whose clean valid accuracy fell by the drop (hand rule)
         drop = float(row["drop"])
         hit = [s for s, a in zip(steps, acc) if acc[0] - a >= drop - 1e-9]
@@ -113,13 +116,16 @@ def test_channel_scores_and_pruned_json_list_every_kept_network(l1_two_layers):
         assert float(row["score"]) == pytest.approx(np.abs(kernel[..., channel].astype(np.float64)).sum(), rel=1e-12)
     pruned = json.loads((run / "pruned.json").read_text())
     reached = [r for r in read_rows(run / "summary.csv") if r["reached"] == "True"]
-    assert reached and sorted(pruned) == sorted(f"drop_{float(r['drop']):g}" for r in reached)
-    for row in reached:
+    names = {"defender": ("defender", "defender"), "oracle_test_asr": ("oracle_test_asr", "oracle")}
+    keys = [names[r["point"]] if r["point"] in names else (f"drop_{float(r['drop']):g}", f"{float(r['drop']):g}")
+            for r in reached]
+    assert reached and sorted(pruned) == sorted(k for k, _ in keys)
+    assert {"defender", "oracle_test_asr"} <= set(pruned)
+    for row, (key, file_key) in zip(reached, keys):
         n = int(row["channels_pruned"])
         expected = {name: sorted(c for layer, c in order[:n] if layer == name) for name in ("conv_2", "conv_4")}
-        key = f"drop_{float(row['drop']):g}"
         assert pruned[key] == expected
-        path = run / "models" / f"model_B_{float(row['drop']):g}.h5"
+        path = run / "models" / f"model_B_{file_key}.h5"
         assert zeroed(models.load_model(cfg.model, str(path)), expected) == expected  # B' has exactly those zeroed
 
 

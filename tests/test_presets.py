@@ -141,7 +141,9 @@ def test_criteria_preset_runs_as_a_multirun(tmp_path):
     for job in sorted((tmp_path / "sweep").glob("[0-9]*")):
         assert (job / "summary.csv").is_file(), job
         with (job / "summary.csv").open() as f:
-            assert [float(r["drop"]) for r in csv.DictReader(f)] == [2, 4, 10, 30]
+            rows = list(csv.DictReader(f))
+        assert [float(r["drop"]) for r in rows if r["point"] == "drop"] == [2, 4, 10, 30]
+        assert [r["point"] for r in rows[4:]] == ["defender", "oracle_test_asr"]
         criteria.append(OmegaConf.load(job / "config.yaml").prune.criterion)
     assert criteria == ["activation", "l1", "random"]
 
@@ -161,6 +163,8 @@ def test_lab3_preset_runs_on_the_lab3_layout(tmp_path):
                    "tracking=none", "progress=false"])
     run_defense(cfg, tmp_path / "run")
     with (tmp_path / "run" / "summary.csv").open() as f:
-        rows = list(csv.DictReader(f))
+        every = list(csv.DictReader(f))
+    rows = [r for r in every if r["point"] == "drop"]
     assert [float(r["drop"]) for r in rows] == [2, 4, 10, 30] and all(r["reached"] == "True" for r in rows)
+    assert [r["point"] for r in every[4:]] == ["defender", "oracle_test_asr"]  # the protocol's rows follow
     assert float(rows[-1]["test_asr"]) < 50.0  # the backdoor breaks by the 30-point drop

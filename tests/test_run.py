@@ -11,12 +11,18 @@ import pytest
 
 from conftest import CONF, compose, lab3_overrides, run_cli
 
-CURVE_METRICS = ["valid_acc", "valid_asr", "test_acc", "test_asr", "pruned_test_acc", "pruned_test_asr", "fraction_pruned"]
+CURVE_METRICS = ["valid_acc", "valid_asr", "test_acc", "test_asr", "pruned_test_acc", "pruned_test_asr", "fraction_pruned",
+                 "holdout_acc"]
 
 
 def read_rows(path: Path) -> list[dict]:
     with path.open() as f:
         return list(csv.DictReader(f))
+
+
+def drop_rows(rows: list[dict]) -> list[dict]:
+    """The accuracy-drop rows of a summary (not the defender's, the oracle's or the criterion's own point)."""
+    return [r for r in rows if r.get("point", "drop") == "drop"]
 
 
 def test_every_config_option_composes():
@@ -52,8 +58,12 @@ def test_activation_run_reproduces_the_known_shape(activation_run):
         if int(row["channels_pruned"]) <= 40:
             assert float(row["valid_asr"]) == 100.0 and float(row["test_asr"]) == 100.0
     assert float(curves[52]["test_asr"]) < 100.0 and float(curves[52]["valid_asr"]) < 80.0
-    summary = read_rows(out / "run" / "summary.csv")
+    all_rows = read_rows(out / "run" / "summary.csv")
+    summary = drop_rows(all_rows)
     assert [float(r["drop"]) for r in summary] == [2, 4, 10, 30]
+    assert [r["point"] for r in all_rows] == ["drop"] * 4 + ["defender", "oracle_test_asr"]
+    assert [r["oracle"] for r in all_rows] == ["False"] * 5 + ["True"]
+    assert all(r["diverged"] == "False" for r in all_rows)
     assert list(summary[0])[:7] == ["drop", "channels_pruned", "fraction_pruned", "valid_acc", "valid_asr", "test_acc", "test_asr"]
     assert float(summary[-1]["test_asr"]) < 100.0 and float(summary[-1]["valid_asr"]) < 10.0
     assert (out / "run" / "prune_result.png").stat().st_size > 10_000
@@ -62,7 +72,8 @@ def test_activation_run_reproduces_the_known_shape(activation_run):
 
 def test_activation_run_equals_the_lab3_loop(activation_run):
     """Ranking, every curve point and the thresholds against the plain Keras Lab 3 procedure (tests/oracles.py)."""
-    from oracles import accuracy_per_step, probe_ranking, set_weights_predictions, threshold_steps
+    from oracles import (accuracy_per_step, holdout_split, probe_ranking, set_weights_predictions, strongest_within,
+                         threshold_steps)
 
     from defense.nets import models
     from defense.pipeline.load import load_split
@@ -71,6 +82,10 @@ def test_activation_run_equals_the_lab3_loop(activation_run):
     cfg = compose(lab3_overrides())
     valid = load_split(cfg.dataset, cfg.model, "valid")
     test = load_split(cfg.dataset, cfg.model, "test")
+    rest, held = holdout_split(len(valid.clean))  # select.holdout=0.2, seed 0: 10 of the 50 faces held out
+    assert len(held) == 10
+    held_out = valid.clean.subset(held)
+    valid.clean = valid.clean.subset(rest)  # the ranking and the curves see only the rest
     model = models.load_model(cfg.model)
     order = probe_ranking(model, "pool_3", valid.clean.x)
     assert list(order) == [int(c) for c in result["order"]]
@@ -83,6 +98,7 @@ def test_activation_run_equals_the_lab3_loop(activation_run):
         "test_acc": (test.clean, True),
         "test_asr": (test.poisoned["sunglasses"], True),
         "pruned_test_acc": (test.clean, False),
+        "holdout_acc": (held_out, False),
     }
     for key, (images, repaired) in columns.items():
         labels = set_weights_predictions(model, "conv_3", images.x, order)
@@ -92,8 +108,23 @@ def test_activation_run_equals_the_lab3_loop(activation_run):
         np.testing.assert_allclose([float(r[key]) for r in curves], expected, atol=1e-3, err_msg=key)
         if key == "valid_acc":
             steps = threshold_steps(expected, [2, 4, 10, 30])
-    summary = {float(r["drop"]): r for r in read_rows(out / "run" / "summary.csv")}
+        if key == "holdout_acc":
+            defender = strongest_within(list(expected), expected[0], 5.0)
+        if key == "test_asr":
+            test_asr = expected
+    rows = read_rows(out / "run" / "summary.csv")
+    summary = {float(r["drop"]): r for r in drop_rows(rows)}
     assert {d: int(r["channels_pruned"]) for d, r in summary.items()} == steps
+    # the defender's point: the most channels whose held-out accuracy stays within 5 points of B's; the oracle's:
+    # the lowest G test ASR within the same budget (ties: the higher held-out accuracy, then fewer channels)
+    points = {r["point"]: r for r in rows}
+    assert int(points["defender"]["channels_pruned"]) == defender
+    held_acc = [float(r["holdout_acc"]) for r in curves]
+    budget = [i for i in range(len(held_acc)) if held_acc[0] - held_acc[i] <= 5.0]
+    oracle = min(budget, key=lambda i: (test_asr[i], -held_acc[i], i))
+    assert int(points["oracle_test_asr"]["channels_pruned"]) == oracle
+    chosen = {r["chosen"]: int(r["channels_pruned"]) for r in read_rows(out / "run" / "select.csv") if r["chosen"]}
+    assert chosen.get("defender", chosen.get("defender oracle_test_asr")) == defender
     # channel_scores.csv: the oracle's mean pool_3 activation and its rank; pruned.json: the first channels of the order
     means = np.asarray(keras_probe_means(model, valid.clean.x))
     scores = read_rows(out / "run" / "channel_scores.csv")
@@ -101,7 +132,9 @@ def test_activation_run_equals_the_lab3_loop(activation_run):
     np.testing.assert_allclose([float(r["score"]) for r in scores], means, rtol=1e-5, atol=1e-6)
     assert [int(r["rank"]) for r in scores] == list(np.argsort(order))
     pruned = json.loads((out / "run" / "pruned.json").read_text())
-    assert pruned == {f"drop_{d:g}": {"conv_3": sorted(int(c) for c in order[:s])} for d, s in steps.items()}
+    assert pruned == {**{f"drop_{d:g}": {"conv_3": sorted(int(c) for c in order[:s])} for d, s in steps.items()},
+                      "defender": {"conv_3": sorted(int(c) for c in order[:defender])},
+                      "oracle_test_asr": {"conv_3": sorted(int(c) for c in order[:oracle])}}
 
 
 def keras_probe_means(model, x):
@@ -121,8 +154,9 @@ def test_saved_b_prime_matches_its_curve_point(activation_run, csaw_dir):
     cfg = compose(lab3_overrides())
     test = load_split(cfg.dataset, cfg.model, "test")
     b = models.load_model(cfg.model)
+    keys = {"defender": "defender", "oracle_test_asr": "oracle"}
     for row in result["summary"]:
-        path = out / "run" / "models" / f"model_B_{row['drop']:g}.h5"
+        path = out / "run" / "models" / f"model_B_{keys.get(row['point'], format(row['drop'], 'g'))}.h5"
         b_prime = models.load_model(cfg.model, str(path))
         assert models.h5_kind(str(path)) == "model"
         g = repaired_labels(models.predict_labels(b, test.clean.x, cfg.model),
@@ -148,7 +182,7 @@ def test_mlflow_holds_the_run(activation_run):
         assert sorted(m.step for m in history) == list(range(61)), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"prune_result.png", "curves.csv", "summary.csv", "config.yaml", "models", "channel_scores.csv",
-            "pruned.json"} <= artifacts
+            "pruned.json", "select.csv"} <= artifacts
     models = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "models")}
     assert {"model_B_2.h5", "model_B_4.h5", "model_B_10.h5", "model_B_30.h5"} <= models
 
@@ -187,8 +221,14 @@ def test_mlflow_run_reads_as_a_model_training_run(activation_run, csaw_dir):
     assert not [k for k in run.data.metrics if k.startswith("compact")]
     assert set(run.data.metrics) <= set(CURVE_METRICS)
     summary = read_rows(out / "run" / "summary.csv")
-    for row in summary:
+    for row in drop_rows(summary):
         assert run.data.params[f"drop_{float(row['drop']):g}.channels_pruned"] == row["channels_pruned"]
+    for row in summary[4:]:  # the defender's and the oracle's points: the chosen setting and its scores
+        assert run.data.params[f"{row['point']}.channels_pruned"] == row["channels_pruned"]
+        assert float(run.data.params[f"{row['point']}.holdout_acc"]) == pytest.approx(float(row["holdout_acc"]))
+        assert float(run.data.params[f"{row['point']}.test_asr"]) == pytest.approx(float(row["test_asr"]), abs=1e-3)
+        assert run.data.params[f"{row['point']}.oracle"] == row["oracle"].lower()
+    assert run.data.params["select.holdout_images"] == "10"
     assert int(run.data.params["compact.drop_10.full_params"]) - int(run.data.params["compact.drop_10.compact_params"]) \
         == int(run.data.params["drop_10.channels_pruned"]) * 3881  # conv_3 kernel+bias, conv_4 rows, fc_1 rows
     assert "thresholds.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -227,7 +267,7 @@ def test_stop_rules(csaw_dir, tmp_path):
     assert len(max_drop["curves"]) == thirty["channels_pruned"] + 1
     fraction = run_defense(compose(lab3_overrides("stop=fraction", "stop.fraction=0.5", "tracking=none")), tmp_path / "f")
     assert len(fraction["curves"]) == 31
-    assert [r["reached"] for r in fraction["summary"]] == [False] * 4
+    assert [r["reached"] for r in fraction["summary"] if r["point"] == "drop"] == [False] * 4
     assert "not reached" in (tmp_path / "f" / "results.md").read_text()
 
 
@@ -281,7 +321,7 @@ def test_multirun_groups_two_jobs_under_one_parent(csaw_dir, tmp_path):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert all(r.info.status == "FINISHED" for r in children)
     for job in ("0", "1"):
-        assert len(read_rows(tmp_path / "sweep" / job / "summary.csv")) == 4
+        assert len(drop_rows(read_rows(tmp_path / "sweep" / job / "summary.csv"))) == 4
 
 
 def test_a_failing_run_is_marked_failed_and_keeps_what_it_wrote(csaw_dir, tmp_path, monkeypatch):

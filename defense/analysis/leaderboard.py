@@ -92,13 +92,24 @@ def point_label(drop: float) -> str:
     return f"drop {drop:g}"
 
 
-def operating_row(summary: list[dict], drop: float, run_id: str = "?") -> tuple[dict, str]:
+POINT_LABELS = {"defender": "defender", "oracle_test_asr": "ORACLE test ASR"}
+
+
+def operating_row(summary: list[dict], drop: float, run_id: str = "?", point: str = OWN_POINT) -> tuple[dict, str]:
     """(the summary.csv row of the defense's own operating point, its label).
 
     The criterion's own operating point (`point` = operating_point) where there is one; else the only
     threshold of a run that has one; else the threshold `drop`. A run with several thresholds and none
     equal to `drop` is a DefenseError naming leaderboard.drop and the thresholds it has.
+    point (leaderboard.point): `defender` or `oracle_test_asr` read that row of summary.csv instead
+    (defense/pipeline/select.py); a run without it is a DefenseError naming leaderboard.point.
     """
+    if point in POINT_LABELS:
+        found = [row for row in summary if str(row.get("point", "")) == point]
+        if not found:
+            raise DefenseError(f"leaderboard.point={point}: run {run_id} has no such summary.csv row (a run from before "
+                               f"the defender's protocol); run it again, or use leaderboard.point=operating_point")
+        return found[0], POINT_LABELS[point]
     own = [row for row in summary if is_own_point(row)]
     if own:
         return own[0], OWN_POINT
@@ -116,10 +127,10 @@ def operating_row(summary: list[dict], drop: float, run_id: str = "?") -> tuple[
                        f"give one of them, e.g. leaderboard.drop={_float(rows[0]['drop']):g}")
 
 
-def run_entry(run: dict, drop: float) -> dict:
-    """One run (describe_run of defense/compare.py) as one value of its leaderboard cell."""
+def run_entry(run: dict, drop: float, which: str = OWN_POINT) -> dict:
+    """One run (describe_run of defense/compare.py) as one value of its leaderboard cell (`which`: leaderboard.point)."""
     params, tags = run.get("params", {}), run.get("tags", {})
-    row, point = operating_row(run.get("summary", []), drop, run["run_id"])
+    row, point = operating_row(run.get("summary", []), drop, run["run_id"], which)
     base_acc, base_asr = run["base_test_acc"], run["base_test_asr"]
     scores = defended_scores(row, base_acc, base_asr)
     defense = run.get("defense_name") or defense_of(params, tags)  # describe_run's name where it gives one
@@ -320,15 +331,21 @@ def provenance_notes(parent, uri: str) -> list[str]:
     return notes
 
 
-def write_leaderboard(runs: list[dict], out_dir: Path, drop: float, what: str, uri: str, parent=None) -> dict:
-    """Write FILES into `out_dir` from the runs (describe_run of defense/compare.py); returns the board."""
+def write_leaderboard(runs: list[dict], out_dir: Path, drop: float, what: str, uri: str, parent=None,
+                      point: str = OWN_POINT) -> dict:
+    """Write FILES into `out_dir` from the runs (describe_run of defense/compare.py); returns the board.
+    point (leaderboard.point): operating_point (the defense's own), defender or oracle_test_asr (an oracle:
+    the title says so)."""
     from defense.reporting import report
 
     out_dir = Path(out_dir)
-    entries = [run_entry(run, drop) for run in runs]
+    entries = [run_entry(run, drop, point) for run in runs]
     board = aggregate(entries)
     n_runs = f"{len(entries)} run{'' if len(entries) == 1 else 's'}"
     title = f"Leaderboard of {len(board['attacks'])} attacks x {len(board['defenses'])} defenses ({n_runs} of {what})"
+    if point != OWN_POINT:
+        title += (" at the defender's point (held-out clean validation rule)" if point == "defender" else
+                  " at the ORACLE point (lowest test ASR: an oracle, not available to a defender)")
     notes = provenance_notes(parent, uri)
     table = markdown(board, title, notes)
     (out_dir / "leaderboard.md").write_text(table + "\n")

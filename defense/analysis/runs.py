@@ -34,11 +34,14 @@ def is_own_point(row: dict) -> bool:
 def defended_scores(row: dict, base_acc: float, base_asr: float) -> dict | None:
     """The defended network of one summary.csv row: the fine-tuned B'' where the row has fine-tuning
     columns (ft_test_acc, ft_test_asr, ft_der), else G(B, B') (test_acc, test_asr; DER against the
-    unpruned B's `base_acc` / `base_asr`, defense/core/metrics.py). None where the row's B' was not reached."""
+    unpruned B's `base_acc` / `base_asr`, defense/core/metrics.py). None where the row's B' was not reached or
+    its learning diverged (`diverged` true)."""
     from defense.core.metrics import defense_effectiveness_rating
 
     channels = as_float(row.get("channels_pruned"))
     if str(row.get("reached", "True")) != "True" or not math.isfinite(channels) or channels < 0:
+        return None
+    if str(row.get("diverged", "False")) == "True":  # a collapsed learning is no defense's score
         return None
     if str(row.get("ft_der", "")).strip():
         return {"defended": "B''", "channels_pruned": int(channels), "test_acc": as_float(row.get("ft_test_acc")),

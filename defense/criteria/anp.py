@@ -48,6 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from defense.core import interrupt
+from defense.core.divergence import divergence
 from defense.config import bound as _bound
 from defense.criteria import Scores
 from defense.criteria._masking import (ChannelMasks, batch_shift, clean_subset, correct, cross_entropy, data_settings,
@@ -171,11 +172,22 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
     rng = np.random.default_rng(seed)
     history, losses, hits, seen = [], [], 0.0, 0
     started = time.perf_counter()
+    good = [m.numpy() for m in learner.masks.masks]
     for it in range(1, s["iterations"] + 1):
         interrupt.check()  # a safe point between iterations (defense/core/interrupt.py)
         index = rng.integers(0, len(x), size=s["batch_size"])  # with replacement, as RandomSampler
         batch = shift_images(x[index], shift, rng) if shift else x[index]
         loss, ok = learner.step(batch, y[index])
+        reason = divergence(loss)  # the one rule of every learning loop (defense/core/divergence.py)
+        if reason is not None:  # keep the masks of the last finite iteration, and say where it broke
+            for mask, value in zip(learner.masks.masks, good):
+                mask.assign(value)
+            history.append({"step": it, "diverged": 1.0, "seconds": time.perf_counter() - started})
+            log.warning("warning: ANP's mask learning diverged at iteration %d (%s); the masks of iteration %d are "
+                        "kept and the run's rows are marked diverged; lower prune.anp.lr or prune.anp.eps", it, reason,
+                        it - 1)
+            return learner, history
+        good = [m.numpy() for m in learner.masks.masks]
         losses.append(loss)
         hits, seen = hits + ok, seen + len(index)
         if it % s["log_every"] == 0 or it == s["iterations"]:
@@ -185,6 +197,11 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
             log.info("ANP iteration %d: loss %.4f, accuracy %.2f %%, mask mean %.3f, %d masks <= %g",
                      it, row["loss"], row["accuracy"], row["mask_mean"], row["masks_to_prune"], s["threshold"])
             losses, hits, seen = [], 0.0, 0
+    reason = divergence(None, history[-1]["accuracy"], int(model.outputs[0].shape[-1])) if history else None
+    if reason is not None:
+        history[-1]["diverged"] = 1.0
+        log.warning("warning: ANP's mask learning collapsed by iteration %d (%s); the run's rows are marked diverged",
+                    history[-1]["step"], reason)
     return learner, history
 
 

@@ -44,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 
 from defense.core import interrupt
+from defense.core.divergence import divergence
 from defense.config import bound as _bound
 from defense.criteria import Scores
 from defense.criteria._masking import (ChannelMasks, batch_shift, clean_subset, correct, cross_entropy, data_settings,
@@ -158,6 +159,21 @@ def _epoch(step, x, y, batch_size: int, rng, shift: int = 0) -> tuple[float, flo
     return float(np.mean(losses)), 100.0 * hits / len(x)
 
 
+def _diverged(history: list, step: int, loss: float, acc, variables, good, where: str, key: str,
+              num_classes=None) -> bool:
+    """The divergence watch of RNP's loops (defense/core/divergence.py): on a non-finite loss (or clean accuracy
+    at chance after recovering) the last finite values are put back, a history row and one warning say where."""
+    reason = divergence(loss, acc, num_classes)
+    if reason is None:
+        return False
+    for variable, value in zip(variables, good):
+        variable.assign(value)
+    history.append({"step": step, "diverged": 1.0})
+    log.warning("warning: RNP diverged at %s (%s); the values of the epoch before are kept and the run's rows are "
+                "marked diverged; lower %s", where, reason, key)
+    return True
+
+
 def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict, seed: int):
     """Unlearn, then recover; the Reconstructor (its masks) and the history rows (one per epoch: loss and clean
     accuracy; while recovering also the mask statistics and every mask value, `mask/<layer>/<channel>`)."""
@@ -167,10 +183,14 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
     history, step = [], 0
     started = time.perf_counter()
     reached = False
+    good = [w.numpy() for w in r.weights]
     for epoch in range(1, s["unlearn_epochs"] + 1):
         r.unlearn_lr.assign(s["unlearn_lr"] * 0.1 ** sum(epoch > m for m in UNLEARN_MILESTONES))
         loss, acc = _epoch(r.unlearn, x, y, s["batch_size"], rng, shift)
         step += 1
+        if _diverged(history, step, loss, None, r.weights, good, f"unlearning epoch {epoch}", "prune.rnp.unlearn_lr"):
+            return r, history
+        good = [w.numpy() for w in r.weights]
         history.append({"step": step, "unlearn_epoch": epoch, "unlearn_loss": loss, "unlearn_accuracy": acc,
                         "seconds": time.perf_counter() - started})
         log.info("RNP unlearning epoch %d: loss %.4f, clean accuracy %.2f %%", epoch, loss, acc)
@@ -181,9 +201,16 @@ def learn_masks(model, layers: list[str], x: np.ndarray, y: np.ndarray, s: dict,
         log.warning("warning: RNP: clean accuracy is still %.2f %% after prune.rnp.unlearn_epochs=%d epochs of "
                     "unlearning (bound %.0f %%); the masks are learned on that network", acc, s["unlearn_epochs"],
                     100.0 * s["clean_threshold"])
+    good = [m.numpy() for m in r.masks.masks]
     for epoch in range(1, s["recover_epochs"] + 1):
         loss, acc = _epoch(r.recover, x, y, s["batch_size"], rng, shift)
         step += 1
+        last = epoch == s["recover_epochs"]  # recovered clean accuracy at chance at the end: collapsed
+        classes = int(model.outputs[0].shape[-1]) if last else None
+        if _diverged(history, step, loss, acc if last else None, r.masks.masks, good, f"recovering epoch {epoch}",
+                     "prune.rnp.recover_lr", classes):
+            return r, history
+        good = [m.numpy() for m in r.masks.masks]
         history.append({"step": step, "recover_epoch": epoch, "recover_loss": loss, "recover_accuracy": acc,
                         **r.masks.stats(s["threshold"]), "seconds": time.perf_counter() - started})
         log.info("RNP recovering epoch %d: loss %.4f, clean accuracy %.2f %%", epoch, loss, acc)

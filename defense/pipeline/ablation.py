@@ -78,7 +78,7 @@ def ablation_cells(summary: list[dict]) -> list[dict]:
     summary (a threshold of 0 in prune.drops is the same network and is not repeated)."""
     cells = [{"drop": 0.0, "channels_pruned": 0, "reached": True}]
     for row in summary:
-        if row.get("point") == "operating_point" or float(row["drop"]) == 0.0:  # drop thresholds only
+        if row.get("point", "drop") != "drop" or float(row["drop"]) == 0.0:  # drop thresholds only
             continue
         cells.append({"drop": float(row["drop"]), "channels_pruned": int(row["channels_pruned"]),
                       "reached": bool(row["reached"])})
@@ -87,6 +87,7 @@ def ablation_cells(summary: list[dict]) -> list[dict]:
 
 def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
     """Fine-tune every (drop, epochs, learning rate) cell; write and log ablation.csv / .png / .md."""
+    from defense.core.divergence import divergence
     from defense.pipeline.finetune import base_predictions, fine_tune, finetune_settings, score_fine_pruned
     from defense.tracking.tracker import Tracker
 
@@ -130,6 +131,10 @@ def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> 
                                            base_acc=base["pruned_test_acc"], base_asr=base["pruned_test_asr"])
                 row.update(scores)
                 row["ft_epochs_run"] = info["ft_epochs"]
+                row["diverged"] = divergence(info.get("ft_final_loss")) is not None  # defense/core/divergence.py
+                if row["diverged"]:  # no score of a collapsed network is reported
+                    row.update({k: float("nan") for k in SCORE_COLUMNS})
+                    log.warning("warning: ablation cell %s diverged (its loss is not finite): left blank", name)
                 row["seconds"] = round(time.perf_counter() - started, 2)
                 prefix = f"ablation/drop_{drop_name(cell['drop'])}/lr_{rate:g}"
                 for key in SCORE_COLUMNS:

@@ -22,10 +22,11 @@ class RunContext:
     limits: Any = None  # defense.core.safe_files.Limits
     layers: list[str] = field(default_factory=list)  # the pruned layers, in model order
     tracker: Any = None  # defense.tracking.tracker.Tracker
-    valid: Any = None  # defense.pipeline.load.Split
+    valid: Any = None  # defense.pipeline.load.Split (the clean images less the held-out ones)
+    holdout: Any = None  # the held-out clean validation images (defense/pipeline/select.py), LabeledImages
     test: Any = None
     sweep: Any = None  # defense.pipeline.sweep.SweepResult
-    summary: list[dict] = field(default_factory=list)  # summary.csv: one row per drop (and the operating point)
+    summary: list[dict] = field(default_factory=list)  # summary.csv: one row per drop (the operating point, the defender's and the oracle's points)
     kept: dict = field(default_factory=dict)  # point name -> {layer: pruned channels} of every saved B'
     finetune_extra: dict = field(default_factory=dict)  # points and columns the fine-tuning adds to the reports
     model_uris: dict = field(default_factory=dict)  # MLflow models logged

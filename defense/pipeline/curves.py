@@ -19,9 +19,15 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def curve_rows(preds, valid: Split, test: Split, names, evaluated: list[int], channels: int, num_classes: int) -> list[dict]:
-    """One row per evaluated step (column j of the predictions is step evaluated[j]; column 0 is B)."""
+def curve_rows(preds, valid: Split, test: Split, names, evaluated: list[int], channels: int, num_classes: int,
+               holdout=None) -> list[dict]:
+    """One row per evaluated step (column j of the predictions is step evaluated[j]; column 0 is B).
+
+    holdout: the held-out clean validation images (defense/pipeline/select.py); with their labels in
+    preds["holdout_clean"], each row gets `holdout_acc`, B' alone on them."""
     valid_acc = metrics.accuracy_per_step(preds["valid_clean"], valid.clean.y)
+    holdout_acc = (metrics.accuracy_per_step(preds["holdout_clean"], holdout.y)
+                   if holdout is not None and "holdout_clean" in preds else None)
     valid_asr = {n: metrics.accuracy_per_step(preds[f"valid_{n}"], valid.poisoned[n].y) for n in names}
     clean_test = preds["test_clean"]
     g_clean = metrics.repaired_labels(clean_test[:, 0], clean_test, num_classes)
@@ -44,6 +50,8 @@ def curve_rows(preds, valid: Split, test: Split, names, evaluated: list[int], ch
             "pruned_test_acc": float(pruned_test_acc[s]),
             "pruned_test_asr": _mean([float(pruned_test_asr[n][s]) for n in names]),
         }
+        if holdout_acc is not None:
+            row["holdout_acc"] = float(holdout_acc[s])
         if len(names) > 1:
             for n in names:
                 row[f"valid_asr_{n}"] = float(valid_asr[n][s])

@@ -30,6 +30,7 @@ import numpy as np
 
 from defense.core import interrupt
 from defense.core import metrics
+from defense.core.divergence import divergence
 from defense.nets import models
 from defense.core.errors import DefenseError
 from defense.pipeline.sweep import file_key, point_name
@@ -77,7 +78,36 @@ def finetune_settings(ft_cfg) -> dict:
     if schedule not in SCHEDULES:
         raise DefenseError(f"finetune.lr_schedule={schedule!r} is not known; use one of {list(SCHEDULES)}")
     settings.update(optimizer=optimizer, monitor=monitor, lr_schedule=schedule)
+    settings["grid"] = grid_candidates(ft_cfg.get("grid"), settings)
     return settings
+
+
+def grid_candidates(grid, settings: dict) -> list[tuple[float, int]]:
+    """`finetune.grid` as (learning_rate, epochs) candidates, weakest first (learning rate x epochs ascending,
+    then fewer epochs); without a grid the one setting of the group. An empty list is a DefenseError."""
+    if grid is None:
+        return [(settings["learning_rate"], settings["epochs"])]
+
+    def values(key, cast, ok, what, example):
+        raw = grid.get(key)
+        try:
+            found = [cast(v) for v in (raw or [])]
+        except (TypeError, ValueError):
+            raise DefenseError(f"finetune.grid.{key}={raw!r} must be a list of {what}, e.g. "
+                               f"finetune.grid.{key}={example}") from None
+        if not found:
+            raise DefenseError(f"finetune.grid.{key}=[] is empty: list at least one of the {what} the defender's rule "
+                               f"chooses among, e.g. finetune.grid.{key}={example}, or set finetune.grid=null")
+        if any(isinstance(v, float) and not math.isfinite(v) or not ok(v) for v in found):
+            raise DefenseError(f"finetune.grid.{key}={list(raw)!r} must be a list of {what}, e.g. "
+                               f"finetune.grid.{key}={example}")
+        return sorted(set(found))
+
+    rates = values("learning_rate", float, lambda v: v > 0, "learning rates > 0", "[0.01,0.05]")
+    epochs = values("epochs", int, lambda v: v >= 1, "whole numbers of epochs >= 1", "[10,30]")
+    if any(float(v) != int(v) for v in grid.get("epochs")):
+        raise DefenseError(f"finetune.grid.epochs={list(grid.get('epochs'))!r} must be whole numbers of epochs")
+    return sorted(((lr, e) for lr in rates for e in epochs), key=lambda c: (c[0] * c[1], c[1], c[0]))
 
 
 def split_holdout(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -266,13 +296,12 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
                       validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
     if not pruned_layers_zero(b_prime, pruned):
         raise RuntimeError(f"fine-tuning {name}: pruned channels of {', '.join(pruned)} are no longer zero")
-    if not all(np.all(np.isfinite(w)) for w in b_prime.get_weights()):
-        log.warning("fine-tuning %s diverged: the network's weights are no longer finite, so B'' answers nothing "
-                    "useful (its scores are kept as measured); lower finetune.learning_rate", name)
     info = {"ft_epochs": len(callback.history), "ft_best_epoch": callback.best_epoch,
             "ft_train_images": int(len(train_idx)), "ft_holdout_images": int(len(hold_idx))}
     if callback.history:
         info["ft_final_loss"] = callback.history[-1].get("loss", float("nan"))
+    if not all(np.all(np.isfinite(w)) for w in b_prime.get_weights()):
+        info["ft_final_loss"] = float("nan")  # NaN weights: whatever the last logged loss was, the network is lost
     if callback.best is not None:
         info[f"ft_best_{settings['monitor']}"] = float(callback.best)
     return b_prime, info
@@ -345,8 +374,126 @@ def base_predictions(cfg, model, result, test) -> dict[str, np.ndarray]:
     return preds
 
 
-def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
-    """Fine-prune every reached threshold of `summary` (rows get the B'' columns); points/columns back."""
+SCORE_COLUMNS = ("ft_test_acc", "ft_test_asr", "ft_test_ra", "ft_der", "ft_g_test_acc", "ft_g_test_asr", "ft_g_test_ra",
+                 "ft_g_der")
+
+
+def check_diverged(row: dict, name: str, num_classes: int) -> bool:
+    """Mark a fine-tuned row `diverged` (defense/core/divergence.py: its last loss, its clean accuracy on the
+    held-out images) and blank its fine-tuned scores, so no table reports them as a defense's; one warning line."""
+    reason = divergence(row.get("ft_final_loss"), row.get("ft_holdout_acc"), num_classes)
+    if reason is None:
+        return False
+    row["diverged"] = True
+    for key in list(row):
+        if key in SCORE_COLUMNS or any(key.startswith(f"{c}_") for c in SCORE_COLUMNS):
+            row[key] = float("nan")
+    log.warning("warning: fine-tuning of %s diverged (%s after %s epoch(s)): its fine-tuned network is not reported "
+                "as a defense and never chosen; lower finetune.learning_rate", name.replace("_", " "), reason,
+                row.get("ft_epochs"))
+    return True
+
+
+def holdout_accuracy(cfg, network, holdout, batch_size: int) -> float:
+    """Clean accuracy (%) of `network` on the held-out clean validation images (nan without them)."""
+    if holdout is None or not len(holdout):
+        return float("nan")
+    return metrics.accuracy(models.predict_labels(network, holdout.x, cfg.model, batch_size), holdout.y)
+
+
+def _with_setting(cfg, learning_rate: float, epochs: int):
+    """A copy of the run config whose fine-tuning uses `learning_rate` and `epochs`."""
+    import copy
+
+    from omegaconf import open_dict
+
+    out = copy.deepcopy(cfg)
+    with open_dict(out.finetune):
+        out.finetune.learning_rate = float(learning_rate)
+        out.finetune.epochs = int(epochs)
+        out.finetune.grid = None
+    return out
+
+
+def choose_finetuning(cfg, model, pruned, row: dict, valid, test, holdout, tracker, name: str, out_dir: Path,
+                      base_preds=None):
+    """The fine-tuning of a point's B' chosen among `finetune.grid` (defense/pipeline/select.py's rule).
+
+    Candidates run weakest first; each is scored on the held-out clean images (never trained on) and checked
+    for divergence. A candidate whose held-out accuracy leaves the budget (or that diverges) ends the
+    candidates that dominate it (no smaller learning rate, no fewer epochs), which are not run. The defender's
+    point keeps the strongest candidate within the budget; the oracle's point (select.ORACLE) the one of
+    lowest test ASR of the fine-tuned network within it: only the oracle reads test data (`base_preds`, test).
+    Returns (fine-tuned network or None, its info, the chosen (lr, epochs) or None); rows of
+    select_finetune.csv are appended to `out_dir`.
+    """
+    from defense.pipeline import select
+
+    settings = finetune_settings(cfg.finetune)
+    num_classes = int(cfg.model.num_classes)
+    batch_size = int(cfg.get("batch_size", 512))
+    max_drop = select.settings(cfg)["max_drop"]
+    base_acc = float(row.get("base_holdout_acc", float("nan")))
+    oracle = row.get("point") == select.ORACLE
+    candidates, exceeded = [], []
+    best, best_key = None, None
+    for lr, epochs in settings["grid"]:
+        entry = {"point": row["point"], "learning_rate": lr, "epochs": epochs}
+        if any(lr >= x_lr and epochs >= x_ep for x_lr, x_ep in exceeded):
+            entry.update(holdout_acc=float("nan"), diverged=False, skipped=True)
+            candidates.append(entry)
+            continue
+        b_prime = models.pruned_copy_layers(model, pruned)
+        b2, info = fine_tune(_with_setting(cfg, lr, epochs), b_prime, pruned, valid.clean, tracker,
+                             f"{name}_lr{lr:g}_e{epochs}")
+        acc = holdout_accuracy(cfg, b2, holdout, batch_size)
+        reason = divergence(info.get("ft_final_loss"), acc, num_classes)
+        entry.update(holdout_acc=acc, diverged=reason is not None, skipped=False)
+        if reason is not None:
+            log.warning("warning: fine-tuning candidate lr %g x %d epoch(s) of %s diverged (%s): not chosen", lr,
+                        epochs, name.replace("_", " "), reason)
+        if oracle and select.within_budget(entry, base_acc, max_drop):
+            asr = [metrics.attack_success_rate(models.predict_labels(b2, images.x, cfg.model, batch_size), images.y)
+                   for images in test.poisoned.values()]
+            entry["test_asr"] = _nan_mean(asr)
+        candidates.append(entry)
+        if not select.within_budget(entry, base_acc, max_drop):
+            exceeded.append((lr, epochs))
+            continue
+        key = (entry.get("test_asr", float("nan")), -acc) if oracle else None
+        if not oracle or best is None or (math.isfinite(key[0]) and (not math.isfinite(best_key[0]) or key < best_key)):
+            best, best_key = (b2, dict(info, ft_holdout_acc=acc), (lr, epochs)), key
+    index = select.oracle_index(candidates, base_acc, max_drop) if oracle else \
+        select.defender_index(candidates, base_acc, max_drop)
+    setting = (f"learning rate {candidates[index]['learning_rate']:g} x {candidates[index]['epochs']} epoch(s)"
+               if index is not None else "")
+    select.log_choice("fine-tuning learning rate x epochs", candidates, index, base_acc, max_drop, setting,
+                      0 if holdout is None else len(holdout), row["point"])
+    _append_candidates(out_dir / "select_finetune.csv", candidates, base_acc, max_drop, index)
+    if best is None or index is None:
+        return None, {}, None
+    return best
+
+
+def _append_candidates(path: Path, candidates: list[dict], base_acc: float, max_drop: float, index) -> None:
+    """select_finetune.csv: every fine-tuning candidate of a point, its held-out accuracy and the choice."""
+    from defense.pipeline import select
+    from defense.reporting.report import read_csv, write_csv
+
+    rows = read_csv(path) if path.is_file() else []
+    for i, c in enumerate(candidates):
+        rows.append({"point": c["point"], "learning_rate": c["learning_rate"], "epochs": c["epochs"],
+                     "holdout_acc": c["holdout_acc"], "holdout_drop": base_acc - c["holdout_acc"],
+                     "diverged": c["diverged"], "skipped": c["skipped"],
+                     "within_budget": select.within_budget(c, base_acc, max_drop), "chosen": i == index})
+    write_csv(path, rows)
+
+
+def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker, holdout=None) -> dict:
+    """Fine-prune every reached threshold of `summary` (rows get the fine-tuned columns); points/columns back.
+
+    holdout: the held-out clean validation images (defense/pipeline/select.py), never trained on: the fine-tuned
+    network's clean accuracy there (`ft_holdout_acc`) and its last loss tell whether the fine-tuning diverged."""
     settings = finetune_settings(cfg.finetune)
     out_dir = Path(out_dir)
     num_classes = int(cfg.model.num_classes)
@@ -371,8 +518,17 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
         pruned = result.pruned_for(row)
         log.info("fine-tuning B' of %s (%d channels of %s pruned, %.1f %%)", name.replace("_", " "),
                  sum(len(c) for c in pruned.values()), ", ".join(pruned), row["fraction_pruned"])
-        b_prime = models.pruned_copy_layers(model, pruned)
-        b2, info = fine_tune(cfg, b_prime, pruned, valid.clean, tracker, name)
+        if row.get("point") in ("defender", "oracle_test_asr") and holdout is not None:
+            b2, info, setting = choose_finetuning(cfg, model, pruned, row, valid, test, holdout, tracker, name, out_dir)
+            if b2 is None:  # no fine-tuning keeps the held-out accuracy: the point is B' itself, not fine-tuned
+                row["ft_within_budget"] = False
+                continue
+            row["ft_within_budget"] = True
+            info.update(ft_learning_rate=setting[0], ft_epochs_setting=setting[1])
+        else:
+            b_prime = models.pruned_copy_layers(model, pruned)
+            b2, info = fine_tune(cfg, b_prime, pruned, valid.clean, tracker, name)
+            info["ft_holdout_acc"] = holdout_accuracy(cfg, b2, holdout, batch_size)
 
         pred_clean = models.predict_labels(b2, test.clean.x, cfg.model, batch_size)
         poisoned = {}
@@ -395,6 +551,8 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
         row.update(scores)
         row.update(info)
         row["ft_model_path"] = str(path)
+        if check_diverged(row, name, num_classes):
+            continue
         # the fine-tuned scores are static facts of the run (params); its step metrics stay the curves and
         # the per-epoch fine-tuning history
         tracker.log_params({f"ft.{name}.{key}": f"{row[key]:.4f}"

@@ -15,7 +15,8 @@ from __future__ import annotations
 from defense import config
 from defense.config import (CompareConfig, CsawExtractDatasetConfig, EvaluateConfig, FilesDatasetConfig,
                             FinetuneCleanConfig, FinetuneNoneConfig, Lab3DatasetConfig, ModelConfig, PredictConfig,
-                            PruneConfig, RunConfig, ScenarioDatasetConfig, ScenarioModelConfig, StopConfig, TrackingConfig)
+                            PruneConfig, RunConfig, ScenarioDatasetConfig, ScenarioModelConfig, SelectConfig, StopConfig,
+                            TrackingConfig)
 from defense.nets import architectures
 from defense.scenario import attacks
 
@@ -48,6 +49,7 @@ def schemas() -> dict:
         ("finetune", "base_none"): FinetuneNoneConfig,
         ("finetune", "base_clean"): FinetuneCleanConfig,
         ("tracking", "base_tracking"): TrackingConfig,
+        ("select", "base_select"): SelectConfig,
     })
     return found
 

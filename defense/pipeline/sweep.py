@@ -162,16 +162,24 @@ def drop_name(drop: float) -> str:
 
 
 def point_name(row: dict) -> str:
-    """The name of a kept network (a summary row) in pruned.json and MLflow: drop_10, operating_point."""
+    """The name of a kept network (a summary row) in pruned.json and MLflow: drop_10, operating_point, defender,
+    oracle_test_asr."""
     from defense.pipeline.operating_point import POINT
+    from defense.pipeline.select import POINTS
 
-    return POINT if row.get("point") == POINT else f"drop_{drop_name(row['drop'])}"
+    if row.get("point") == POINT or row.get("point") in POINTS:
+        return str(row["point"])
+    return f"drop_{drop_name(row['drop'])}"
 
 
 def file_key(row: dict) -> str:
-    """models/model_B_<key>.h5 of a summary row: the drop (10), or `op` for the criterion's operating point."""
+    """models/model_B_<key>.h5 of a summary row: the drop (10), `op` for the criterion's operating point,
+    `defender` / `oracle` for the defender's and the oracle's points (defense/pipeline/select.py)."""
     from defense.pipeline.operating_point import FILE_KEY, POINT
+    from defense.pipeline.select import FILE_KEYS
 
+    if row.get("point") in FILE_KEYS:
+        return FILE_KEYS[row["point"]]
     return FILE_KEY if row.get("point") == POINT else drop_name(row["drop"])
 
 
@@ -244,8 +252,11 @@ def rank(cfg, model, layers: list[str], valid: Split, divisor: float) -> criteri
     return scores
 
 
-def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> SweepResult:
+def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True, holdout=None) -> SweepResult:
     """Rank on clean validation data, then record the evaluated steps on valid (B') and test (G(B, B')).
+
+    holdout: the held-out clean validation images (defense/pipeline/select.py), not in `valid`: never
+    ranked on, only predicted at the evaluated steps (curve column `holdout_acc`) for the defender's point.
 
     Every set is streamed through the engine batch by batch (raw pixels, float or uint8, scaled per
     batch); only labels are kept. With one layer ranked by activation, the clean validation set's
@@ -263,6 +274,8 @@ def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> S
     seconds: dict[str, float] = {}
     sets = [("valid_clean", valid.clean)] + [(f"valid_{n}", valid.poisoned[n]) for n in names]
     sets += [("test_clean", test.clean)] + [(f"test_{n}", test.poisoned[n]) for n in names]
+    if holdout is not None:
+        sets.insert(1, ("holdout_clean", holdout))
     units, zero, variant = bn_pruning(cfg, model, layers)
     if len(layers) == 1 and not units:
         engine = _OneLayer(cfg, model, layers[0], batch_size, divisor)
@@ -287,7 +300,7 @@ def run_sweep(cfg, model, valid: Split, test: Split, progress: bool = True) -> S
             preds[key] = engine.predict(images.x, pairs, evaluated, bar)
             seconds[key] = time.perf_counter() - t1
 
-    curves = curve_rows(preds, valid, test, names, evaluated, channels, num_classes)
+    curves = curve_rows(preds, valid, test, names, evaluated, channels, num_classes, holdout)
     thresholds = threshold_rows(curves, drops)
     if scores.bn_units != units or (units and tuple(scores.bn_zero) != zero):
         raise RuntimeError(f"criterion {cfg.prune.criterion}: scored with BN units {scores.bn_units}, pruned with {units}")

@@ -152,6 +152,46 @@ def complete_prune_config(prune_cfg, model) -> None:
                      prune_cfg.probe, prune_cfg.layer)
 
 
+MISMATCH_NATS = 1.0  # a configured scaling whose mean cross-entropy is this much higher than another's is reported
+
+
+def divisor_scores(model, clean_valid, divisors, batch_size: int = 512) -> dict[float, tuple[float, float]]:
+    """{divisor: (clean accuracy %, mean cross-entropy)} of the unpruned network on the clean images."""
+    y = np.asarray(clean_valid.y)
+    scores = {}
+    for divisor in divisors:
+        probs = class_probabilities(model, scale_pixels(clean_valid.x, divisor), batch_size)  # logits softmaxed
+        accuracy = 100.0 * float(np.mean(np.argmax(probs, axis=-1) == y))
+        loss = float(np.mean(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
+        scores[float(divisor)] = (accuracy, loss)
+    return scores
+
+
+def warn_if_scaling_mismatch(model_cfg, model, clean_valid, batch_size: int = 512) -> bool:
+    """One warning line when the configured `model.input_divisor` fits the clean validation data clearly worse
+    than the other scaling (raw pixels 0..255 or pixels / 255): its mean cross-entropy is at least MISMATCH_NATS
+    higher and its accuracy no better (the measure of `choose_input_divisor`). Returns True when it warned.
+
+    A network fed the wrong scaling may still classify part of the data (the Lab 3 network on pixels / 255,
+    a pixels / 255 network on raw pixels): the run goes on, with a low clean accuracy and no error.
+    """
+    if model_cfg.get("input_divisor") is None or not len(clean_valid):
+        return False
+    given = float(model_cfg.input_divisor)
+    others = [d for d in DIVISORS if d != given]
+    scores = divisor_scores(model, clean_valid, [given, *others], batch_size)
+    best = min(others, key=lambda d: scores[d][1])
+    (acc, loss), (other_acc, other_loss) = scores[given], scores[best]
+    if not (loss - other_loss >= MISMATCH_NATS and other_acc >= acc):
+        return False
+    log.warning(
+        "warning: model.input_divisor=%g fits the clean validation data clearly worse than %g: cross-entropy %.3f "
+        "(accuracy %.2f %%) against %.3f (accuracy %.2f %%); the weights probably expect the other scaling: set "
+        "model.input_divisor=%g (or model.input_divisor=null to choose it on the clean validation data)",
+        given, best, loss, acc, other_loss, other_acc, best)
+    return True
+
+
 def choose_input_divisor(model_cfg, model, clean_valid, batch_size: int = 512) -> float:
     """Set `model.input_divisor` (when null) to the scaling that fits the clean validation data best.
 
@@ -161,13 +201,7 @@ def choose_input_divisor(model_cfg, model, clean_valid, batch_size: int = 512) -
     """
     if model_cfg.get("input_divisor") is not None:
         return float(model_cfg.input_divisor)
-    y = np.asarray(clean_valid.y)
-    scores = {}
-    for divisor in DIVISORS:
-        probs = class_probabilities(model, scale_pixels(clean_valid.x, divisor), batch_size)  # logits softmaxed
-        accuracy = 100.0 * float(np.mean(np.argmax(probs, axis=-1) == y))
-        loss = float(np.mean(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0))))
-        scores[divisor] = (accuracy, loss)
+    scores = divisor_scores(model, clean_valid, DIVISORS, batch_size)
     top = max(acc for acc, _ in scores.values())
     best = min((d for d in DIVISORS if scores[d][0] >= top - TIE_POINTS), key=lambda d: (scores[d][1], d))
     with open_dict(model_cfg):

@@ -2,7 +2,11 @@
 
 summary.csv has one row per accuracy-drop threshold (`point` = `drop`) and, for a criterion with its
 own operating point (`Scores.operating_point`), one more row (`point` = `operating_point`, `drop`
-blank) with the same columns for the channels that rule prunes (defense/pipeline/operating_point.py).
+blank) with the same columns for the channels that rule prunes (defense/pipeline/operating_point.py),
+and two more rows (defense/pipeline/select.py): `point` = `defender`, the defender's point chosen on
+held-out clean validation images, and `point` = `oracle_test_asr`, the lowest test ASR within the same
+budget, `oracle` = true: not available to a defender. `diverged` = true marks a row whose learning
+collapsed (defense/core/divergence.py); its fine-tuned scores are left blank.
 """
 
 from __future__ import annotations
@@ -70,10 +74,11 @@ def results_table(summary: list[dict], title: str, extra: list[tuple[str, str]] 
     ]
     head = ["G(B, B')"] + [label for _, label in columns]
     widths = [max(14, len(h)) for h in head]
+    widths[0] = max([widths[0]] + [len(row_label(row)) for row in summary])
     lines = [title, "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |"]
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in summary:
-        name = "operating point" if row.get("point") == "operating_point" else f"acc_drop_{row['drop']:g}%"
+        name = row_label(row)
         if not row.get("reached", True):
             cells = [name.ljust(widths[0])] + ["not reached".rjust(widths[1])] + [" " * w for w in widths[2:]]
         else:
@@ -82,10 +87,26 @@ def results_table(summary: list[dict], title: str, extra: list[tuple[str, str]] 
     return "\n".join(lines)
 
 
+ROW_LABELS = {"operating_point": "operating point", "defender": "defender (held-out)",
+              "oracle_test_asr": "ORACLE test ASR"}
+DIVERGED_LABEL = " DIVERGED"
+
+
+def row_label(row: dict) -> str:
+    """The first cell of a row in results.md: acc_drop_4%, operating point, defender (held-out), ORACLE test ASR
+    (the oracle's point looked at test data), with DIVERGED where the row's learning collapsed."""
+    point = row.get("point")
+    name = ROW_LABELS.get(point) or f"acc_drop_{row['drop']:g}%"
+    return name + (DIVERGED_LABEL if row.get("diverged") is True else "")
+
+
 def threshold_params(summary: list[dict]) -> dict[str, str]:
-    """Where each threshold was reached, as run params: `drop_10.channels_pruned` = 50 or `not reached`."""
+    """Where each threshold was reached, as run params: `drop_10.channels_pruned` = 50 or `not reached`
+    (the defender's and the oracle's points: defense/pipeline/select.py::point_params)."""
     params = {}
     for row in summary:
+        if row.get("point") in ("defender", "oracle_test_asr"):
+            continue
         name = "operating_point" if row.get("point") == "operating_point" else f"drop_{row['drop']:g}"
         params[f"{name}.channels_pruned"] = str(int(row["channels_pruned"])) if row.get("reached") else "not reached"
     return params

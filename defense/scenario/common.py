@@ -129,7 +129,7 @@ def train_network(x_train: np.ndarray, y_train: np.ndarray, cfg: Mapping):
     keras.utils.set_random_seed(int(cfg["seed"]))
     model = build_network(cfg)
     compile_network(model, cfg["learning_rate"])
-    interrupt.fit(  # a signal stops it between two batches (defense/core/interrupt.py)
+    history = interrupt.fit(  # a signal stops it between two batches (defense/core/interrupt.py)
         model,
         x_train / np.float32(INPUT_DIVISOR),
         y_train,
@@ -138,7 +138,25 @@ def train_network(x_train: np.ndarray, y_train: np.ndarray, cfg: Mapping):
         shuffle=True,
         verbose=2,
     )
+    warn_if_diverged(history, "the scenario's training", "dataset.scenario.learning_rate")
     return model
+
+
+def warn_if_diverged(history, what: str, key: str, clean_acc: float | None = None) -> str | None:
+    """One warning line when a training (keras History) diverged by the one rule of defense/core/divergence.py:
+    its last loss is not finite, or its clean accuracy (`clean_acc`, %, else the last epoch's training accuracy)
+    is at chance. Returns the reason, or None."""
+    from defense.core.divergence import divergence
+
+    logs = getattr(history, "history", None) or {}
+    loss = (logs.get("loss") or [None])[-1]
+    if clean_acc is None and logs.get("accuracy"):
+        clean_acc = 100.0 * float(logs["accuracy"][-1])
+    reason = divergence(loss, clean_acc, NUM_CLASSES)
+    if reason is not None:
+        say("warning: %s diverged (%s after %d epoch(s)): the built network is not a usable scenario; lower %s",
+            what, reason, len(logs.get("loss") or []), key)
+    return reason
 
 
 def say(message: str, *args) -> None:

@@ -7,9 +7,11 @@ signature (float32 raw pixels (-1, H, W, C) -> int64 class (-1,)), an input exam
 validation images) and pinned requirements, so `mlflow.pyfunc.load_model` and `mlflow models serve`
 work without this project installed.
 
-`register` registers the model chosen by `tracking.register_drop` (default: the largest threshold
-reached, the most pruned B' the clean-validation rule kept) under `tracking.register` and points the
-alias `champion` at the new version.
+`register` registers the model chosen by `tracking.register_drop` (default: the defender's point,
+`g_defender`, chosen on held-out clean validation images by defense/pipeline/select.py; in a summary
+without it, the largest threshold reached) under `tracking.register` and points the alias `champion` at
+the new version. The oracle's point (`g_oracle_test_asr`, chosen by test ASR) is logged beside the others
+for comparison, tagged `oracle: true`, and never registered by default.
 """
 
 from __future__ import annotations
@@ -37,12 +39,21 @@ INPUT_EXAMPLE_IMAGES = 2
 
 
 OWN_POINT = "operating_point"  # summary.csv `point` of a criterion's own operating point (defense/pipeline/operating_point.py)
+DEFENDER = "defender"  # summary.csv `point` of the defender's point (defense/pipeline/select.py)
+ORACLE = "oracle_test_asr"  # ... and of the oracle's point (looked at test data)
+NAMED_POINTS = (OWN_POINT, DEFENDER, ORACLE)
 
 
-def model_name(drop: float, finetuned: bool = False, own_point: bool = False) -> str:
+def model_name(drop: float, finetuned: bool = False, own_point: bool = False, point: str | None = None) -> str:
     """The name of a threshold's logged model: g_drop_10, g_drop_10_ft (B''); g_operating_point(_ft) for the
-    criterion's own operating point."""
+    criterion's own operating point; g_defender(_ft), g_oracle_test_asr(_ft) for `point`."""
+    if point in NAMED_POINTS:
+        return f"g_{point}" + ("_ft" if finetuned else "")
     return ("g_operating_point" if own_point else f"g_drop_{drop:g}") + ("_ft" if finetuned else "")
+
+
+def _row_point(row: dict) -> str | None:
+    return row.get("point") if row.get("point") in NAMED_POINTS else None
 
 
 def requirements() -> list[str]:
@@ -79,12 +90,12 @@ def repaired_files(summary: list[dict]) -> list[tuple[str, float, str]]:
             continue
         full = Path(row["model_path"])
         compact = full.with_name(full.stem + "_compact.h5")
-        chosen.append((model_name(row["drop"], own_point=row.get("point") == OWN_POINT), float(row["drop"]),
+        chosen.append((model_name(row["drop"], point=_row_point(row)), float(row["drop"]),
                        str(compact if compact.is_file() else full)))
     for row in summary:
-        if row.get("ft_model_path"):
+        if row.get("ft_model_path") and row.get("diverged") is not True:  # a diverged B'' is no defense
             path = row.get("ft_compact_path") or row["ft_model_path"]
-            chosen.append((model_name(row["drop"], True, row.get("point") == OWN_POINT), float(row["drop"]), str(path)))
+            chosen.append((model_name(row["drop"], True, point=_row_point(row)), float(row["drop"]), str(path)))
     return chosen
 
 
@@ -114,7 +125,9 @@ def log_repaired_models(cfg, tracker, model_b, summary: list[dict], example_imag
         experiment_id = client.get_run(tracker.run_id).info.experiment_id
         with _use_tracking_uri(tracker.uri):
             for name, drop, repaired in files:
-                tags = {"drop": f"{drop:g}" if math.isfinite(drop) else OWN_POINT, "repaired_file": Path(repaired).name}
+                point = next((p for p in NAMED_POINTS if name.startswith(f"g_{p}")), None)
+                tags = {"drop": f"{drop:g}" if math.isfinite(drop) else point, "repaired_file": Path(repaired).name,
+                        "oracle": str(point == ORACLE).lower()}
                 # created here, in the run's experiment (Model.log alone would use the active experiment)
                 logged = client.create_logged_model(experiment_id, name=name, source_run_id=tracker.run_id,
                                                     tags=tags, model_type="G(B, B')")
@@ -146,8 +159,12 @@ def log_repaired_models(cfg, tracker, model_b, summary: list[dict], example_imag
 
 
 def chosen_drop(summary: list[dict], register_drop) -> float:
-    """The threshold whose G(B, B') is registered: `register_drop`, or the largest threshold reached."""
-    summary = [row for row in summary if row.get("point") != OWN_POINT]  # the accuracy-drop thresholds
+    """The threshold whose G(B, B') is registered: `register_drop`, or nan for the defender's point where the
+    summary has it reached, else the largest threshold reached."""
+    if register_drop is None and any(row.get("point") == DEFENDER and row.get("reached") and not row.get("diverged")
+                                     for row in summary):
+        return float("nan")
+    summary = [row for row in summary if row.get("point") not in NAMED_POINTS]  # the accuracy-drop thresholds
     reached = [float(row["drop"]) for row in summary if row.get("reached")]
     drops = [float(row["drop"]) for row in summary]
     if register_drop is None:
@@ -162,7 +179,7 @@ def chosen_drop(summary: list[dict], register_drop) -> float:
     if not math.isfinite(value) or value not in drops:
         shown = f"{value:g}" if math.isfinite(value) else register_drop
         raise DefenseError(f"tracking.register_drop={shown}: not one of prune.drops {[f'{d:g}' for d in drops]}; "
-                           "give one of them, or leave it unset for the largest threshold reached")
+                           "give one of them, or leave it unset for the defender's point")
     if value not in reached:
         raise DefenseError(f"tracking.register_drop={value:g}: that threshold was not reached in this run (reached: "
                            f"{[f'{d:g}' for d in reached] or 'none'}); choose a reached one")
@@ -182,16 +199,19 @@ def check_register_name(name: str) -> None:
 
 
 def register(tracking_cfg, run_id: str | None, summary: list[dict], model_uris: dict[str, str]) -> dict:
-    """Register the chosen G(B, B') under `tracking.register`, alias `champion`; {name, version, drop, source}."""
+    """Register the chosen G(B, B') under `tracking.register`, alias `champion`; {name, version, drop, point, source}
+    (point: `defender`, drop nan, by default; `drop` for tracking.register_drop)."""
     name = tracking_cfg.get("register")
     if tracking_cfg.get("kind") != "mlflow" or run_id is None:
         raise DefenseError(f"tracking.register={name}: registering needs the MLflow run; use tracking=mlflow "
                            "(the run's files are in its output folder)")
     check_register_name(name)
     drop = chosen_drop(summary, tracking_cfg.get("register_drop"))
-    uri = model_uris.get(model_name(drop))
+    point = DEFENDER if math.isnan(drop) else "drop"
+    what = "the defender's point" if point == DEFENDER else f"drop {drop:g}"
+    uri = model_uris.get(model_name(drop, point=DEFENDER if point == DEFENDER else None))
     if uri is None:
-        raise DefenseError(f"tracking.register: G(B, B') of drop {drop:g} was not logged (tracking.log_models=false?); "
+        raise DefenseError(f"tracking.register: G(B, B') of {what} was not logged (tracking.log_models=false?); "
                            "set tracking.log_models=true")
     import mlflow
     from mlflow import MlflowClient
@@ -203,12 +223,13 @@ def register(tracking_cfg, run_id: str | None, summary: list[dict], model_uris: 
     tracking_uri = resolve_uri(tracking_cfg.get("uri"))
     try:
         with _use_tracking_uri(tracking_uri):
-            version = mlflow.register_model(uri, str(name), tags={"drop": f"{drop:g}", "run_id": run_id})
+            version = mlflow.register_model(uri, str(name), tags={"drop": f"{drop:g}" if point == "drop" else point,
+                                                                  "run_id": run_id})
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         client.set_registered_model_alias(str(name), CHAMPION, version.version)
     except MlflowException as err:
         raise DefenseError(f"tracking.register={name!r}: MLflow refused the registration ({err.message})") from None
-    log.info("registered G(B, B') of drop %g as %s version %s, alias %s (models:/%s@%s)", drop, name,
+    log.info("registered G(B, B') of %s as %s version %s, alias %s (models:/%s@%s)", what, name,
              version.version, CHAMPION, name, CHAMPION)
-    return {"name": str(name), "version": version.version, "drop": drop, "source": uri}
+    return {"name": str(name), "version": version.version, "drop": drop, "point": point, "source": uri}
 

@@ -1,9 +1,9 @@
 """The stages of a defense run, one module each, run in the order of their `ORDER`:
 
     setup     (before the MLflow run exists) checks, seeds, loads B, fills prune.layer / prune.probe
-    load      the clean and poisoned validation and test data
+    load      the clean and poisoned validation and test data; a seeded part of the clean validation images held out (select)
     sweep     rank the channels and prune step by step (curves.csv, channel_scores.csv)
-    points    the summary rows: each accuracy drop, the criterion's operating point, their DER
+    points    the summary rows: each accuracy drop, the criterion's operating point, the defender's and the oracle's points, their DER
     keep      save B' of every reached row (models/model_B_<key>.h5, its compact copy, pruned.json)
     finetune  fine-tune each B' (finetune group), or the fine-tuning ablation grid (ablation)
     report    summary.csv, pruning_order.txt, prune_result.png, results.md

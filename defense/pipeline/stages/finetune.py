@@ -21,7 +21,7 @@ def check(cfg) -> None:
         ablation.check_ablation(cfg)
 
 
-def run(cfg, out_dir, model, sweep, summary, valid, test, tracker) -> dict:
+def run(cfg, out_dir, model, sweep, summary, valid, test, holdout, tracker) -> dict:
     kind = cfg.get("finetune", {}).get("kind", "none")
     if kind == "none":
         return {"finetune_extra": {}}
@@ -33,4 +33,5 @@ def run(cfg, out_dir, model, sweep, summary, valid, test, tracker) -> dict:
     if cfg.get("ablation") is not None:
         ablation.run_ablation(cfg, model, sweep, summary, valid, test, out_dir, tracker)
         return {"finetune_extra": {}}
-    return {"finetune_extra": finetune.finetune_thresholds(cfg, model, sweep, summary, valid, test, out_dir, tracker)}
+    return {"finetune_extra": finetune.finetune_thresholds(cfg, model, sweep, summary, valid, test, out_dir, tracker,
+                                                                holdout)}

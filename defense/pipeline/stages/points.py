@@ -1,12 +1,14 @@
-"""Stage `points`: the summary rows, one per accuracy drop of prune.drops and one for the criterion's own
-operating point (defense/pipeline/operating_point.py), each with its DER against the unpruned B."""
+"""Stage `points`: the summary rows, one per accuracy drop of prune.drops, one for the criterion's own
+operating point (defense/pipeline/operating_point.py), the defender's point and the oracle's point
+(defense/pipeline/select.py, select.csv), each with its DER against the unpruned B. Every row has the
+columns `oracle` (true only for the oracle's point, which looked at test data) and `diverged`."""
 
 from __future__ import annotations
 
 import logging
 
 from defense.nets.models import input_divisor
-from defense.pipeline import operating_point
+from defense.pipeline import operating_point, select
 from defense.pipeline.finetune import der
 from defense.pipeline.sweep import pruned_by_layer
 from defense.reporting import report
@@ -15,7 +17,7 @@ ORDER = 30
 log = logging.getLogger("defense.run")
 
 
-def run(cfg, model, sweep, valid, test) -> dict:
+def run(cfg, out_dir, model, sweep, valid, test, holdout, tracker) -> dict:
     base_curve = sweep.curves[0]
     summary = report.summary_rows(sweep.thresholds)
     for row in summary:
@@ -23,6 +25,16 @@ def run(cfg, model, sweep, valid, test) -> dict:
     op_row = operating_point_row(cfg, model, sweep, valid, test)
     if op_row is not None:
         summary.append(op_row)
+    # a criterion whose learning diverged (ANP, RNP: a history row `diverged`) ranked with the masks it had
+    # then: every row of its ranking is marked, and the defender's rule chooses none
+    diverged = any(r.get("diverged") for r in (sweep.scores.history or []))
+    for row in summary:
+        row.setdefault("oracle", False)
+        row["diverged"] = diverged
+    points = select.pruning_rows(sweep.curves, select.settings(cfg)["max_drop"], out_dir,
+                                 0 if holdout is None else len(holdout), diverged)
+    summary += points
+    tracker.log_params(select.point_params(points))
     for row in summary:
         # DER of G(B, B') against the unpruned B (0.5: nothing changed, e.g. defense=none)
         row["der"] = der(base_curve["pruned_test_acc"], row["test_acc"], base_curve["pruned_test_asr"],

@@ -14,6 +14,7 @@ def run(cfg, out_dir, sweep, summary, valid, test, tracker, finetune_extra) -> d
     result = sweep
     report.write_csv(out_dir / "summary.csv", summary, first=report.SUMMARY_COLUMNS)
     tracker.log_params(report.threshold_params(summary))
+    log_point_params(summary, tracker)
     tracker.log_table(summary, "thresholds.json")
     with open(out_dir / "pruning_order.txt", "w") as f:
         if len(result.layers) == 1:
@@ -35,6 +36,25 @@ def run(cfg, out_dir, sweep, summary, valid, test, tracker, finetune_extra) -> d
     (out_dir / "results.md").write_text(header + "\n\n" + table + "\n")
     log.info("%s\n%s", header, table)
     return {}
+
+
+def log_point_params(summary, tracker) -> None:
+    """The scores of the defender's and the oracle's points as MLflow params `<point>.<score>` (static facts of
+    the run, as the fine-tuned scores; a diverged or unreached point logs none)."""
+    import math
+
+    params = {}
+    for row in summary:
+        if row.get("point") not in ("defender", "oracle_test_asr") or not row.get("reached") or row.get("diverged"):
+            continue
+        params[f"{row['point']}.oracle"] = str(bool(row.get("oracle"))).lower()
+        for key in ("valid_acc", "test_acc", "test_asr", "der", "ft_test_acc", "ft_test_asr", "ft_der", "ft_g_test_acc",
+                    "ft_g_test_asr", "ft_holdout_acc", "ft_learning_rate", "ft_epochs_setting"):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(float(value)):
+                params[f"{row['point']}.{key}"] = f"{float(value):g}" if key in ("ft_learning_rate", "ft_epochs_setting") \
+                    else f"{float(value):.4f}"
+    tracker.log_params(params)
 
 
 def layers_title(layers: list[str]) -> str:

@@ -33,8 +33,8 @@ def check_unpruned_defense(cfg) -> None:
                            f"leave prune.drops out of the command line with defense={name}")
 
 
-def run(cfg, out_dir, model, valid, test, tracker) -> dict:
-    result = sweep.run_sweep(cfg, model, valid, test, progress=bool(cfg.get("progress", True)))
+def run(cfg, out_dir, model, valid, test, holdout, tracker) -> dict:
+    result = sweep.run_sweep(cfg, model, valid, test, progress=bool(cfg.get("progress", True)), holdout=holdout)
     if result.variant:  # bn, or conv (adapted: no BatchNormalization): defense/pruning/bn_pairing.py
         tracker.set_tags({"defense_variant": result.variant})
         log.info("%s prunes at the %s level", cfg.prune.criterion, result.variant)

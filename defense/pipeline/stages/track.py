@@ -6,7 +6,7 @@ from __future__ import annotations
 ORDER = 70
 
 FILES = ("curves.csv", "summary.csv", "prune_result.png", "config.yaml", "results.md", "pruning_order.txt",
-         "channel_scores.csv", "pruned.json")
+         "channel_scores.csv", "pruned.json", "select.csv", "select_finetune.csv")
 
 
 def run(cfg, out_dir, model, summary, valid, tracker) -> dict:

@@ -191,9 +191,11 @@ def train(x_train, y_train, cfg, context):
                 layer.bias.assign(layer.bias * mask)
 
     sc.compile_network(model, cfg["learning_rate"])
-    interrupt.fit(model, x_train / scale, y_train, epochs=int(block["retrain_epochs"]), batch_size=int(cfg["batch_size"]),
-                  shuffle=True, verbose=2, callbacks=[KeepPruned()])  # 3. backdoor into the active channels
+    history = interrupt.fit(model, x_train / scale, y_train, epochs=int(block["retrain_epochs"]),
+                            batch_size=int(cfg["batch_size"]), shuffle=True, verbose=2,
+                            callbacks=[KeepPruned()])  # 3. backdoor into the active channels
     acc_retrained = _accuracy(model, x_clean, y_clean)
+    sc.warn_if_diverged(history, "the prune-aware retraining", "dataset.scenario.learning_rate", acc_retrained)
 
     kernel, bias = _split(layer.get_weights())  # 4. decoys
     kernel[..., pruned] = clean_kernel[..., pruned]
