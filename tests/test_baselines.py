@@ -277,7 +277,7 @@ def test_finetune_ablation_end_to_end(tmp_path, defenses_sweep, b_scores):
 
 
 def test_bad_ablation_grids_name_the_key():
-    from defense.config import check_config
+    from defense.pipeline.stages import check_config  # the shared keys, then each stage's own section
     from defense.core.errors import DefenseError
 
     for override, words in (("ablation.epochs=[]", "ablation.epochs"), ("ablation.epochs=[0,2]", "ablation.epochs"),
