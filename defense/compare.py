@@ -138,7 +138,8 @@ def _history(client, run_id: str) -> dict[str, dict[int, float]]:
     """Curve metrics of a run: key -> {step (channels pruned): value}."""
     curves = {}
     for key in CURVE_KEYS:
-        points = client.get_metric_history(run_id, key)
+        # under curve/ since the run's own metrics became the selected point's; bare in older runs
+        points = client.get_metric_history(run_id, f"curve/{key}") or client.get_metric_history(run_id, key)
         if points:
             curves[key] = {int(m.step): float(m.value) for m in sorted(points, key=lambda m: (m.step, m.timestamp))}
     return curves

@@ -58,7 +58,7 @@ def check_parent_and_children(tmp_path: Path, seeds: list[int], jobs_dir: Path |
     assert [r.info.status for r in children] == ["FINISHED"] * len(seeds)
     assert sorted(int(r.data.params["prune.seed"]) for r in children) == sorted(seeds)
     for child in children:
-        curve = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "fraction_pruned"))
+        curve = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "curve/fraction_pruned"))
         assert [step for step, _ in curve] == list(range(STEPS + 1)), child.info.run_id
         assert [value for _, value in curve] == pytest.approx([k / CONV3_CHANNELS for k in range(STEPS + 1)])
     # each job folder holds the config of its own seed (Hydra numbers the jobs in sweep order)

@@ -178,7 +178,7 @@ def test_mlflow_holds_the_run(activation_run):
     assert run.data.tags["model"] == "lab3" and run.data.tags["criterion"] == "activation"
     assert run.data.tags["dataset"] == "csaw_extract"
     for key in CURVE_METRICS:
-        history = client.get_metric_history(run.info.run_id, key)
+        history = client.get_metric_history(run.info.run_id, f"curve/{key}")
         assert sorted(m.step for m in history) == list(range(61)), key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"prune_result.png", "curves.csv", "summary.csv", "config.yaml", "models", "channel_scores.csv",
@@ -199,7 +199,7 @@ def test_mlflow_run_reads_as_a_model_training_run(activation_run, csaw_dir):
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(result["run_id"])
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    assert run.info.run_name == "lab3 activation conv_3"
+    assert run.info.run_name == "lab3 lab3_bd_weights activation conv_3"  # the weights file's stem tells two files apart
     # inputs: the clean and sunglasses halves of the extracts, validation = first 50, test = last 50
     inputs = {(d.dataset.name, next(t.value for t in d.tags if t.key == "mlflow.data.context")): d.dataset
               for d in run.inputs.dataset_inputs}
@@ -217,10 +217,16 @@ def test_mlflow_run_reads_as_a_model_training_run(activation_run, csaw_dir):
         assert dataset.digest == digest.hexdigest()[:16]
         assert json.loads(dataset.source) == {"uri": str(csaw_dir / "clean_test.h5")}
     assert inputs[("csaw_extract clean", "validation")].digest != inputs[("csaw_extract clean", "test")].digest
-    # static facts are params; the only step metrics are the curves over channels pruned
+    # static facts are params; the step metrics are the curves over channels pruned (under curve/)
     assert not [k for k in run.data.metrics if k.startswith("compact")]
-    assert set(run.data.metrics) <= set(CURVE_METRICS)
+    curves = {k for k in run.data.metrics if k.startswith("curve/")}
+    assert curves == {f"curve/{k}" for k in CURVE_METRICS}
     summary = read_rows(out / "run" / "summary.csv")
+    # the run's own metrics: the selected row of summary.csv, the defender's point (report.selected_row)
+    (selected,) = [r for r in summary if r["point"] == "defender"]
+    assert run.data.tags["selected_point"] == "defender"
+    for key in ("test_acc", "test_asr", "valid_acc", "valid_asr", "channels_pruned"):
+        assert run.data.metrics[key] == pytest.approx(float(selected[key]), abs=1e-4), key
     for row in drop_rows(summary):
         assert run.data.params[f"drop_{float(row['drop']):g}.channels_pruned"] == row["channels_pruned"]
     for row in summary[4:]:  # the defender's and the oracle's points: the chosen setting and its scores
@@ -342,5 +348,5 @@ def test_a_failing_run_is_marked_failed_and_keeps_what_it_wrote(csaw_dir, tmp_pa
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("backdoor-prune").experiment_id])
     assert run.info.status == "FAILED"
-    assert len(client.get_metric_history(run.info.run_id, "valid_acc")) == 61
+    assert len(client.get_metric_history(run.info.run_id, "curve/valid_acc")) == 61
     assert {"curves.csv", "config.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -92,11 +92,14 @@ def test_a_run_prints_no_startup_noise_and_ends_with_the_footer(csaw_dir, tmp_pa
 
     rows = list(csv.DictReader(open(tmp_path / "run" / "summary.csv")))
     base = next(csv.DictReader(open(tmp_path / "run" / "curves.csv")))
-    best = min(rows, key=lambda r: float(r["test_asr"]))
-    assert float(best["test_asr"]) < 0.5 * float(base["pruned_test_asr"])
-    assert footer[4] == (f"verdict: test ASR {float(best['test_asr']):.1f}% (B {float(base['pruned_test_asr']):.1f}%) "
-                         f"for G(B, B') at the {float(best['drop']):g}-point drop, "
-                         f"{float(base['pruned_test_acc']) - float(best['test_acc']):.1f} points of clean test "
+    defender = [r for r in rows if r["point"] == "defender"]
+    selected = defender[0] if defender else max((r for r in rows if r["point"] == "drop"), key=lambda r: float(r["drop"]))
+    label = "defender" if defender else f"drop {float(selected['drop']):g}"
+    # on the real extracts the 30-point drop's G(B, B') has a test ASR far below B's: not "still active"
+    assert min(float(r["test_asr"]) for r in rows) < 0.5 * float(base["pruned_test_asr"])
+    assert footer[4] == (f"verdict: at {label}: test ASR {float(selected['test_asr']):.1f}% "
+                         f"(B {float(base['pruned_test_asr']):.1f}%) for G(B, B'), "
+                         f"{float(base['pruned_test_acc']) - float(selected['test_acc']):.1f} points of clean test "
                          "accuracy lost")
 
     verbose = run_cli("defense.run", *lab3_overrides("verbose=true", "prune.drops=[2]", "compact=false"),
@@ -112,7 +115,11 @@ def test_a_run_prints_no_startup_noise_and_ends_with_the_footer(csaw_dir, tmp_pa
     # the fine-tuned B'' of the 4-point drop is the lowest
     ([{"point": "drop", "drop": 2, "test_acc": 95.0, "test_asr": 99.0, "ft_test_acc": 96.5, "ft_test_asr": 3.0},
       {"point": "drop", "drop": 4, "test_acc": 90.0, "test_asr": 97.5, "ft_test_acc": 97.1, "ft_test_asr": 0.3}],
-     "test ASR 0.3% (B 99.9%) for B'' at the 4-point drop, 1.4 points of clean test accuracy lost"),
+     "at drop 4: test ASR 0.3% (B 99.9%) for B'', 1.4 points of clean test accuracy lost"),
+    # the defender's point is reported where there is one, even when a drop row has a lower test ASR
+    ([{"point": "drop", "drop": 30, "test_acc": 60.0, "test_asr": 1.0},
+      {"point": "defender", "drop": "nan", "test_acc": 96.0, "test_asr": 12.5}],
+     "at defender: test ASR 12.5% (B 99.9%) for G(B, B'), 2.5 points of clean test accuracy lost"),
     # a row not reached is not a result
     ([{"point": "drop", "drop": 30, "test_acc": "nan", "test_asr": "nan", "reached": "False"}],
      "no network was kept (B: test ASR 99.9%)"),
@@ -122,3 +129,27 @@ def test_the_verdict_reads_the_lowest_test_asr_and_its_cost(rows, expected):
 
     assert verdict(rows, base_acc=98.5, base_asr=99.9) == expected
     assert verdict(rows, base_acc=98.5, base_asr=math.nan).startswith("no poisoned test data")
+
+
+def test_an_anp_run_logs_its_masks_as_a_table_not_as_metrics(csaw_dir, tmp_path):
+    """ANP on every conv layer of the real Lab 3 network has 200 masks: a table artifact, not 200 charts."""
+    import json
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("defense.run", *lab3_overrides("prune=anp", "prune.layer=all", "prune.anp.iterations=10",
+                                                  "prune.anp.log_every=5", "prune.anp.batch_size=16",
+                                                  "prune.eval_steps=5", "prune.drops=[4]", "compact=false",
+                                                  "tracking.log_models=false"),
+                   f"hydra.run.dir={tmp_path / 'run'}", f"tracking.uri={uri}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs(["1"])
+    keys = set(run.data.metrics)
+    assert len(keys) < 60, sorted(keys)
+    assert not [k for k in keys if "/mask/" in k or k.startswith("mask/")]
+    assert {"anp/loss", "anp/mask_mean", "test_acc", "test_asr"} <= keys
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "anp_history.json", str(tmp_path))).read())
+    mask_columns = [c for c in table["columns"] if c.startswith("mask/")]
+    assert len(mask_columns) == 20 + 40 + 60 + 80  # conv_1..conv_4 of DeepID

@@ -15,6 +15,10 @@ import csv
 import math
 from pathlib import Path
 
+CURVE_PREFIX = "curve/"  # MLflow keys of the sweep's curves (one point per channels pruned)
+# the selected point's scores as the run's own MLflow metrics (stage `track`)
+HEADLINE_COLUMNS = ("test_acc", "test_asr", "der", "valid_acc", "valid_asr", "channels_pruned", "fraction_pruned",
+                    "ft_test_acc", "ft_test_asr", "ft_der", "ft_g_test_acc", "ft_g_test_asr")
 SUMMARY_COLUMNS = ["drop", "channels_pruned", "fraction_pruned", "valid_acc", "valid_asr", "test_acc", "test_asr"]
 
 
@@ -110,3 +114,35 @@ def threshold_params(summary: list[dict]) -> dict[str, str]:
         name = "operating_point" if row.get("point") == "operating_point" else f"drop_{row['drop']:g}"
         params[f"{name}.channels_pruned"] = str(int(row["channels_pruned"])) if row.get("reached") else "not reached"
     return params
+
+
+def selected_row(summary: list[dict]) -> dict | None:
+    """The row a run reports as its result: the defender's point where there is one, else the largest
+    accuracy drop that the sweep reached (None when no row was reached)."""
+    for row in summary:
+        if str(row.get("point")) == "defender" and str(row.get("reached", True)) not in ("False", "false"):
+            return row
+    reached = [row for row in summary if str(row.get("point", "drop")) == "drop"
+               and str(row.get("reached", True)) not in ("False", "false")]
+    return max(reached, key=lambda row: float(row["drop"])) if reached else None
+
+
+def point_label(row: dict) -> str:
+    """`drop 10`, `defender`, `operating_point`: how reports name a summary row."""
+    point = str(row.get("point", "drop"))
+    return f"drop {float(row['drop']):g}" if point == "drop" else point
+
+
+def headline_metrics(row: dict) -> dict[str, float]:
+    """The finite numbers of HEADLINE_COLUMNS in the selected row."""
+    import math
+
+    out = {}
+    for key in HEADLINE_COLUMNS:
+        try:
+            value = float(row.get(key, "nan"))
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(value):
+            out[key] = value
+    return out

@@ -187,30 +187,27 @@ def _number(row: dict, key: str) -> float:
 
 
 def verdict(summary: list[dict], base_acc: float, base_asr: float) -> str:
-    """One sentence from the test scores of the kept networks: did any remove the backdoor, at what cost."""
+    """One sentence from the test scores: the selected point's (report.selected_row: the defender's
+    point, else the largest accuracy drop reached), or that no kept network removed the backdoor."""
+    from defense.reporting.report import point_label, selected_row
+
     if math.isnan(base_asr):
         return "no poisoned test data: the attack success rate was not measured"
-    candidates = []
-    for row in summary:
-        if str(row.get("reached", "True")) in ("False", "false", "0"):
-            continue
-        if str(row.get("point", "drop")) == "drop":
-            label = f"the {_number(row, 'drop'):g}-point drop"
-        else:
-            label = f"the {row.get('point')} point"
-        for acc_key, asr_key, what in (("test_acc", "test_asr", "G(B, B')"), ("ft_test_acc", "ft_test_asr", "B''")):
-            acc, asr = _number(row, acc_key), _number(row, asr_key)
-            if not (math.isnan(acc) or math.isnan(asr)):
-                candidates.append((asr, base_acc - acc, what, label))
-    if not candidates:
+    kept = [row for row in summary if str(row.get("reached", True)) not in ("False", "false")]
+    scores = [(_number(row, asr), _number(row, acc), what) for row in kept
+              for acc, asr, what in (("test_acc", "test_asr", "G(B, B')"), ("ft_test_acc", "ft_test_asr", "B''"))
+              if not math.isnan(_number(row, asr))]
+    selected = selected_row(summary)
+    if not scores or selected is None:
         return f"no network was kept (B: test ASR {base_asr:.1f}%)"
-    asr, cost, what, label = min(candidates)
-    if asr > 0.5 * base_asr:
-        lowest = min(c[0] for c in candidates)
-        hint = "" if any(c[2] == "B''" for c in candidates) else ": try defense=fine_pruning"
+    if all(asr > 0.5 * base_asr for asr, _, _ in scores):
+        lowest = min(asr for asr, _, _ in scores)
+        hint = "" if any(what == "B''" for _, _, what in scores) else ": try defense=fine_pruning"
         return f"backdoor still active at every point (lowest test ASR {lowest:.1f}%, B {base_asr:.1f}%){hint}"
-    return (f"test ASR {asr:.1f}% (B {base_asr:.1f}%) for {what} at {label}, "
-            f"{cost:.1f} points of clean test accuracy lost")
+    fine_tuned = not math.isnan(_number(selected, "ft_test_asr"))
+    acc_key, asr_key, what = ("ft_test_acc", "ft_test_asr", "B''") if fine_tuned else ("test_acc", "test_asr", "G(B, B')")
+    return (f"at {point_label(selected)}: test ASR {_number(selected, asr_key):.1f}% (B {base_asr:.1f}%) for {what}, "
+            f"{base_acc - _number(selected, acc_key):.1f} points of clean test accuracy lost")
 
 
 def run_url(tracking_uri: str | None, experiment_id: str | None, run_id: str | None) -> str:

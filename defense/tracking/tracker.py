@@ -500,7 +500,10 @@ def default_run_name(cfg, client=None, parent_run_id: str | None = None) -> str:
         if chosen:
             return " ".join(chosen)[:250]
     finetune = cfg.get("finetune", {}).get("kind", "none")
-    parts = [cfg.model.get("name") or "model", cfg.prune.criterion, cfg.prune.get("layer") or ""]
+    path = cfg.model.get("path")  # the weights file: two files of one model kind get two names
+    stem = Path(str(path)).stem if path else ""
+    parts = [cfg.model.get("name") or "model", stem if stem != cfg.model.get("name") else "", cfg.prune.criterion,
+             cfg.prune.get("layer") or ""]
     if finetune and finetune != "none":
         parts.append(f"finetune {finetune}")
     return " ".join(str(p) for p in parts if p)

@@ -42,15 +42,21 @@ def run(cfg, out_dir, model, valid, test, holdout, tracker) -> dict:
     log.info("sweep of %d steps (%d evaluated) in %.1f s (%s)", result.steps, len(result.evaluated),
              sum(result.seconds.values()), ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
     report.write_csv(out_dir / "curves.csv", result.curves)
-    tracker.log_metrics(result.curves, step_key="channels_pruned")
+    # the curves under curve/: the run's own metrics are the selected point's scores (stage `track`)
+    tracker.log_metrics(result.curves, step_key="channels_pruned", prefix=report.CURVE_PREFIX)
     write_criterion_record(cfg, result, out_dir, tracker)
     return {"sweep": result}
 
 
 def write_criterion_record(cfg, result, out_dir, tracker) -> None:
-    """channel_scores.csv, and the criterion's history (csv and `<criterion>/<key>` step metrics)."""
+    """channel_scores.csv, and the criterion's history: a csv, `<criterion>/<key>` step metrics of its
+    summaries (loss, accuracy, mask statistics) and, where it has one value per channel (ANP's and RNP's
+    `mask/<layer>/<channel>`), the whole history as a table artifact instead of a chart per channel."""
     channel_record.write_channel_scores(out_dir / "channel_scores.csv", result.scores, result.layers, result.pairs)
     history = result.scores.history
     if history:
         channel_record.write_history(out_dir / f"{cfg.prune.criterion}_history.csv", history)
-        tracker.log_metrics(history, step_key="step", prefix=f"{cfg.prune.criterion}/")
+        summaries = [{k: v for k, v in row.items() if not k.startswith("mask/")} for row in history]
+        tracker.log_metrics(summaries, step_key="step", prefix=f"{cfg.prune.criterion}/")
+        if any(len(row) != len(short) for row, short in zip(history, summaries)):
+            tracker.log_table(history, f"{cfg.prune.criterion}_history.json")

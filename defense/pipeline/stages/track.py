@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from defense.reporting import report
+
 ORDER = 70
 
 FILES = ("curves.csv", "summary.csv", "prune_result.png", "config.yaml", "results.md", "pruning_order.txt",
@@ -11,6 +13,10 @@ FILES = ("curves.csv", "summary.csv", "prune_result.png", "config.yaml", "result
 
 def run(cfg, out_dir, model, summary, valid, tracker) -> dict:
     models_dir = out_dir / "models"
+    selected = report.selected_row(summary)
+    if selected is not None:  # the run's own metrics: the selected point's scores, not a curve's last step
+        tracker.log_metrics([{"step": 0, **report.headline_metrics(selected)}], step_key="step")
+        tracker.set_tags({"selected_point": report.point_label(selected)})
     for name in (*FILES, f"{cfg.prune.criterion}_history.csv"):
         if (out_dir / name).is_file():
             tracker.log_artifact(out_dir / name)
