@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+from defense.core.errors import DefenseError
+
 
 def names() -> list[str]:
     """Every architecture module in this package, sorted."""
@@ -27,3 +29,23 @@ def get(name: str):
     if name not in names():
         return None
     return importlib.import_module(f"{__name__}.{name}")
+
+
+def check_sizes(block: dict, where: str, defaults: dict) -> None:
+    """An architecture's settings block checked and normalised in place, key by key of `defaults`: a bool
+    stays a bool, a list is a non-empty list of positive integers, anything else a positive integer; a
+    DefenseError names `where`.<key> otherwise."""
+    for key, default in defaults.items():
+        value = block[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise DefenseError(f"{where}.{key}={value!r} must be true or false")
+        elif isinstance(default, list):
+            if not isinstance(value, (list, tuple)) or not value or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1 for v in value):
+                raise DefenseError(f"{where}.{key}={value!r} must be a non-empty list of positive integers")
+            block[key] = [int(v) for v in value]
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+            raise DefenseError(f"{where}.{key}={value!r} must be a positive integer")
+        else:
+            block[key] = int(value)

@@ -23,6 +23,7 @@ from typing import List, Sequence
 
 
 from defense.core.errors import DefenseError
+from defense.nets.architectures import check_sizes
 
 BN_EPSILON = 1e-5  # PyTorch's BatchNorm2d default, which the reference uses
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1 in Keras' convention (new = momentum * old + (1 - momentum) * batch)
@@ -42,20 +43,7 @@ DEFAULTS = asdict(Settings())
 
 def check(block: dict, where: str) -> None:
     """The block `where` (dataset.scenario.preact_resnet) checked and normalised in place; DefenseError naming the key."""
-    for key, default in DEFAULTS.items():
-        value = block[key]
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise DefenseError(f"{where}.{key}={value!r} must be true or false")
-        elif isinstance(default, list):
-            if not isinstance(value, (list, tuple)) or not value or any(
-                    isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1 for v in value):
-                raise DefenseError(f"{where}.{key}={value!r} must be a non-empty list of positive integers")
-            block[key] = [int(v) for v in value]
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
-            raise DefenseError(f"{where}.{key}={value!r} must be a positive integer")
-        else:
-            block[key] = int(value)
+    check_sizes(block, where, DEFAULTS)
     if len(block["widths"]) != len(block["blocks"]):
         raise DefenseError(f"{where}.widths={block['widths']} and {where}.blocks={block['blocks']} must name the same "
                            "stages (one width and one block count per stage)")
