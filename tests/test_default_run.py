@@ -14,7 +14,8 @@ def test_default_run_completes_and_writes_the_results(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with (tmp_path / "run" / "summary.csv").open() as f:
         summary = list(csv.DictReader(f))
-    assert [float(r["drop"]) for r in summary] == [2, 4, 10, 30]
+    assert [float(r["drop"]) for r in summary if r["point"] == "drop"] == [2, 4, 10, 30]
+    assert [r["point"] for r in summary if r["point"] != "drop"] == ["defender", "oracle_test_asr"]
     with (tmp_path / "run" / "curves.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 61
     # the results table is printed at the end, one row per threshold
@@ -22,6 +23,11 @@ def test_default_run_completes_and_writes_the_results(tmp_path):
     assert len(re.findall(r"^\| acc_drop_\d+%", proc.stdout, flags=re.M)) == 4
     unpruned = re.search(r"Unpruned B: clean valid accuracy ([\d.]+) %, valid ASR ([\d.]+) %", proc.stdout)
     assert float(unpruned.group(1)) >= 95 and float(unpruned.group(2)) >= 95
+    # no TensorFlow start-up lines, and the footer ends the output: files, MLflow, verdict
+    assert not re.search(r"oneDNN custom operations|cudart_stub|absl::InitializeLog", proc.stdout + proc.stderr)
+    tail = proc.stdout.strip().splitlines()[-5:]
+    assert tail[0].startswith("done in ") and tail[0].endswith(str(tmp_path / "run"))
+    assert tail[-1].startswith("verdict: ")
     for name in ("prune_result.png", "config.yaml", "run.log", "models/model_B_10.h5"):
         assert (tmp_path / "run" / name).is_file(), name
 
