@@ -246,7 +246,7 @@ def test_leaderboard_of_a_sweep_reads_each_run_at_its_operating_point(tiny_sweep
     expected = {}
     for job in sorted(tiny_sweep["sweep_dir"].glob("[0-9]")):
         criterion = OmegaConf.load(job / "config.yaml").prune.criterion
-        row = next(r for r in read_rows(job / "summary.csv") if float(r["drop"]) == 4.0)
+        row = next(r for r in read_rows(job / "summary.csv") if r["point"] == "drop" and float(r["drop"]) == 4.0)
         step0 = read_rows(job / "curves.csv")[0]
         assert int(step0["channels_pruned"]) == 0
         acc0, asr0 = float(step0["pruned_test_acc"]), float(step0["pruned_test_asr"])
