@@ -65,3 +65,15 @@ def test_no_import_cycle_in_the_package():
                 if down and up:
                     cycles.append(f"{a} <-> {b}")
     assert not cycles, "import cycles: " + ", ".join(cycles)
+
+
+def test_paths_that_modules_derive_from_their_own_file_still_point_at_the_checkout():
+    """Moving a module into a layer package moves its __file__: the store, the command line and conf/ must not."""
+    from defense.core.provenance import command_line
+    from defense.reporting.terminal import CONF
+    from defense.tracking.tracker import default_uri
+
+    assert default_uri() == f"sqlite:///{REPO / 'mlflow.db'}"
+    assert command_line([str(REPO / "defense" / "run.py"), "-m", "prune.criterion=l1"]) == \
+        "python -m defense.run -m prune.criterion=l1"
+    assert CONF == REPO / "conf"

@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("tensorflow", "keras", "numpy", "mlflow")
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # defense/ (this file is defense/core/provenance.py)
 
 
 def versions() -> dict[str, str]:

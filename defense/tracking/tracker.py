@@ -24,7 +24,7 @@ from defense.core.errors import DefenseError, exit_on_user_error
 
 log = logging.getLogger("defense.tracking")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout (this file is defense/tracking/tracker.py)
 PARENT_ENV = "DEFENSE_MLFLOW_PARENT_RUN_ID"
 PARENT_FILE = "mlflow_parent_run_id.txt"
 
