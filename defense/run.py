@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from defense.config import defense_name
-from defense.core import interrupt
+from defense.core import interrupt, profile
 from defense.core.errors import exit_on_user_error
 from defense.reporting import terminal
 from defense.pipeline import schemas  # noqa: F401  (registers the schema that conf/config.yaml names)
@@ -50,6 +50,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path) -> dict:
     from defense.tracking import tracker as tracking
 
     ctx = RunContext(cfg, out_dir, time.perf_counter())
+    startup = profile.startup_seconds()
     setup, *tracked = stages.ordered()
     ctx.call(setup.run)  # no MLflow run yet: a bad option or model fails with none logged
     status = "FAILED"
@@ -75,11 +76,17 @@ def _run_stages(cfg: DictConfig, out_dir: Path) -> dict:
                         interrupt.signal_name(interrupt.signum_of(err)), out_dir)
         raise
     finally:
+        t0 = time.perf_counter()
         if ctx.tracker is not None:
             with interrupt.held():  # end the run even if another signal comes
                 for path in tracking.files_kept(out_dir, status):
                     ctx.tracker.log_artifact(path)
                 ctx.tracker.end(status)
+        if out_dir.is_dir():
+            profile.write(out_dir, {"stages": ctx.stage_seconds,
+                                    "sweep": dict(getattr(ctx.sweep, "seconds", None) or {}),
+                                    "mlflow_end": time.perf_counter() - t0, "startup": startup,
+                                    "total": time.perf_counter() - ctx.started + startup, "status": status})
 
 
 @terminal.one_line_errors

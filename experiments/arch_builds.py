@@ -24,22 +24,19 @@ import results_files as rf  # noqa: E402
 
 rf.use_this_checkout()
 
-from attack_scenarios import CLOSEST  # noqa: E402  (sig and wanet: their defaults miss the check on DeepID too)
-
 NAME = "arch_builds"
 ARCHS = ("deepid", "preact_resnet", "vgg_bn")
 GOAL_SECONDS = 180.0
 
 
 def build(arch: str, attack: str, seed: int) -> dict:
-    """One scenario; sig and wanet with the settings experiments/attack_scenarios.py found closest to their
-    defaults that pass the build check on DeepID (their defaults miss it there)."""
+    """One scenario, every attack with its defaults (conf/dataset/attack/)."""
     import defense.pipeline.schemas  # noqa: F401  (registers the config schemas before the config is composed)
     from defense.nets import architectures
     from defense.scenario import common
     from defense.scenario.build import ScenarioTooWeak, ensure_scenario, read_metadata, resolve_config, scenario_dir
 
-    extra = CLOSEST.get(attack, [])
+    extra: list[str] = []
     cfg = rf.compose([f"dataset.scenario.arch={arch}", f"dataset.scenario.attack={attack}",
                       f"dataset.scenario.seed={seed}", *extra]).dataset.scenario
     resolved = resolve_config(cfg)
@@ -78,8 +75,7 @@ def main() -> None:
     scope = ("every attack" if set(args.attacks) >= {"badnets", "blended", "sig", "wanet", "prune_aware"}
              else "attack(s) " + ", ".join(args.attacks) + " only (the other attacks were not timed)")
     body = (f"Scenario builds per architecture (`dataset.scenario.arch`), {scope}, scenario seed {args.seed}, "
-            "default settings (sig and wanet: the settings of `CLOSEST` in experiments/attack_scenarios.py, their "
-            "defaults miss the build check on DeepID too); the build time is the one the builder recorded in scenario.json "
+            "default settings (conf/dataset/attack/); the build time is the one the builder recorded in scenario.json "
             f"(training, scoring, saving). Goal: each build within {GOAL_SECONDS / 60:g} minutes on 2 CPU cores.\n\n"
             + table)
     rf.write_results(NAME, body, {"goal_seconds": GOAL_SECONDS, "rows": rows})

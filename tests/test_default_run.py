@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import re
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -44,3 +46,15 @@ def test_default_evaluate_scores_the_scenario_backdoor(tmp_path):
     clean = float(re.search(r"Clean Classification accuracy: ([\d.]+) %", proc.stdout).group(1))
     asr = float(re.search(r"Attack Success Rate: ([\d.]+) %", proc.stdout).group(1))
     assert clean >= 95 and asr >= 95
+
+
+@pytest.mark.parametrize("attack", ["sig", "wanet"])
+def test_attack_defaults_build_and_evaluate_with_no_other_option(attack, tmp_path):
+    """conf/dataset/attack/sig.yaml and wanet.yaml hold settings that pass the scenario's build check
+    (the papers' settings, sig_paper and wanet_paper, do not on these digits): the scenario builds with
+    no other option and its backdoored network reaches the check's bounds."""
+    proc = run_cli("defense.evaluate", f"dataset.scenario.attack={attack}", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    clean = float(re.search(r"Clean Classification accuracy: ([\d.]+) %", proc.stdout).group(1))
+    asr = float(re.search(r"Attack Success Rate: ([\d.]+) %", proc.stdout).group(1))
+    assert clean >= 95 and asr >= 90  # the build check's bounds for these attacks

@@ -7,6 +7,7 @@ inputs and outputs are explicit; `RunContext.call` passes them in and stores wha
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,17 @@ class RunContext:
     kept: dict = field(default_factory=dict)  # point name -> {layer: pruned channels} of every saved B'
     finetune_extra: dict = field(default_factory=dict)  # points and columns the fine-tuning adds to the reports
     model_uris: dict = field(default_factory=dict)  # MLflow models logged
+    stage_seconds: dict = field(default_factory=dict)  # stage module name -> seconds (profile.json)
 
     def call(self, function) -> None:
         """`function(**fields it names)`; the dict it returns sets those fields (a name that is no field fails)."""
         names = inspect.signature(function).parameters
-        out = function(**{name: getattr(self, name) for name in names})
+        t0 = time.perf_counter()
+        try:
+            out = function(**{name: getattr(self, name) for name in names})
+        finally:
+            stage = function.__module__.rsplit(".", 1)[-1]
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - t0
         known = {f.name for f in fields(self)}
         for key, value in (out or {}).items():
             if key not in known:
