@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -84,11 +85,38 @@ def command_line() -> str:
     return shlex.join(["python", script_text, *sys.argv[1:]])
 
 
+def checkout_commit() -> str:
+    """The commit of this checkout, with " + uncommitted changes" when tracked files outside
+    experiments/results/ differ from it; "unknown" outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)experiments/results")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" + uncommitted changes" if changed else "")
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+# taken when a results script starts, before its work: the code and the load the numbers come from
+STARTED = {"commit": checkout_commit(), "load_average_at_start": load_average()}
+
+
 def provenance() -> dict:
     return {
         "command": command_line(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
+        "commit": STARTED["commit"],
+        "machine": {**machine(), "load_average_at_start": STARTED["load_average_at_start"],
+                    "load_average_at_end": load_average()},
         "versions": versions(),
     }
 
@@ -98,8 +126,11 @@ def header_md(prov: dict) -> str:
 
     m = prov["machine"]
     packages = versions_text(prov["versions"])
-    return (f"Written by `{prov['command']}` on {prov['date']}; {m['cores']} CPU cores, {m['device']}; "
-            f"{packages}.")
+    load = m.get("load_average_at_start")
+    load_text = f", load average {load[0]:g} at start" if load else ""
+    commit = prov.get("commit", "unknown")
+    return (f"Written by `{prov['command']}` on {prov['date']} at commit {commit[:12]}{commit[40:]}; "
+            f"{m['cores']} CPU cores, {m['device']}{load_text}; {packages}.")
 
 
 def _clean(value):
