@@ -90,6 +90,9 @@ def hand_runs() -> list[dict]:
         fake_run("f1", {"model.name": "lab3", "prune.criterion": "l1", "finetune.kind": "clean"}, {"model": "lab3"},
                  (98.0, 100.0), [summary_row(4, 7, 96.0, 100.0, ft_test_acc=97.0, ft_test_asr=2.0, ft_der=0.98)],
                  start=15),
+        # lab3 x fp: its learning diverged (the row is marked): no score, counted as diverged
+        fake_run("g1", {"model.name": "lab3", "prune.criterion": "activation"}, {"defense_name": "fp", "model": "lab3"},
+                 (98.0, 100.0), [summary_row(4, 7, 9.0, 0.0, diverged=True)], start=16),
     ]
 
 
@@ -130,6 +133,10 @@ def test_aggregation_matches_hand_computed_cells(tmp_path):
     assert rows["sig"]["fine_pruning_n_seeds"] == "0" and rows["sig"]["fine_pruning_test_acc_mean"] == ""
     assert rows["badnets"]["clp_n_seeds"] == "" and rows["lab3"]["fp_test_acc_mean"] == ""
     assert val("lab3", "l1+ft_test_asr_mean") == 2.0
+    # the worst seed is the highest ASR among the reached seeds (badnets x fp: 90 and 79)
+    assert val("badnets", "fp_test_asr_worst") == 90.0 and rows["badnets"]["fp_n_diverged"] == "0"
+    # lab3 x fp diverged: no score, one diverged seed
+    assert rows["lab3"]["fp_n_diverged"] == "1" and rows["lab3"]["fp_n_seeds"] == "0"
 
     runs = read_rows(tmp_path / "leaderboard_runs.csv")
     assert sorted(r["run_id"] for r in runs) == sorted(r["run_id"] for r in hand_runs())
@@ -138,6 +145,7 @@ def test_aggregation_matches_hand_computed_cells(tmp_path):
     assert table[0] == "| attack | fine_tuning | fp | fine_pruning | clp | l1+ft |"
     assert table[1].startswith("| badnets | 96.50 / 1.50 / 0.968 | 94.00 ± 1.41 / 84.50 ± 7.78 / ")
     assert table[2] == "| sig |  |  | n/r | 90.00 / 10.00 / 0.920 |  |"
+    assert "(worst ASR 90.00)" in table[1] and "| diverged (1 of 1 seeds) |" in table[3]
     assert f"tensorflow {metadata.version('tensorflow')}" in md and "Report: `python" in md
     assert (tmp_path / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -170,7 +178,7 @@ def test_experiment_axes_are_attacks_defenses_and_seeds():
     assert sweep_params([]) == {
         "dataset.scenario.attack": "badnets,blended,sig,wanet,prune_aware",
         "defense": "none,fine_tuning,random_pruning,fp,fine_pruning,clp,anp,rnp",
-        "dataset.scenario.seed": "1",
+        "dataset.scenario.seed": "1,2,3,4,5",
     }
     assert sweep_params(["leaderboard.seeds=[1,2,3]", "leaderboard.attacks=[sig]"])["dataset.scenario.seed"] == "1,2,3"
     cfg = compose(["experiment=leaderboard"])
@@ -277,3 +285,25 @@ def test_leaderboard_of_a_sweep_reads_each_run_at_its_operating_point(tiny_sweep
     with pytest.raises(DefenseError, match="leaderboard.drop=10 is not a threshold"):
         compare(compose(["compare.layout=leaderboard", "leaderboard.drop=10", f"tracking.uri={tiny_sweep['uri']}"],
                         "compare"), tiny_sweep["tmp"] / "compare10")
+
+
+def test_none_is_the_undefended_network_at_the_defenders_point(tmp_path):
+    """At leaderboard.point=defender a defense's cell reads its `defender` row; `none` (no defense) stays
+    the unpruned B of its one row, whatever channels a defender row of its run would prune."""
+    from defense.analysis import leaderboard
+
+    scenario = {"dataset.scenario.seed": "1", "model.name": "badnets_mnist", "prune.criterion": "activation"}
+    runs = [
+        fake_run("n1", scenario, {"defense_name": "none"}, (97.0, 100.0),
+                 [summary_row(0, 0, 97.0, 100.0, point="drop"),
+                  summary_row(None, 3, 96.0, 99.0, point="defender")]),
+        fake_run("p1", scenario, {"defense_name": "fp"}, (97.0, 100.0),
+                 [summary_row(4, 30, 93.0, 90.0, point="drop"),
+                  summary_row(None, 12, 95.5, 80.0, point="defender")]),
+    ]
+    board = leaderboard.write_leaderboard(runs, tmp_path, 4.0, "hand-made runs", "sqlite:///nowhere.db",
+                                          point="defender")["board"]
+    none, fp = board["cells"][("badnets", "none")], board["cells"][("badnets", "fp")]
+    assert (none["test_acc_mean"], none["test_asr_mean"], none["channels_pruned_mean"]) == (97.0, 100.0, 0.0)
+    assert (fp["test_acc_mean"], fp["test_asr_mean"], fp["channels_pruned_mean"]) == (95.5, 80.0, 12.0)
+    assert fp["points"] == ["defender"]

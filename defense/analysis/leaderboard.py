@@ -130,10 +130,11 @@ def operating_row(summary: list[dict], drop: float, run_id: str = "?", point: st
 def run_entry(run: dict, drop: float, which: str = OWN_POINT) -> dict:
     """One run (describe_run of defense/compare.py) as one value of its leaderboard cell (`which`: leaderboard.point)."""
     params, tags = run.get("params", {}), run.get("tags", {})
-    row, point = operating_row(run.get("summary", []), drop, run["run_id"], which)
+    defense = run.get("defense_name") or defense_of(params, tags)  # describe_run's name where it gives one
+    # `none` is the undefended B at every point: its one row (drop 0), never a pruning the rule chose
+    row, point = operating_row(run.get("summary", []), drop, run["run_id"], OWN_POINT if defense == "none" else which)
     base_acc, base_asr = run["base_test_acc"], run["base_test_asr"]
     scores = defended_scores(row, base_acc, base_asr)
-    defense = run.get("defense_name") or defense_of(params, tags)  # describe_run's name where it gives one
     entry = {"attack": attack_of(params, tags), "defense": defense, "seed": seed_of(params),
              "run_id": run["run_id"], "point": point, "reached": scores is not None,
              "defended": "" if scores is None else scores["defended"],
@@ -142,6 +143,8 @@ def run_entry(run: dict, drop: float, which: str = OWN_POINT) -> dict:
     for key in ("test_acc", "test_asr", "der"):
         entry[key] = NAN if scores is None else scores[key]
     entry["acc_loss"] = base_acc - entry["test_acc"]
+    # some learning of the run collapsed (defense/core/divergence.py): its rows say so and none is a score
+    entry["diverged"] = any(str(r.get("diverged", "False")) == "True" for r in run.get("summary", []))
     entry["start_time"] = run.get("start_time", 0)
     return entry
 
@@ -182,7 +185,9 @@ def aggregate(entries: list[dict]) -> dict:
 
     A cell: `seeds` (every seed of a run in it), `n` (the seeds whose operating point was reached),
     `points` and `defended` (the labels of its runs), `<score>_mean` and `<score>_std` for each of SCORES,
-    `channels_pruned_mean`, `base_test_acc_mean`, `base_test_asr_mean`.
+    `channels_pruned_mean`, `base_test_acc_mean`, `base_test_asr_mean`, `test_asr_worst` (the highest test
+    ASR of a reached seed: the worst case for the defender) and `n_diverged` (seeds whose run has a
+    diverged learning).
     """
     entries = latest_per_seed(entries)
     attacks = _ordered({e["attack"] for e in entries}, ATTACK_ORDER)
@@ -200,6 +205,9 @@ def aggregate(entries: list[dict]) -> dict:
                     "defended": sorted({e["defended"] for e in reached})}
             for key in (*SCORES, "channels_pruned", "base_test_acc", "base_test_asr"):
                 cell[f"{key}_mean"], cell[f"{key}_std"] = mean_std([e[key] for e in reached])
+            worst = [e["test_asr"] for e in reached if math.isfinite(e["test_asr"])]
+            cell["test_asr_worst"] = max(worst) if worst else NAN
+            cell["n_diverged"] = sum(1 for e in group if e.get("diverged"))
             cells[(attack, defense)] = cell
     return {"attacks": attacks, "defenses": defenses, "cells": cells}
 
@@ -219,7 +227,10 @@ def csv_rows(board: dict) -> list[dict]:
                     value = NAN if cell is None else cell[f"{key}_{stat}"]
                     # every digit (repr), so that the csv gives back the very numbers the table rounds
                     row[f"{defense}_{key}_{stat}"] = "" if not math.isfinite(value) else repr(float(value))
+            worst = NAN if cell is None else cell["test_asr_worst"]
+            row[f"{defense}_test_asr_worst"] = "" if not math.isfinite(worst) else repr(float(worst))
             row[f"{defense}_n_seeds"] = "" if cell is None else cell["n"]
+            row[f"{defense}_n_diverged"] = "" if cell is None else cell["n_diverged"]
             row[f"{defense}_point"] = "" if cell is None else " ".join(cell["points"])
             row[f"{defense}_defended"] = "" if cell is None else " ".join(cell["defended"])
         rows.append(row)
@@ -243,15 +254,21 @@ def markdown(board: dict, title: str, notes: list[str]) -> str:
             cell = board["cells"].get((attack, defense))
             if cell is None:
                 cells.append("")
-            elif cell["n"] == 0:
+            elif cell["n"] == 0 and not cell["n_diverged"]:
                 cells.append("n/r")
-            else:
+            elif cell["n"] > 0:
                 text = " / ".join([_pm(cell["test_acc_mean"], cell["test_acc_std"], 2),
                                    _pm(cell["test_asr_mean"], cell["test_asr_std"], 2),
                                    _pm(cell["der_mean"], cell["der_std"], 3)])
+                if len(cell["seeds"]) > 1 and math.isfinite(cell["test_asr_worst"]):
+                    text += f" (worst ASR {cell['test_asr_worst']:.2f})"
                 if cell["n"] < len(cell["seeds"]):
                     text += f" ({cell['n']} of {len(cell['seeds'])} seeds)"
+                if cell["n_diverged"]:
+                    text += f" ({cell['n_diverged']} diverged)"
                 cells.append(text)
+            elif cell["n_diverged"]:
+                cells.append(f"diverged ({cell['n_diverged']} of {len(cell['seeds'])} seeds)")
         lines.append("| " + " | ".join(cells) + " |")
     points = []
     for defense in defenses:
@@ -261,8 +278,10 @@ def markdown(board: dict, title: str, notes: list[str]) -> str:
     seeds = sorted({s for c in board["cells"].values() for s in c["seeds"]}, key=lambda s: (_float(s), s))
     lines += ["",
               "Each cell: clean test accuracy (%) / attack success rate (%) / DER of the defended network at the "
-              "defense's own operating point, mean ± sample std over the scenario seeds "
-              f"({', '.join(seeds)}); n/r: the operating point was not reached; blank: not run. DER = "
+              "point the title names, mean ± sample std over the scenario seeds "
+              f"({', '.join(seeds)}), and the worst seed's ASR where there are several; n/r: the point was not "
+              "reached; k diverged: k seeds whose run had a learning that diverged (never counted as a score); "
+              "blank: not run. DER = "
               "(max(0, ΔASR) − max(0, ΔACC) + 1) / 2 against the unpruned B of the same run (0.5: nothing changed).",
               "",
               "Operating points (defended network): " + "; ".join(points) + ".",
