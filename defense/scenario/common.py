@@ -123,10 +123,15 @@ def compile_network(model, learning_rate: float) -> None:
 
 
 def train_network(x_train: np.ndarray, y_train: np.ndarray, cfg: Mapping):
-    """Train the scenario's network on (x_train / 255, y_train), seeded; returns the model."""
+    """Train the scenario's network on (x_train / 255, y_train), seeded; returns the model.
+
+    TensorFlow's deterministic kernels are switched on here as well as in a run (defense/config.py): a
+    scenario is the same bytes whether a run, a test or experiments/attack_scenarios.py builds it first."""
     import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(int(cfg["seed"]))
+    tf.config.experimental.enable_op_determinism()
     model = build_network(cfg)
     compile_network(model, cfg["learning_rate"])
     history = interrupt.fit(  # a signal stops it between two batches (defense/core/interrupt.py)
