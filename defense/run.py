@@ -99,9 +99,12 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     terminal.quiet(bool(cfg.get("verbose", False)))
     result = run_defense(cfg, HydraConfig.get().runtime.output_dir)
+    from defense.tracking.tracker import runs_table_url
+
+    runs_url = runs_table_url(terminal.MLFLOW_UI, result.get("experiment_id")) if result["run_id"] else None
     log.info("%s", terminal.footer(result["out_dir"], result["summary"], result["curves"][0],
                                    time.perf_counter() - started, result.get("tracking_uri"),
-                                   result.get("experiment_id"), result["run_id"]))
+                                   result.get("experiment_id"), result["run_id"], runs_url))
 
 
 if __name__ == "__main__":

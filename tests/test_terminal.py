@@ -80,13 +80,21 @@ def test_a_run_prints_no_startup_noise_and_ends_with_the_footer(csaw_dir, tmp_pa
     assert not STARTUP_NOISE.search(out), out[:2000]
     assert "Add type hints" not in out and "Downloading artifacts" not in out
     lines = proc.stdout.strip().splitlines()
-    footer = lines[-5:]
+    footer = lines[-6:]
     assert footer[0].startswith("done in ") and footer[0].endswith(f"results in {tmp_path / 'run'}")
     assert footer[1].strip() == f"plot   {tmp_path / 'run' / 'prune_result.png'}"
     from mlflow import MlflowClient
 
     (run,) = MlflowClient(tracking_uri=uri).search_runs(["1"])
     assert footer[3].strip().endswith(f"http://127.0.0.1:5000/#/experiments/1/runs/{run.info.run_id}")
+    # the runs table on the results view: an experiment tag in the form MLflow's "Share" button writes,
+    # whose columns are metrics the run logged
+    assert footer[4].strip().endswith("http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=results")
+    import json
+
+    view = json.loads(MlflowClient(tracking_uri=uri).get_experiment("1").tags["mlflow.sharedViewState.results"])
+    shown = [c.split(".", 1)[1].strip("`") for c in view["selectedColumns"] if c.startswith("metrics.")]
+    assert {"test_acc", "test_asr"} <= set(shown) <= set(run.data.metrics) | {"ft_test_acc", "ft_test_asr"}
     # the verdict: the real Lab 3 extracts keep the backdoor until the 30-point drop (test ASR 8 %)
     import csv
 
@@ -97,7 +105,7 @@ def test_a_run_prints_no_startup_noise_and_ends_with_the_footer(csaw_dir, tmp_pa
     label = "defender" if defender else f"drop {float(selected['drop']):g}"
     # on the real extracts the 30-point drop's G(B, B') has a test ASR far below B's: not "still active"
     assert min(float(r["test_asr"]) for r in rows) < 0.5 * float(base["pruned_test_asr"])
-    assert footer[4] == (f"verdict: at {label}: test ASR {float(selected['test_asr']):.1f}% "
+    assert footer[5] == (f"verdict: at {label}: test ASR {float(selected['test_asr']):.1f}% "
                          f"(B {float(base['pruned_test_asr']):.1f}%) for G(B, B'), "
                          f"{float(base['pruned_test_acc']) - float(selected['test_acc']):.1f} points of clean test "
                          "accuracy lost")

@@ -218,8 +218,9 @@ def run_url(tracking_uri: str | None, experiment_id: str | None, run_id: str | N
 
 
 def footer(out_dir: Path, summary: list[dict], base: dict, seconds: float, tracking_uri: str | None = None,
-           experiment_id: str | None = None, run_id: str | None = None) -> str:
-    """The run's last lines: its files, its MLflow run, and the verdict."""
+           experiment_id: str | None = None, run_id: str | None = None, runs_url: str | None = None) -> str:
+    """The run's last lines: its files, its MLflow run (and `runs_url`, the experiment's runs table), and
+    the verdict."""
     out_dir = Path(out_dir)
     lines = [f"done in {seconds:.1f} s: results in {out_dir}",
              f"  plot   {out_dir / 'prune_result.png'}",
@@ -227,5 +228,7 @@ def footer(out_dir: Path, summary: list[dict], base: dict, seconds: float, track
     if run_id and tracking_uri:
         lines.append(f"  MLflow mlflow ui --backend-store-uri {tracking_uri}   then open "
                      f"{run_url(tracking_uri, experiment_id, run_id)}")
+        if runs_url:
+            lines.append(f"         every run of the experiment, results first: {runs_url}")
     lines.append("verdict: " + verdict(summary, _number(base, "pruned_test_acc"), _number(base, "pruned_test_asr")))
     return "\n".join(lines)

@@ -13,6 +13,8 @@ content digests (`dataset_inputs`), and static facts (compact sizes, thresholds 
 
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 import time
@@ -439,15 +441,35 @@ def parent_status(child_statuses: list[str]) -> str:
 # `custom_model_development` (the runs table); an experiment without the tag is guessed at.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+# The runs table of MLflow's UI shows the columns a user picked (kept in the browser); a view saved as an
+# experiment tag `mlflow.sharedViewState.<key>` opens with `#/experiments/<id>/runs?viewStateShareKey=<key>`
+# (what the UI's "Share" button writes; plain JSON is accepted). This one leads with the headline metrics
+# (the selected point's scores, defense/reporting/report.py HEADLINE_COLUMNS) and the defense's name.
+RESULTS_VIEW_KEY = "results"
+RESULTS_VIEW_TAG = "mlflow.sharedViewState." + RESULTS_VIEW_KEY
+RESULTS_VIEW = {
+    "selectedColumns": ["tags.`defense_name`", "metrics.`test_acc`", "metrics.`test_asr`", "metrics.`der`",
+                        "metrics.`ft_test_acc`", "metrics.`ft_test_asr`", "metrics.`channels_pruned`",
+                        "attributes.`Dataset`", "attributes.`Models`"],
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+}
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, RESULTS_VIEW_TAG: json.dumps(RESULTS_VIEW)}
 # Hydra overrides that never name what a sweep varies
 _NAME_SKIP_PREFIXES = ("hydra.", "hydra/")
 
 
+def runs_table_url(ui: str, experiment_id: str | None) -> str:
+    """The address of the experiment's runs table on the results view, under the MLflow UI at `ui`."""
+    return f"{ui}/#/experiments/{experiment_id}/runs?viewStateShareKey={RESULTS_VIEW_KEY}"
+
+
 def mark_model_training(client, experiment) -> None:
-    """Tag an experiment made before the kind was set (or by another tool) as model training."""
-    if EXPERIMENT_KIND_TAG not in (experiment.tags or {}):
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    """Tag an experiment made before the kind and the results view were set (or by another tool): model
+    training, and the runs table's results view."""
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in (experiment.tags or {}):
+            client.set_experiment_tag(experiment.experiment_id, key, value)
 
 
 def swept_keys(sweep_overrides: list[str]) -> list[str]:
