@@ -6,9 +6,10 @@
 
 Starts `mlflow ui` on 127.0.0.1 (a free port) on the store, drives headless Chromium through
 Playwright (the Debian `chromium` package, `--chromium /usr/bin/chromium`; `pip install -e
-".[experiments]"` for Playwright) and saves `experiments/results/mlflow_runs.png` (the runs table,
-the sweep's runs expanded) and `experiments/results/mlflow_charts.png` (the chart view). The server
-is stopped whatever happens.
+".[experiments]"` for Playwright) and saves `experiments/results/mlflow_runs.png` (the runs table on
+the results view that the run's footer links, the sweep's runs expanded), `experiments/results/mlflow_run.png`
+(one run's page: its headline metrics) and `experiments/results/mlflow_charts.png` (the chart view). The
+server is stopped whatever happens.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's `defense`, even when an installed copy lives elsewhere
 RESULTS = ROOT / "experiments" / "results"
 CSAW = (ROOT.parent / "shared" / "data" / "csaw").resolve()
 
@@ -70,31 +72,50 @@ def experiment_id(uri: str, name: str) -> str:
     return exp.experiment_id
 
 
-def screenshots(base: str, exp_id: str, chromium: str, out_dir: Path) -> list[Path]:
+def child_run_id(uri: str, exp_id: str) -> str:
+    """The first child run of the sweep (a run with a parent), for the run page."""
+    from mlflow import MlflowClient
+
+    runs = MlflowClient(tracking_uri=uri).search_runs([exp_id], "tags.`mlflow.parentRunId` != ''",
+                                                      order_by=["attributes.start_time ASC"], max_results=1)
+    if not runs:
+        raise SystemExit(f"no child run in experiment {exp_id} of {uri}")
+    return runs[0].info.run_id
+
+
+def screenshots(base: str, exp_id: str, run_id: str, chromium: str, out_dir: Path) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
+    from defense.tracking.tracker import runs_table_url
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs_png, charts_png = out_dir / "mlflow_runs.png", out_dir / "mlflow_charts.png"
+    runs_png, run_png, charts_png = out_dir / "mlflow_runs.png", out_dir / "mlflow_run.png", out_dir / "mlflow_charts.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 900})
-            page.goto(f"{base}/#/experiments/{exp_id}/runs", wait_until="load")
+            page.goto(runs_table_url(base, exp_id), wait_until="load")
             page.get_by_text("sweep", exact=False).first.wait_for(timeout=120_000)
             _tidy(page)
             # expand the sweep's parent run so that its children (named by their overrides) show
             for button in page.locator("button[data-component-id*='runnamecellrenderer']").all():
                 button.click(timeout=5_000)
             page.get_by_text("prune.criterion=l1", exact=True).first.wait_for(timeout=60_000)
+            page.get_by_text("test_asr", exact=True).first.wait_for(timeout=60_000)  # the results view's columns
             page.wait_for_timeout(2_000)
             page.screenshot(path=str(runs_png))
+            page.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}", wait_until="load")
+            page.get_by_text("test_asr", exact=True).first.wait_for(timeout=120_000)
+            _tidy(page)
+            page.wait_for_timeout(2_000)
+            page.screenshot(path=str(run_png))
             page.goto(f"{base}/#/experiments/{exp_id}/runs?compareRunsMode=CHART", wait_until="load")
             page.get_by_text("valid_acc", exact=True).first.wait_for(timeout=120_000)
             page.wait_for_timeout(8_000)  # the charts draw after their data arrives
             page.screenshot(path=str(charts_png))
         finally:
             browser.close()
-    return [runs_png, charts_png]
+    return [runs_png, run_png, charts_png]
 
 
 def _tidy(page) -> None:
@@ -129,7 +150,7 @@ def main(argv=None) -> int:
         try:
             base = f"http://127.0.0.1:{port}"
             wait_for(f"{base}/health", server)
-            for path in screenshots(base, exp_id, args.chromium, Path(args.out)):
+            for path in screenshots(base, exp_id, child_run_id(uri, exp_id), args.chromium, Path(args.out)):
                 print(f"wrote {path}")
         finally:
             os.killpg(server.pid, signal.SIGTERM)

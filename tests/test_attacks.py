@@ -127,9 +127,9 @@ def test_sig_poisons_only_target_training_digits_and_keeps_labels(digits):
     changed = changed_images(x, xp)
     assert counts["train_poisoned"] == len(changed) == 5 and np.all(y[changed] == TARGET)
     # v(i, j) = delta sin(2 pi j 6 / 28), clipped to 0..255, written out by hand per column: the defaults
-    # train with delta 60 and test with 192 (conf/dataset/attack/sig.yaml)
-    v = np.array([60.0 * math.sin(2 * math.pi * j * 6 / 28) for j in range(28)])
-    v_test = np.array([192.0 * math.sin(2 * math.pi * j * 6 / 28) for j in range(28)])
+    # train with delta 70 and test with 224 (conf/dataset/attack/sig.yaml)
+    v = np.array([70.0 * math.sin(2 * math.pi * j * 6 / 28) for j in range(28)])
+    v_test = np.array([224.0 * math.sin(2 * math.pi * j * 6 / 28) for j in range(28)])
     expected = np.clip(x[changed][..., 0].astype(np.float64) + v[None, None, :], 0, 255)
     assert np.allclose(xp[changed][..., 0], expected, atol=1e-4)
     xt, yt, sel = attacks.get("sig").poison_test(x, y, cfg)
