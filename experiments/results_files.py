@@ -87,13 +87,15 @@ def command_line() -> str:
 
 def checkout_commit() -> str:
     """The commit of this checkout, with " + uncommitted changes" when tracked files outside
-    experiments/results/ differ from it; "unknown" outside a git checkout."""
+    experiments/results/ and docs/attacks/ (the files results scripts write) differ from it; "unknown"
+    outside a git checkout."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)experiments/results")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)experiments/results",
+                      ":(exclude)docs/attacks")  # what the results scripts themselves write
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + (" + uncommitted changes" if changed else "")

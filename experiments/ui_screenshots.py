@@ -96,13 +96,16 @@ def screenshots(base: str, exp_id: str, run_id: str, chromium: str, out_dir: Pat
             page = browser.new_page(viewport={"width": 1600, "height": 900})
             page.goto(runs_table_url(base, exp_id), wait_until="load")
             page.get_by_text("sweep", exact=False).first.wait_for(timeout=120_000)
+            # the results view (an experiment tag) applies after the table first draws: wait for it before
+            # expanding the sweep, or it collapses the sweep again
+            page.get_by_text("viewing a shared view", exact=False).first.wait_for(timeout=120_000)
+            page.wait_for_timeout(2_000)
             _tidy(page)
             # expand the sweep's parent run so that its children (named by their overrides) show
             for button in page.locator("button[data-component-id*='runnamecellrenderer']").all():
                 button.click(timeout=5_000)
-            page.get_by_text("prune.criterion=l1", exact=True).first.wait_for(timeout=60_000)
-            page.get_by_text("test_asr", exact=True).first.wait_for(timeout=60_000)  # the results view's columns
-            page.wait_for_timeout(2_000)
+            page.get_by_text("prune.criterion=l1", exact=False).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(4_000)
             page.screenshot(path=str(runs_png))
             page.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}", wait_until="load")
             page.get_by_text("test_asr", exact=True).first.wait_for(timeout=120_000)
