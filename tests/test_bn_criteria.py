@@ -33,18 +33,22 @@ def _center(model, rng):
     out.set_weights([out.get_weights()[0], -np.median(logits, axis=0)])
 
 
-def conv_bn_network(seed: int = 0):
-    """conv_a -> bn_a -> relu -> conv_b -> bn_b -> relu -> flatten -> dense (logits); bias-free convs."""
+def conv_bn_network(seed: int = 0, act: str = "relu"):
+    """conv_a -> bn_a -> relu -> conv_b -> bn_b -> relu -> flatten -> dense (logits); bias-free convs.
+    act: another activation in place of the ReLUs (e.g. tanh: a channel with gamma and beta 0 still gets gradients)."""
     import keras
+
+    def activation():
+        return keras.layers.ReLU() if act == "relu" else keras.layers.Activation(act)
 
     rng = np.random.default_rng(seed)
     x = keras.Input((6, 6, 2))
     h = keras.layers.Conv2D(4, 3, use_bias=False, name="conv_a")(x)
     h = keras.layers.BatchNormalization(name="bn_a")(h)
-    h = keras.layers.ReLU()(h)
+    h = activation()(h)
     h = keras.layers.Conv2D(3, 2, use_bias=False, name="conv_b")(h)
     h = keras.layers.BatchNormalization(name="bn_b", epsilon=0.01)(h)
-    h = keras.layers.ReLU()(h)
+    h = activation()(h)
     h = keras.layers.Flatten()(h)
     model = keras.Model(x, keras.layers.Dense(3, name="out")(h))
     for layer in model.layers:

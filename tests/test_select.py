@@ -158,9 +158,9 @@ def diverging_run(csaw_dir, tmp_path_factory):
     trained, scored, read = [], [], set()
     fine_tune, holdout_accuracy, defender_index = finetune.fine_tune, finetune.holdout_accuracy, select.defender_index
 
-    def spy_fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name):
+    def spy_fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name, **bn):
         trained.append(np.array(valid_clean.x))
-        return fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name)
+        return fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name, **bn)
 
     def spy_holdout(cfg, network, holdout, batch_size):
         scored.append(np.array(holdout.x))

@@ -122,8 +122,9 @@ def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> 
                 cell_cfg.finetune.epochs = int(epochs)
                 cell_cfg.finetune.learning_rate = float(rate)
                 name = f"drop_{drop_name(cell['drop'])}_e{epochs}_lr{rate:g}"
-                b_prime = models.pruned_copy_layers(model, pruned)
-                b2, info = fine_tune(cell_cfg, b_prime, pruned, valid.clean, quiet, name)
+                b_prime = result.pruned_model(model, pruned)  # as the sweep pruned it: conv, or the BN's parameters
+                b2, info = fine_tune(cell_cfg, b_prime, pruned, valid.clean, quiet, name, bn_units=result.bn_units,
+                                     bn_zero=result.bn_zero)
                 pred_clean = models.predict_labels(b2, test.clean.x, cfg.model, batch_size)
                 poisoned = {n: (test.poisoned[n].y, test.poisoned[n].clean_label, base_preds[n],
                                 models.predict_labels(b2, test.poisoned[n].x, cfg.model, batch_size)) for n in names}

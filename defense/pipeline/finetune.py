@@ -9,14 +9,19 @@ For every threshold the sweep reached:
   saved it), fine-tuned on the clean validation images only (a `holdout` fraction of them kept aside
   for early stopping; optionally randomly translated by up to `shift` pixels, Adam or SGD, constant or
   cosine learning rate); the pruned channels' kernels and biases are re-zeroed after every batch and
-  checked to be exactly zero at the end;
+  checked to be exactly zero at the end. Where the criterion pruned a conv's channels on its
+  BatchNormalization (ANP, RNP, CLP on networks with BN: SweepResult.bn_units), B' has that BN's gamma
+  (ANP, RNP) or gamma and beta (CLP) of those channels zeroed, as the references prune (bn_parameters);
+  then those BN parameters are the ones re-zeroed and checked, while the conv's kernel and the BN's moving
+  statistics train as everything else does;
 - B'' alone and G(B, B'') are scored on the test data: clean accuracy, ASR per poisoned set, robust
   accuracy (RA, where the poisoned data has `clean_label`) and DER against the unpruned B;
 (and the criterion's own operating point, `model_B_op_ft.h5`, metrics `ft/operating_point/...`, where it has one)
 - B'' is saved as `models/model_B_{drop}_ft.h5` and logged to MLflow with its per-epoch metrics
   (`ft/drop_{drop}/loss`, `.../acc`, `.../val_loss`, `.../val_acc`, step = epoch); unless
   `compact=false`, also as `models/model_B_{drop}_ft_compact.h5` without its pruned channels
-  (`defense.compact.export_compact`, metrics `compact/drop_{drop}_ft/...`).
+  (`defense.compact.export_compact`, metrics `compact/drop_{drop}_ft/...`); not for channels pruned on a
+  BatchNormalization (a channel with gamma 0 still outputs beta), as for B' (stage keep).
 """
 
 from __future__ import annotations
@@ -169,13 +174,39 @@ def _as_pruned_map(pruned, layer_name: str | None) -> dict[str, list[int]]:
     return {layer_name: [int(c) for c in pruned]}
 
 
-def _pruned_masks(model, pruned: dict[str, list[int]]) -> list[tuple[object, np.ndarray]]:
-    """(variable, 0/1 mask) for the kernel and bias of every pruned layer: 0 on its pruned channels."""
+def bn_parameters(model, bn_name: str, bn_zero=("gamma",)) -> list:
+    """The variables of BatchNormalization `bn_name` that pruning one of its channels zeroes: gamma, and beta
+    where `bn_zero` names it (a BN without beta, center=False, has none to zero).
+
+    As the references prune at the BN level: ANP (csdongxian/ANP_backdoor, `prune_neuron_cifar.py`, `pruning`)
+    and RNP (bboylyg/RNP, `main.py`, `pruning`) set the BN weight (gamma) of the channel to 0; CLP
+    (rkteddy/channel-Lipschitzness-based-pruning, `defense.py`, `CLP`) sets its weight and bias (gamma, beta)."""
+    if not set(bn_zero) <= {"gamma", "beta"} or "gamma" not in bn_zero:
+        raise ValueError(f"bn_zero={bn_zero!r}: zero ('gamma',) or ('gamma', 'beta')")
+    bn = model.get_layer(bn_name)
+    if getattr(bn, "gamma", None) is None:
+        raise ValueError(f"{bn_name} has no scale gamma (scale=False): its channels cannot be pruned on it")
+    variables = [bn.gamma]
+    if "beta" in bn_zero and getattr(bn, "beta", None) is not None:
+        variables.append(bn.beta)
+    return variables
+
+
+def _pruned_masks(model, pruned: dict[str, list[int]], bn_units: dict | None = None,
+                  bn_zero=("gamma",)) -> list[tuple[object, np.ndarray]]:
+    """(variable, 0/1 mask) for the kernel and bias of every pruned layer: 0 on its pruned channels.
+
+    bn_units: {conv: BatchNormalization name} of the convs pruned at the BN level: for those the variables are
+    the BN's `bn_zero` parameters (bn_parameters), and the conv's own kernel and bias train freely."""
     masks = []
+    bn_units = bn_units or {}
     for layer_name, channels in pruned.items():
-        layer = model.get_layer(layer_name)
         channels = np.asarray([int(c) for c in channels], dtype=np.int64)
-        for variable in layer.weights[:2]:  # kernel (..., C) and bias (C,)
+        if layer_name in bn_units:
+            variables = bn_parameters(model, bn_units[layer_name], bn_zero)  # gamma (C,), beta (C,)
+        else:
+            variables = model.get_layer(layer_name).weights[:2]  # kernel (..., C) and bias (C,)
+        for variable in variables:
             mask = np.ones(tuple(variable.shape), dtype=np.float32)
             mask[..., channels] = 0.0
             masks.append((variable, mask))
@@ -189,9 +220,20 @@ def pruned_channels_zero(model, layer_name: str, channels) -> bool:
     return all(not np.any(w[..., channels]) for w in weights)
 
 
-def pruned_layers_zero(model, pruned: dict[str, list[int]]) -> bool:
-    """pruned_channels_zero for every layer of {layer: channels}."""
-    return all(pruned_channels_zero(model, name, channels) for name, channels in pruned.items())
+def pruned_bn_channels_zero(model, bn_name: str, channels, bn_zero=("gamma",)) -> bool:
+    """True when the `bn_zero` parameters (bn_parameters) of every pruned channel of BatchNormalization
+    `bn_name` are exactly zero."""
+    channels = [int(c) for c in channels]
+    return all(not np.any(v.numpy()[channels]) for v in bn_parameters(model, bn_name, bn_zero))
+
+
+def pruned_layers_zero(model, pruned: dict[str, list[int]], bn_units: dict | None = None,
+                       bn_zero=("gamma",)) -> bool:
+    """pruned_channels_zero for every layer of {layer: channels}; pruned_bn_channels_zero on the paired
+    BatchNormalization for the convs of `bn_units`."""
+    bn_units = bn_units or {}
+    return all(pruned_bn_channels_zero(model, bn_units[name], channels, bn_zero) if name in bn_units
+               else pruned_channels_zero(model, name, channels) for name, channels in pruned.items())
 
 
 def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: bool):
@@ -261,10 +303,14 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
     return FineTune()
 
 
-def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[object, dict]:
+def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str, bn_units: dict | None = None,
+              bn_zero=("gamma",)) -> tuple[object, dict]:
     """Fine-tune B' (in place) on the clean validation images only; returns (B'', info).
 
     pruned: {layer: channels}, or a list of channels of prune.layer; they are kept at zero.
+    bn_units, bn_zero: the convs pruned at the BatchNormalization level (SweepResult.bn_units, .bn_zero): their
+    pruned channels are kept pruned there instead, the BN's gamma (and beta with ("gamma", "beta")) at zero;
+    the BN's moving statistics and the conv's kernel train as everything else does.
     """
     import keras
 
@@ -284,7 +330,7 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=models.uses_logits(b_prime)),
                     metrics=["accuracy"])
     pruned = _as_pruned_map(pruned, cfg.prune.get("layer"))
-    callback = _fine_tune_callback(_pruned_masks(b_prime, pruned), settings, name, tracker,
+    callback = _fine_tune_callback(_pruned_masks(b_prime, pruned, bn_units, bn_zero), settings, name, tracker,
                                    validation is not None)
     if settings["shift"]:
         batches = _shifted_batches(x_train, y_train, settings["batch_size"], settings["shift"], settings["seed"])
@@ -294,8 +340,10 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str) -> tuple[ob
     else:
         interrupt.fit(b_prime, x_train, y_train, batch_size=settings["batch_size"], epochs=settings["epochs"],
                       validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
-    if not pruned_layers_zero(b_prime, pruned):
-        raise RuntimeError(f"fine-tuning {name}: pruned channels of {', '.join(pruned)} are no longer zero")
+    if not pruned_layers_zero(b_prime, pruned, bn_units, bn_zero):
+        where = [f"{layer} ({(bn_units or {})[layer]} {'/'.join(bn_zero)})" if layer in (bn_units or {}) else layer
+                 for layer in pruned]
+        raise RuntimeError(f"fine-tuning {name}: pruned channels of {', '.join(where)} are no longer zero")
     info = {"ft_epochs": len(callback.history), "ft_best_epoch": callback.best_epoch,
             "ft_train_images": int(len(train_idx)), "ft_holdout_images": int(len(hold_idx))}
     if callback.history:
@@ -416,7 +464,7 @@ def _with_setting(cfg, learning_rate: float, epochs: int):
 
 
 def choose_finetuning(cfg, model, pruned, row: dict, valid, test, holdout, tracker, name: str, out_dir: Path,
-                      base_preds=None):
+                      base_preds=None, bn_units: dict | None = None, bn_zero=("gamma",)):
     """The fine-tuning of a point's B' chosen among `finetune.grid` (defense/pipeline/select.py's rule).
 
     Candidates run weakest first; each is scored on the held-out clean images (never trained on) and checked
@@ -425,7 +473,8 @@ def choose_finetuning(cfg, model, pruned, row: dict, valid, test, holdout, track
     point keeps the strongest candidate within the budget; the oracle's point (select.ORACLE) the one of
     lowest test ASR of the fine-tuned network within it: only the oracle reads test data (`base_preds`, test).
     Returns (fine-tuned network or None, its info, the chosen (lr, epochs) or None); rows of
-    select_finetune.csv are appended to `out_dir`.
+    select_finetune.csv are appended to `out_dir`. bn_units, bn_zero: as for fine_tune (channels pruned on
+    their BatchNormalization: every candidate starts from that B' and keeps those BN parameters at zero).
     """
     from defense.pipeline import select
 
@@ -443,9 +492,9 @@ def choose_finetuning(cfg, model, pruned, row: dict, valid, test, holdout, track
             entry.update(holdout_acc=float("nan"), diverged=False, skipped=True)
             candidates.append(entry)
             continue
-        b_prime = models.pruned_copy_layers(model, pruned)
+        b_prime = models.pruned_copy_layers(model, pruned, bn_units, bn_zero)
         b2, info = fine_tune(_with_setting(cfg, lr, epochs), b_prime, pruned, valid.clean, tracker,
-                             f"{name}_lr{lr:g}_e{epochs}")
+                             f"{name}_lr{lr:g}_e{epochs}", bn_units=bn_units, bn_zero=bn_zero)
         acc = holdout_accuracy(cfg, b2, holdout, batch_size)
         reason = divergence(info.get("ft_final_loss"), acc, num_classes)
         entry.update(holdout_acc=acc, diverged=reason is not None, skipped=False)
@@ -519,15 +568,17 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
         log.info("fine-tuning B' of %s (%d channels of %s pruned, %.1f %%)", name.replace("_", " "),
                  sum(len(c) for c in pruned.values()), ", ".join(pruned), row["fraction_pruned"])
         if row.get("point") in ("defender", "oracle_test_asr") and holdout is not None:
-            b2, info, setting = choose_finetuning(cfg, model, pruned, row, valid, test, holdout, tracker, name, out_dir)
+            b2, info, setting = choose_finetuning(cfg, model, pruned, row, valid, test, holdout, tracker, name, out_dir,
+                                                  bn_units=result.bn_units, bn_zero=result.bn_zero)
             if b2 is None:  # no fine-tuning keeps the held-out accuracy: the point is B' itself, not fine-tuned
                 row["ft_within_budget"] = False
                 continue
             row["ft_within_budget"] = True
             info.update(ft_learning_rate=setting[0], ft_epochs_setting=setting[1])
         else:
-            b_prime = models.pruned_copy_layers(model, pruned)
-            b2, info = fine_tune(cfg, b_prime, pruned, valid.clean, tracker, name)
+            b_prime = result.pruned_model(model, pruned)  # as the sweep pruned it: conv, or the BN's parameters
+            b2, info = fine_tune(cfg, b_prime, pruned, valid.clean, tracker, name, bn_units=result.bn_units,
+                                 bn_zero=result.bn_zero)
             info["ft_holdout_acc"] = holdout_accuracy(cfg, b2, holdout, batch_size)
 
         pred_clean = models.predict_labels(b2, test.clean.x, cfg.model, batch_size)
@@ -541,7 +592,10 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
         path = models.save_model(b2, out_dir / "models" / f"model_B_{file_key(row)}_ft.h5")
         if log_models:
             tracker.log_artifact(path, "models")
-        if cfg.get("compact", True):  # B'' without its pruned channels, as run.py saves B' (defense/compact.py)
+        if cfg.get("compact", True) and result.bn_units:  # as stage keep: a channel with gamma 0 still outputs beta
+            row["ft_compact_path"] = ""
+            log.debug("%s: no compact model: its channels are pruned on BatchNormalization layers", path.name)
+        elif cfg.get("compact", True):  # B'' without its pruned channels, as run.py saves B' (defense/compact.py)
             from defense.pruning.compact import export_compact_beside
 
             compact = export_compact_beside(b2, pruned, path, tracker, models.scale_inputs(test.clean.x, cfg.model))
