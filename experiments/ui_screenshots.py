@@ -94,18 +94,22 @@ def screenshots(base: str, exp_id: str, run_id: str, chromium: str, out_dir: Pat
         browser = p.chromium.launch(executable_path=chromium, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 900})
+            # the workspace switch first: switching navigates, which would leave the results view
+            page.goto(f"{base}/#/experiments/{exp_id}/runs", wait_until="load")
+            page.get_by_text("sweep", exact=False).first.wait_for(timeout=120_000)
+            _tidy(page)
             page.goto(runs_table_url(base, exp_id), wait_until="load")
             page.get_by_text("sweep", exact=False).first.wait_for(timeout=120_000)
             # the results view (an experiment tag) applies after the table first draws: wait for it before
             # expanding the sweep, or it collapses the sweep again
             page.get_by_text("viewing a shared view", exact=False).first.wait_for(timeout=120_000)
             page.wait_for_timeout(2_000)
-            _tidy(page)
             # expand the sweep's parent run so that its children (named by their overrides) show
             for button in page.locator("button[data-component-id*='runnamecellrenderer']").all():
                 button.click(timeout=5_000)
             page.get_by_text("prune.criterion=l1", exact=False).first.wait_for(timeout=60_000)
-            page.wait_for_timeout(4_000)
+            page.get_by_text("test_asr", exact=True).first.wait_for(timeout=60_000)  # the results view's columns
+            page.wait_for_timeout(2_000)
             page.screenshot(path=str(runs_png))
             page.goto(f"{base}/#/experiments/{exp_id}/runs/{run_id}", wait_until="load")
             page.get_by_text("test_asr", exact=True).first.wait_for(timeout=120_000)
@@ -113,8 +117,12 @@ def screenshots(base: str, exp_id: str, run_id: str, chromium: str, out_dir: Pat
             page.wait_for_timeout(2_000)
             page.screenshot(path=str(run_png))
             page.goto(f"{base}/#/experiments/{exp_id}/runs?compareRunsMode=CHART", wait_until="load")
-            page.get_by_text("valid_acc", exact=True).first.wait_for(timeout=120_000)
-            page.wait_for_timeout(8_000)  # the charts draw after their data arrives
+            page.get_by_text("sweep", exact=False).first.wait_for(timeout=120_000)
+            page.wait_for_timeout(2_000)
+            for button in page.locator("button[data-component-id*='runnamecellrenderer']").all():  # the sweep's runs
+                button.click(timeout=5_000)
+            page.get_by_text("curve", exact=False).first.wait_for(timeout=120_000)  # the section of the curves
+            page.wait_for_timeout(20_000)  # the charts draw after their data arrives
             page.screenshot(path=str(charts_png))
         finally:
             browser.close()

@@ -449,8 +449,7 @@ RESULTS_VIEW_KEY = "results"
 RESULTS_VIEW_TAG = "mlflow.sharedViewState." + RESULTS_VIEW_KEY
 RESULTS_VIEW = {
     "selectedColumns": ["tags.`defense_name`", "metrics.`test_acc`", "metrics.`test_asr`", "metrics.`der`",
-                        "metrics.`ft_test_acc`", "metrics.`ft_test_asr`", "metrics.`channels_pruned`",
-                        "attributes.`Dataset`", "attributes.`Models`"],
+                        "metrics.`ft_test_acc`", "metrics.`ft_test_asr`", "metrics.`channels_pruned`"],
     "orderByKey": "attributes.start_time",
     "orderByAsc": False,
 }
