@@ -25,9 +25,9 @@ def test_default_run_completes_and_writes_the_results(tmp_path):
     assert len(re.findall(r"^\| acc_drop_\d+%", proc.stdout, flags=re.M)) == 4
     unpruned = re.search(r"Unpruned B: clean valid accuracy ([\d.]+) %, valid ASR ([\d.]+) %", proc.stdout)
     assert float(unpruned.group(1)) >= 95 and float(unpruned.group(2)) >= 95
-    # no TensorFlow start-up lines, and the footer ends the output: files, MLflow, verdict
+    # no TensorFlow start-up lines, and the footer ends the output: files, MLflow run and runs table, verdict
     assert not re.search(r"oneDNN custom operations|cudart_stub|absl::InitializeLog", proc.stdout + proc.stderr)
-    tail = proc.stdout.strip().splitlines()[-5:]
+    tail = proc.stdout.strip().splitlines()[-6:]
     assert tail[0].startswith("done in ") and tail[0].endswith(str(tmp_path / "run"))
     assert tail[-1].startswith("verdict: ")
     for name in ("prune_result.png", "config.yaml", "run.log", "models/model_B_10.h5"):
