@@ -285,6 +285,24 @@ def pruned_copy(model, layer_name: str, channels) -> "keras.Model":  # noqa: F82
     return pruned_copy_layers(model, {layer_name: channels})
 
 
+def bn_parameters(model, bn_name: str, bn_zero=("gamma",)) -> list:
+    """The variables of BatchNormalization `bn_name` that pruning one of its channels zeroes: gamma, and beta
+    where `bn_zero` names it (a BN without beta, center=False, has none to zero).
+
+    As the references prune at the BN level: ANP (csdongxian/ANP_backdoor, `prune_neuron_cifar.py`, `pruning`)
+    and RNP (bboylyg/RNP, `main.py`, `pruning`) set the BN weight (gamma) of the channel to 0; CLP
+    (rkteddy/channel-Lipschitzness-based-pruning, `defense.py`, `CLP`) sets its weight and bias (gamma, beta)."""
+    if not set(bn_zero) <= {"gamma", "beta"} or "gamma" not in bn_zero:
+        raise ValueError(f"bn_zero={bn_zero!r}: zero ('gamma',) or ('gamma', 'beta')")
+    bn = model.get_layer(bn_name)
+    if getattr(bn, "gamma", None) is None:
+        raise ValueError(f"{bn_name} has no scale gamma (scale=False): its channels cannot be pruned on it")
+    variables = [bn.gamma]
+    if "beta" in bn_zero and getattr(bn, "beta", None) is not None:
+        variables.append(bn.beta)
+    return variables
+
+
 def pruned_copy_layers(model, pruned: dict, bn_units: dict | None = None,
                        bn_zero=("gamma",)) -> "keras.Model":  # noqa: F821
     """A copy of `model` with the output channels `pruned[layer]` of each conv layer pruned (kernel and
@@ -301,13 +319,10 @@ def pruned_copy_layers(model, pruned: dict, bn_units: dict | None = None,
     for layer_name, channels in pruned.items():
         channels = [int(c) for c in channels]
         if layer_name in bn_units:
-            bn = clone.get_layer(bn_units[layer_name])
-            names = [v.path.rsplit("/", 1)[-1] for v in bn.weights]
-            values = bn.get_weights()
-            for i, name in enumerate(names):
-                if name in bn_zero:
-                    values[i][channels] = 0
-            bn.set_weights(values)
+            for variable in bn_parameters(clone, bn_units[layer_name], bn_zero):
+                values = variable.numpy()
+                values[channels] = 0
+                variable.assign(values)
             continue
         layer = clone.get_layer(layer_name)
         kernel, *rest = layer.get_weights()

@@ -11,7 +11,7 @@ For every threshold the sweep reached:
   cosine learning rate); the pruned channels' kernels and biases are re-zeroed after every batch and
   checked to be exactly zero at the end. Where the criterion pruned a conv's channels on its
   BatchNormalization (ANP, RNP, CLP on networks with BN: SweepResult.bn_units), B' has that BN's gamma
-  (ANP, RNP) or gamma and beta (CLP) of those channels zeroed, as the references prune (bn_parameters);
+  (ANP, RNP) or gamma and beta (CLP) of those channels zeroed, as the references prune (defense/nets/models.py bn_parameters);
   then those BN parameters are the ones re-zeroed and checked, while the conv's kernel and the BN's moving
   statistics train as everything else does;
 - B'' alone and G(B, B'') are scored on the test data: clean accuracy, ASR per poisoned set, robust
@@ -174,36 +174,18 @@ def _as_pruned_map(pruned, layer_name: str | None) -> dict[str, list[int]]:
     return {layer_name: [int(c) for c in pruned]}
 
 
-def bn_parameters(model, bn_name: str, bn_zero=("gamma",)) -> list:
-    """The variables of BatchNormalization `bn_name` that pruning one of its channels zeroes: gamma, and beta
-    where `bn_zero` names it (a BN without beta, center=False, has none to zero).
-
-    As the references prune at the BN level: ANP (csdongxian/ANP_backdoor, `prune_neuron_cifar.py`, `pruning`)
-    and RNP (bboylyg/RNP, `main.py`, `pruning`) set the BN weight (gamma) of the channel to 0; CLP
-    (rkteddy/channel-Lipschitzness-based-pruning, `defense.py`, `CLP`) sets its weight and bias (gamma, beta)."""
-    if not set(bn_zero) <= {"gamma", "beta"} or "gamma" not in bn_zero:
-        raise ValueError(f"bn_zero={bn_zero!r}: zero ('gamma',) or ('gamma', 'beta')")
-    bn = model.get_layer(bn_name)
-    if getattr(bn, "gamma", None) is None:
-        raise ValueError(f"{bn_name} has no scale gamma (scale=False): its channels cannot be pruned on it")
-    variables = [bn.gamma]
-    if "beta" in bn_zero and getattr(bn, "beta", None) is not None:
-        variables.append(bn.beta)
-    return variables
-
-
 def _pruned_masks(model, pruned: dict[str, list[int]], bn_units: dict | None = None,
                   bn_zero=("gamma",)) -> list[tuple[object, np.ndarray]]:
     """(variable, 0/1 mask) for the kernel and bias of every pruned layer: 0 on its pruned channels.
 
     bn_units: {conv: BatchNormalization name} of the convs pruned at the BN level: for those the variables are
-    the BN's `bn_zero` parameters (bn_parameters), and the conv's own kernel and bias train freely."""
+    the BN's `bn_zero` parameters (models.bn_parameters), and the conv's own kernel and bias train freely."""
     masks = []
     bn_units = bn_units or {}
     for layer_name, channels in pruned.items():
         channels = np.asarray([int(c) for c in channels], dtype=np.int64)
         if layer_name in bn_units:
-            variables = bn_parameters(model, bn_units[layer_name], bn_zero)  # gamma (C,), beta (C,)
+            variables = models.bn_parameters(model, bn_units[layer_name], bn_zero)  # gamma (C,), beta (C,)
         else:
             variables = model.get_layer(layer_name).weights[:2]  # kernel (..., C) and bias (C,)
         for variable in variables:
@@ -221,10 +203,10 @@ def pruned_channels_zero(model, layer_name: str, channels) -> bool:
 
 
 def pruned_bn_channels_zero(model, bn_name: str, channels, bn_zero=("gamma",)) -> bool:
-    """True when the `bn_zero` parameters (bn_parameters) of every pruned channel of BatchNormalization
+    """True when the `bn_zero` parameters (models.bn_parameters) of every pruned channel of BatchNormalization
     `bn_name` are exactly zero."""
     channels = [int(c) for c in channels]
-    return all(not np.any(v.numpy()[channels]) for v in bn_parameters(model, bn_name, bn_zero))
+    return all(not np.any(v.numpy()[channels]) for v in models.bn_parameters(model, bn_name, bn_zero))
 
 
 def pruned_layers_zero(model, pruned: dict[str, list[int]], bn_units: dict | None = None,
