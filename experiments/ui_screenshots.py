@@ -104,9 +104,7 @@ def screenshots(base: str, exp_id: str, run_id: str, chromium: str, out_dir: Pat
             # expanding the sweep, or it collapses the sweep again
             page.get_by_text("viewing a shared view", exact=False).first.wait_for(timeout=120_000)
             page.wait_for_timeout(2_000)
-            # expand the sweep's parent run so that its children (named by their overrides) show
-            for button in page.locator("button[data-component-id*='runnamecellrenderer']").all():
-                button.click(timeout=5_000)
+            _expand_sweep(page)
             page.get_by_text("prune.criterion=l1", exact=False).first.wait_for(timeout=60_000)
             page.get_by_text("test_asr", exact=True).first.wait_for(timeout=60_000)  # the results view's columns
             page.wait_for_timeout(2_000)
@@ -119,14 +117,19 @@ def screenshots(base: str, exp_id: str, run_id: str, chromium: str, out_dir: Pat
             page.goto(f"{base}/#/experiments/{exp_id}/runs?compareRunsMode=CHART", wait_until="load")
             page.get_by_text("sweep", exact=False).first.wait_for(timeout=120_000)
             page.wait_for_timeout(2_000)
-            for button in page.locator("button[data-component-id*='runnamecellrenderer']").all():  # the sweep's runs
-                button.click(timeout=5_000)
+            _expand_sweep(page)
             page.get_by_text("curve", exact=False).first.wait_for(timeout=120_000)  # the section of the curves
             page.wait_for_timeout(20_000)  # the charts draw after their data arrives
             page.screenshot(path=str(charts_png))
         finally:
             browser.close()
     return [runs_png, run_png, charts_png]
+
+
+def _expand_sweep(page) -> None:
+    """Expand the sweep's parent run so that its children (named by their overrides) show."""
+    for button in page.locator("button[data-component-id*='runnamecellrenderer']").all():
+        button.click(timeout=5_000)
 
 
 def _tidy(page) -> None:
