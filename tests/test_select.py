@@ -224,7 +224,14 @@ def test_the_defender_sees_no_poisoned_or_test_data_and_trains_on_no_held_out_im
     forbidden = set()
     for images in [test.clean, *test.poisoned.values(), *valid.poisoned.values()]:
         forbidden |= _rows(images.x)
-    assert len(spied["trained"]) == 1 + 2 + 2  # the drop row, the defender's two candidates, the oracle's two
+    # one fine-tuning per distinct (B', setting): the drop row (lr 1000 x 1 epoch), and each point's candidates
+    # that ran; the pruned channels are a prefix of the one ranking, so their count names the B'
+    points = {r["point"]: r for r in read_rows(out / "summary.csv")}
+    distinct = {(points["drop"]["channels_pruned"], 1000.0, 1)}
+    for r in read_rows(out / "select_finetune.csv"):
+        if r["skipped"] == "False":
+            distinct.add((points[r["point"]]["channels_pruned"], float(r["learning_rate"]), int(r["epochs"])))
+    assert len(spied["trained"]) == len(distinct) <= 1 + 2 + 2
     for x in spied["trained"]:
         assert _rows(x) == rest_rows  # the rest of the clean validation images, no held-out, test or poisoned one
     assert spied["scored"] and all(_rows(x) == held_rows for x in spied["scored"])
@@ -253,3 +260,46 @@ def test_fine_pruning_on_lab3_reports_no_network_below_half_clean_accuracy(csaw_
     held = float(defender["ft_holdout_acc"]) if defender.get("ft_holdout_acc") else float(defender["holdout_acc"])
     assert float(defender["base_holdout_acc"]) - held <= 5.0
     assert math.isfinite(held)
+
+
+# ---- shared fine-tunings equal unshared ones --------------------------------------------------------------
+def test_shared_fine_tunings_give_the_same_rows_as_running_every_one(csaw_dir, tmp_path):
+    """defense=fine_tuning fine-tunes one B' (nothing pruned) for the drop-0 row and for every candidate of the
+    defender's and the oracle's grids: run once per setting and shared, the summary equals running all of them."""
+    import functools
+
+    from defense.pipeline import finetune
+    from defense.run import run_defense
+
+    calls = {}
+    plain = finetune.fine_tune
+
+    def counting(*args, **kwargs):
+        calls[mode] = calls.get(mode, 0) + 1
+        return plain(*args, **kwargs)
+
+    overrides = lab3_overrides("defense=fine_tuning", "tracking=none", "finetune.epochs=2", "finetune.shift=1",
+                               "finetune.learning_rate=0.01", "finetune.grid.learning_rate=[0.0001,0.01]",
+                               "finetune.grid.epochs=[1,2]", "select.max_drop=100")
+    rows = {}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(finetune, "fine_tune", counting)
+    try:
+        for mode in ("shared", "every"):
+            if mode == "every":
+                mp.setattr(finetune, "finetune_thresholds",
+                           functools.partial(finetune.finetune_thresholds, share=False))
+            run_defense(compose(overrides), tmp_path / mode)
+            rows[mode] = read_rows(tmp_path / mode / "summary.csv")
+    finally:
+        mp.undo()
+    # every run: the drop-0 row and 4 candidates for each of the two points (a budget of 100 points skips none);
+    # shared: the 4 candidates once, the drop-0 row being the candidate 0.01 x 2
+    assert calls == {"every": 1 + 4 + 4, "shared": 4}
+    assert [r["point"] for r in rows["shared"]] == [r["point"] for r in rows["every"]] == \
+        ["drop", "defender", "oracle_test_asr"]
+    for shared, every in zip(rows["shared"], rows["every"]):
+        for key in every:
+            if key.endswith("_path"):
+                continue
+            assert shared[key] == every[key], (every["point"], key)

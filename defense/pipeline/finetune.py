@@ -286,13 +286,14 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
 
 
 def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str, bn_units: dict | None = None,
-              bn_zero=("gamma",)) -> tuple[object, dict]:
+              bn_zero=("gamma",), history: list | None = None) -> tuple[object, dict]:
     """Fine-tune B' (in place) on the clean validation images only; returns (B'', info).
 
     pruned: {layer: channels}, or a list of channels of prune.layer; they are kept at zero.
     bn_units, bn_zero: the convs pruned at the BatchNormalization level (SweepResult.bn_units, .bn_zero): their
     pruned channels are kept pruned there instead, the BN's gamma (and beta with ("gamma", "beta")) at zero;
     the BN's moving statistics and the conv's kernel train as everything else does.
+    history: a list that gets the per-epoch rows ({"epoch", "loss", "acc", "val_loss", "val_acc"}).
     """
     import keras
 
@@ -334,6 +335,8 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str, bn_units: d
         info["ft_final_loss"] = float("nan")  # NaN weights: whatever the last logged loss was, the network is lost
     if callback.best is not None:
         info[f"ft_best_{settings['monitor']}"] = float(callback.best)
+    if history is not None:
+        history.extend(callback.history)
     return b_prime, info
 
 
@@ -445,8 +448,45 @@ def _with_setting(cfg, learning_rate: float, epochs: int):
     return out
 
 
+def _share_key(cfg, pruned: dict, bn_units, bn_zero) -> tuple:
+    """What decides a fine-tuning's result within one run: the B' (its pruned channels, and where they are pruned)
+    and every fine-tuning setting (the grid aside, which only lists candidates). Two fine-tunings of one key start
+    from the same weights with the same seed, so the second would repeat the first exactly (the run enables
+    TensorFlow's op determinism, defense/config.py)."""
+    settings = {k: v for k, v in finetune_settings(cfg.finetune).items() if k != "grid"}
+    return (tuple(sorted((layer, tuple(sorted(int(c) for c in channels))) for layer, channels in pruned.items())),
+            tuple(sorted((bn_units or {}).items())), tuple(bn_zero), tuple(sorted(settings.items())))
+
+
+def _shared_fine_tune(cfg, make_b_prime, pruned, valid_clean, tracker, name: str, shared: dict | None,
+                      bn_units=None, bn_zero=("gamma",)):
+    """fine_tune, done once per run for each _share_key: a later fine-tuning of the same B' with the same settings
+    (the plain drop-0 row and the grid's candidate of the same learning rate and epochs; the defender's and the
+    oracle's candidates on the same B') takes the first one's network and info, and its per-epoch metrics are
+    logged again under its own name so each point keeps its full MLflow record. shared=None: no sharing.
+
+    make_b_prime: () -> a fresh B' (called only when the fine-tuning runs)."""
+    key = _share_key(cfg, _as_pruned_map(pruned, cfg.prune.get("layer")), bn_units, bn_zero) \
+        if shared is not None else None
+    if key is not None and key in shared:
+        b2, info, history, first = shared[key]
+        for row in history:
+            for metric, value in row.items():
+                if metric != "epoch" and math.isfinite(value):
+                    tracker.log_metric(f"ft/{name}/{metric}", value, step=row["epoch"])
+        log.info("  fine-tune %s: the same B' and settings as %s, whose fine-tuned network it shares",
+                 name.replace("_", " "), first.replace("_", " "))
+        return b2, dict(info)
+    history = []
+    b2, info = fine_tune(cfg, make_b_prime(), pruned, valid_clean, tracker, name, bn_units=bn_units, bn_zero=bn_zero,
+                         history=history)
+    if key is not None:
+        shared[key] = (b2, info, history, name)
+    return b2, dict(info)
+
+
 def choose_finetuning(cfg, model, pruned, row: dict, valid, test, holdout, tracker, name: str, out_dir: Path,
-                      base_preds=None, bn_units: dict | None = None, bn_zero=("gamma",)):
+                      base_preds=None, bn_units: dict | None = None, bn_zero=("gamma",), shared: dict | None = None):
     """The fine-tuning of a point's B' chosen among `finetune.grid` (defense/pipeline/select.py's rule).
 
     Candidates run weakest first; each is scored on the held-out clean images (never trained on) and checked
@@ -457,6 +497,7 @@ def choose_finetuning(cfg, model, pruned, row: dict, valid, test, holdout, track
     Returns (fine-tuned network or None, its info, the chosen (lr, epochs) or None); rows of
     select_finetune.csv are appended to `out_dir`. bn_units, bn_zero: as for fine_tune (channels pruned on
     their BatchNormalization: every candidate starts from that B' and keeps those BN parameters at zero).
+    shared: the run's fine-tunings by B' and setting (_shared_fine_tune), None to run every candidate anew.
     """
     from defense.pipeline import select
 
@@ -474,9 +515,10 @@ def choose_finetuning(cfg, model, pruned, row: dict, valid, test, holdout, track
             entry.update(holdout_acc=float("nan"), diverged=False, skipped=True)
             candidates.append(entry)
             continue
-        b_prime = models.pruned_copy_layers(model, pruned, bn_units, bn_zero)
-        b2, info = fine_tune(_with_setting(cfg, lr, epochs), b_prime, pruned, valid.clean, tracker,
-                             f"{name}_lr{lr:g}_e{epochs}", bn_units=bn_units, bn_zero=bn_zero)
+        b2, info = _shared_fine_tune(_with_setting(cfg, lr, epochs),
+                                     lambda: models.pruned_copy_layers(model, pruned, bn_units, bn_zero), pruned,
+                                     valid.clean, tracker, f"{name}_lr{lr:g}_e{epochs}", shared, bn_units=bn_units,
+                                     bn_zero=bn_zero)
         acc = holdout_accuracy(cfg, b2, holdout, batch_size)
         reason = divergence(info.get("ft_final_loss"), acc, num_classes)
         entry.update(holdout_acc=acc, diverged=reason is not None, skipped=False)
@@ -520,11 +562,14 @@ def _append_candidates(path: Path, candidates: list[dict], base_acc: float, max_
     write_csv(path, rows)
 
 
-def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker, holdout=None) -> dict:
+def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, tracker, holdout=None,
+                        share: bool = True) -> dict:
     """Fine-prune every reached threshold of `summary` (rows get the fine-tuned columns); points/columns back.
 
     holdout: the held-out clean validation images (defense/pipeline/select.py), never trained on: the fine-tuned
-    network's clean accuracy there (`ft_holdout_acc`) and its last loss tell whether the fine-tuning diverged."""
+    network's clean accuracy there (`ft_holdout_acc`) and its last loss tell whether the fine-tuning diverged.
+    share: fine-tune each B' once per setting (_shared_fine_tune: rows and grid candidates of the same pruned
+    channels reuse it, and the log names the first); False runs every one anew (the same numbers, slower)."""
     settings = finetune_settings(cfg.finetune)
     out_dir = Path(out_dir)
     num_classes = int(cfg.model.num_classes)
@@ -541,6 +586,7 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
         settings["batch_size"], settings["shift"], len(valid.clean), stopping,
     )
     points = []
+    shared = {} if share else None
     for row in summary:
         if not row.get("reached"):
             continue
@@ -551,16 +597,16 @@ def finetune_thresholds(cfg, model, result, summary, valid, test, out_dir, track
                  sum(len(c) for c in pruned.values()), ", ".join(pruned), row["fraction_pruned"])
         if row.get("point") in ("defender", "oracle_test_asr") and holdout is not None:
             b2, info, setting = choose_finetuning(cfg, model, pruned, row, valid, test, holdout, tracker, name, out_dir,
-                                                  bn_units=result.bn_units, bn_zero=result.bn_zero)
+                                                  bn_units=result.bn_units, bn_zero=result.bn_zero, shared=shared)
             if b2 is None:  # no fine-tuning keeps the held-out accuracy: the point is B' itself, not fine-tuned
                 row["ft_within_budget"] = False
                 continue
             row["ft_within_budget"] = True
             info.update(ft_learning_rate=setting[0], ft_epochs_setting=setting[1])
         else:
-            b_prime = result.pruned_model(model, pruned)  # as the sweep pruned it: conv, or the BN's parameters
-            b2, info = fine_tune(cfg, b_prime, pruned, valid.clean, tracker, name, bn_units=result.bn_units,
-                                 bn_zero=result.bn_zero)
+            # B' as the sweep pruned it: conv, or the BN's parameters
+            b2, info = _shared_fine_tune(cfg, lambda: result.pruned_model(model, pruned), pruned, valid.clean, tracker,
+                                         name, shared, bn_units=result.bn_units, bn_zero=result.bn_zero)
             info["ft_holdout_acc"] = holdout_accuracy(cfg, b2, holdout, batch_size)
 
         pred_clean = models.predict_labels(b2, test.clean.x, cfg.model, batch_size)
