@@ -103,9 +103,11 @@ class MaskLearner:
     """The masks, the perturbations and the one compiled training step of ANP.
 
     network: what a step runs, the whole model (its inputs are images) or the suffix of it from the
-    first masked layer's input (its inputs are the prefix's outputs; defense.criteria._masking.split_before)."""
+    first masked layer's input (its inputs are the prefix's outputs; defense.criteria._masking.split_before).
+    jit_compile: compile the step with XLA (experiments/jit_timing.py measures both ways)."""
 
-    def __init__(self, model, layers: list[str], s: dict, seed: int, network=None, bn_units: dict | None = None):
+    def __init__(self, model, layers: list[str], s: dict, seed: int, network=None, bn_units: dict | None = None,
+                 jit_compile: bool = False):
         self.model, self.s = model, s
         self.masks = ChannelMasks(model, layers, network, bn_units)
         zeros = [tf.zeros_like(m) for m in self.masks.masks]
@@ -113,7 +115,10 @@ class MaskLearner:
         self.noise_b = [tf.Variable(z, trainable=False) for z in zeros]
         self.velocity = [tf.Variable(z, trainable=False) for z in zeros]
         self.rng = tf.random.Generator.from_seed(int(seed))
-        self._step = tf.function(self._train_step, input_signature=step_signature(self.masks.network))
+        # jit_compile: XLA, measured slower than the plain graph for this step on CPU
+        # (python experiments/jit_timing.py -> experiments/results/jit_timing.md), so off by default
+        self._step = tf.function(self._train_step, input_signature=step_signature(self.masks.network),
+                                 jit_compile=jit_compile)
 
     def _train_step(self, x, y):
         s, masks = self.s, self.masks
