@@ -186,8 +186,9 @@ class FinetuneGridConfig:
     """`finetune.grid`: the fine-tuning settings the defender's rule chooses among (defense/pipeline/select.py),
     each list non-empty, tried from the weakest (smallest learning rate, fewest epochs) up."""
 
-    learning_rate: List[float] = field(default_factory=list)  # each > 0
-    epochs: List[int] = field(default_factory=list)  # each >= 1
+    # both null (the default): no grid; both lists, each non-empty: the candidates
+    learning_rate: Optional[List[float]] = None  # each > 0
+    epochs: Optional[List[int]] = None  # each >= 1
 
 
 @dataclass
@@ -206,8 +207,10 @@ class FinetuneCleanConfig:
     patience: int = 3
     monitor: str = "val_loss"
     shift: int = 0
-    # null: no grid (the defender's point fine-tunes with the settings above)
-    grid: Optional[FinetuneGridConfig] = None
+    # no lists (or null): no grid (the defender's point fine-tunes with the settings above). Not null by default,
+    # so that finetune.grid.learning_rate=[...] and finetune.grid={...} merge into it (OmegaConf cannot merge
+    # either into a null structured node)
+    grid: Optional[FinetuneGridConfig] = field(default_factory=FinetuneGridConfig)
 
 
 @dataclass

@@ -123,15 +123,28 @@ def test_divergence_rule():
     ("select.holdout=1.5", "select.holdout=1.5 must be a fraction"),
     ("finetune.grid.epochs=[]", "finetune.grid.epochs=[] is empty"),
     ("finetune.grid.learning_rate=[]", "finetune.grid.learning_rate=[] is empty"),
+    ("finetune.grid.learning_rate=null finetune.grid.epochs=[5]",
+     "finetune.grid.epochs is given without finetune.grid.learning_rate"),
 ])
 def test_bad_select_input_is_one_error_naming_the_key(override, message):
     from defense.core.errors import DefenseError
     from defense.pipeline import stages
 
-    cfg = compose(lab3_overrides("defense=fine_pruning", override))
+    cfg = compose(lab3_overrides("defense=fine_pruning", *override.split()))
     with pytest.raises(DefenseError) as err:
         stages.check_config(cfg, "run")
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize("overrides", [["finetune.grid.learning_rate=[0.01,0.001]", "finetune.grid.epochs=[10]"],
+                                       ["finetune.grid={learning_rate:[0.01,0.001],epochs:[10]}"]])
+def test_a_grid_is_set_on_a_preset_without_one(overrides):
+    """finetune=sgd_cosine has no grid; either override form gives it one (weakest first)."""
+    from defense.pipeline.finetune import finetune_settings
+
+    assert finetune_settings(compose(["finetune=sgd_cosine"]).finetune)["grid"] == [(0.05, 30)]
+    cfg = compose(["finetune=sgd_cosine", *overrides])
+    assert finetune_settings(cfg.finetune)["grid"] == [(0.001, 10), (0.01, 10)]
 
 
 def test_cli_bad_select_is_one_line_exit_2(tmp_path):

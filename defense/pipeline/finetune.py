@@ -89,9 +89,14 @@ def finetune_settings(ft_cfg) -> dict:
 
 def grid_candidates(grid, settings: dict) -> list[tuple[float, int]]:
     """`finetune.grid` as (learning_rate, epochs) candidates, weakest first (learning rate x epochs ascending,
-    then fewer epochs); without a grid the one setting of the group. An empty list is a DefenseError."""
-    if grid is None:
+    then fewer epochs); without a grid (null, or neither list given) the one setting of the group. An empty list,
+    or one list without the other, is a DefenseError."""
+    if grid is None or grid.get("learning_rate") is None and grid.get("epochs") is None:
         return [(settings["learning_rate"], settings["epochs"])]
+    for key, other, example in (("learning_rate", "epochs", "[10,30]"), ("epochs", "learning_rate", "[0.01,0.05]")):
+        if grid.get(other) is None:
+            raise DefenseError(f"finetune.grid.{key} is given without finetune.grid.{other}: give both, e.g. "
+                               f"finetune.grid.{other}={example}, or neither")
 
     def values(key, cast, ok, what, example):
         raw = grid.get(key)
