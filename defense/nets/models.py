@@ -285,6 +285,12 @@ def pruned_copy(model, layer_name: str, channels) -> "keras.Model":  # noqa: F82
     return pruned_copy_layers(model, {layer_name: channels})
 
 
+def check_bn_zero(bn_zero) -> None:
+    """A ValueError unless `bn_zero` is ("gamma",) or ("gamma", "beta"): what pruning a BN channel may zero."""
+    if not set(bn_zero) <= {"gamma", "beta"} or "gamma" not in bn_zero:
+        raise ValueError(f"bn_zero={bn_zero!r}: zero ('gamma',) or ('gamma', 'beta')")
+
+
 def bn_parameters(model, bn_name: str, bn_zero=("gamma",)) -> list:
     """The variables of BatchNormalization `bn_name` that pruning one of its channels zeroes: gamma, and beta
     where `bn_zero` names it (a BN without beta, center=False, has none to zero).
@@ -292,8 +298,7 @@ def bn_parameters(model, bn_name: str, bn_zero=("gamma",)) -> list:
     As the references prune at the BN level: ANP (csdongxian/ANP_backdoor, `prune_neuron_cifar.py`, `pruning`)
     and RNP (bboylyg/RNP, `main.py`, `pruning`) set the BN weight (gamma) of the channel to 0; CLP
     (rkteddy/channel-Lipschitzness-based-pruning, `defense.py`, `CLP`) sets its weight and bias (gamma, beta)."""
-    if not set(bn_zero) <= {"gamma", "beta"} or "gamma" not in bn_zero:
-        raise ValueError(f"bn_zero={bn_zero!r}: zero ('gamma',) or ('gamma', 'beta')")
+    check_bn_zero(bn_zero)
     bn = model.get_layer(bn_name)
     if getattr(bn, "gamma", None) is None:
         raise ValueError(f"{bn_name} has no scale gamma (scale=False): its channels cannot be pruned on it")

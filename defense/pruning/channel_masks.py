@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from defense.core import interrupt
+from defense.nets.models import bn_parameters, check_bn_zero
 from defense.pruning.masked import conv_layer
 
 
@@ -45,8 +46,9 @@ class ChannelMasks:
         self.channels = {layer.name: int(layer.filters) for layer in self.layers}
         self.bn_units = {conv: bn for conv, bn in (bn_units or {}).items() if conv in self.channels}
         self.bn_zero = tuple(bn_zero)
-        if not set(self.bn_zero) <= {"gamma", "beta"} or "gamma" not in self.bn_zero:
-            raise ValueError(f"bn_zero={bn_zero!r}: zero ('gamma',) or ('gamma', 'beta')")
+        check_bn_zero(self.bn_zero)
+        # the BN parameters a pruned channel zeroes, chosen where every pruning chooses them (defense/nets/models.py)
+        self._zeroed = {bn: bn_parameters(model, bn, self.bn_zero) for bn in self.bn_units.values()}
         self._bn_of = {id(model.get_layer(bn)): conv for conv, bn in self.bn_units.items()}
         self.batch_size = int(batch_size)
         self.masks = {layer.name: tf.Variable(tf.ones([layer.filters], tf.float32), trainable=False,
@@ -73,9 +75,7 @@ class ChannelMasks:
         import keras
 
         m = self.masks[self._bn_of[id(layer)]]
-        mapping = [(layer.gamma, tf.convert_to_tensor(layer.gamma) * m)]
-        if "beta" in self.bn_zero and layer.beta is not None:
-            mapping.append((layer.beta, tf.convert_to_tensor(layer.beta) * m))
+        mapping = [(variable, tf.convert_to_tensor(variable) * m) for variable in self._zeroed[layer.name]]
         with keras.StatelessScope(state_mapping=mapping):
             return layer(x, training=False)
 
