@@ -182,6 +182,7 @@ def test_a_diverging_rnp_says_where_keeps_its_history_and_marks_its_rows(tmp_pat
     assert history[-1]["diverged"] == "1.0000" or float(history[-1]["diverged"]) == 1.0
     summary = read_rows(tmp_path / "summary.csv")
     assert summary and all(r["diverged"] == "True" for r in summary)
+    assert all("no horizontal flip" in r["augmentation"] for r in summary)
     defender = next(r for r in summary if r["point"] == "defender")
     assert defender["reached"] == "False"
 
@@ -200,3 +201,8 @@ def test_anp_on_fewer_clean_images_than_classes_warns_once(csaw_dir, tmp_path, c
     lines = [r.getMessage() for r in caplog.records if "fewer than the" in r.getMessage()]
     assert lines == ["warning: prune.criterion=anp learns from 40 clean validation images, fewer than the 1283 "
                      "classes"]
+    # the adaptation of the references' augmentation is named in every row: no horizontal flip, and no random
+    # shifts for the conv adaptation (the Lab 3 network has no BatchNormalization)
+    rows = read_rows(tmp_path / "summary.csv")
+    assert rows and all(r["augmentation"] == "no random shifts; no horizontal flip (adapted: a mirrored digit or face "
+                                             "is another image)" for r in rows)

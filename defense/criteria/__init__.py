@@ -56,6 +56,9 @@ class Scores:
     bn_zero:         ("gamma",) (ANP, RNP) or ("gamma", "beta") (CLP).
     variant:         `bn` or `conv (adapted: no BatchNormalization)` (defense.pruning.bn_pairing.variant);
                      empty for criteria without a reference to adapt.
+    augmentation:    how the criterion's learning augmented the clean images, where it learns from them (ANP,
+                     RNP: defense.criteria._masking.augmentation), with the adaptation of the references'
+                     augmentation it makes; empty for the others.
     """
 
     values: dict[str, np.ndarray]
@@ -66,6 +69,7 @@ class Scores:
     bn_units: dict[str, str] = field(default_factory=dict)
     bn_zero: tuple = ("gamma",)
     variant: str = ""
+    augmentation: str = ""
 
 
 def names() -> list[str]:

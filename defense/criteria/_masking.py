@@ -220,6 +220,14 @@ def batch_shift(s: dict, x: np.ndarray, on_bn: bool) -> int:
     return int(round(4 * x.shape[2] / 32)) if on_bn and x.ndim == 4 else 0
 
 
+def augmentation(shift: int) -> str:
+    """The `augmentation` tag and summary.csv column of ANP and RNP: what their learning did to the clean images,
+    naming the adaptation of the references' transform_train (RandomCrop(32, padding=4) and RandomHorizontalFlip
+    on CIFAR-10)."""
+    crop = f"random shifts up to {shift} px (the references' RandomCrop)" if shift else "no random shifts"
+    return f"{crop}; no horizontal flip (adapted: a mirrored digit or face is another image)"
+
+
 def mask_scores(masks: dict, threshold: float, history):
     """The Scores of a learned channel mask (ANP, RNP): score 1 - mask, so the lowest masks are pruned
     first; own operating point: the channels whose mask is <= threshold (as both reference pruning

@@ -47,7 +47,7 @@ from defense.core import interrupt
 from defense.core.divergence import divergence
 from defense.config import bound as _bound
 from defense.criteria import Scores
-from defense.criteria._masking import (ChannelMasks, batch_shift, clean_subset, correct, cross_entropy, data_settings,
+from defense.criteria._masking import (ChannelMasks, augmentation, batch_shift, clean_subset, correct, cross_entropy, data_settings,
                                        mask_scores, sgd_step, step_signature)
 from defense.data.arrays import shift_images
 from defense.pruning import bn_pairing
@@ -231,4 +231,5 @@ def score(model, layers: list[str], clean, cfg, divisor: float) -> Scores:
     masks = r.masks.values("prune.rnp.unlearn_lr or prune.rnp.recover_lr")
     scores = mask_scores(masks, s["threshold"], history)
     scores.bn_units, scores.bn_zero, scores.variant = units, BN_ZERO, variant
+    scores.augmentation = augmentation(batch_shift(s, x, bool(units)))
     return scores

@@ -41,6 +41,8 @@ def run(cfg, out_dir, model, sweep, valid, test, holdout, tracker) -> dict:
                          row["test_asr"]) if row["reached"] else float("nan")
         if sweep.variant:  # where the criterion prunes: `bn` or `conv (adapted: no BatchNormalization)`
             row["defense_variant"] = sweep.variant
+        if sweep.scores.augmentation:
+            row["augmentation"] = sweep.scores.augmentation
     return {"summary": summary}
 
 

@@ -38,6 +38,8 @@ def run(cfg, out_dir, model, valid, test, holdout, tracker) -> dict:
     if result.variant:  # bn, or conv (adapted: no BatchNormalization): defense/pruning/bn_pairing.py
         tracker.set_tags({"defense_variant": result.variant})
         log.info("%s prunes at the %s level", cfg.prune.criterion, result.variant)
+    if result.scores.augmentation:  # ANP, RNP: their learning's augmentation and its adaptation (no horizontal flip)
+        tracker.set_tags({"augmentation": result.scores.augmentation})
     warn_if_near_chance(result.curves[0]["valid_acc"], cfg.model, "the unpruned network's clean validation accuracy")
     log.info("sweep of %d steps (%d evaluated) in %.1f s (%s)", result.steps, len(result.evaluated),
              sum(result.seconds.values()), ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
