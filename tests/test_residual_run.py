@@ -102,3 +102,43 @@ def test_fine_pruning_fine_tunes_a_logits_network_with_from_logits(badnet, tmp_p
         assert ft_acc > 15.0, (row["drop"], ft_acc)
         accuracies.append(ft_acc)
     assert max(accuracies) > 30.0, accuracies  # and the lighter prunings recover far above chance
+
+
+TINY_LEARNING = {
+    "clp": [],
+    "anp": ["prune.anp.iterations=20", "prune.anp.batch_size=32", "prune.anp.log_every=10"],
+    "rnp": ["prune.rnp.unlearn_epochs=1", "prune.rnp.recover_epochs=2", "prune.rnp.batch_size=32",
+            "prune.rnp.images=64"],
+}
+
+
+@pytest.mark.parametrize("defense", ["clp", "anp", "rnp"])
+def test_bn_defenses_run_on_the_residual_network_with_model_auto_and_their_curves_match_plain_keras(
+        badnet, tmp_path, defense):
+    """defense=clp|anp|rnp with nothing beyond model=auto: masks and pruning on the BatchNormalization layers
+    where a conv has one (defense_variant names the others), every Conv2D of the network (prune.layer=all, the 1x1 shortcuts included), and each
+    saved B' scores, by plain Keras, what the curve (the channel-mask evaluator) says at its step."""
+    import h5py
+    import keras
+
+    proc, rows = _run(badnet, tmp_path, defense, "prune.eval_steps=8", *TINY_LEARNING[defense])
+    # BN where a conv has one after it; the block's second convs feed a residual Add, not a BN, and are named as
+    # adapted
+    variants = {r["defense_variant"] for r in rows}
+    assert len(variants) == 1 and variants.pop().startswith("bn; conv (adapted: no BatchNormalization) for ")
+    curves = {int(r["channels_pruned"]): r for r in csv.DictReader(open(tmp_path / defense / "curves.csv"))}
+    with h5py.File(os.path.join(badnet, "bd_net.h5"), "r") as f:
+        assert f.attrs.get("model_config") is not None
+    convs = [layer for layer in keras.models.load_model(os.path.join(badnet, "bd_net.h5"), compile=False).layers
+             if isinstance(layer, keras.layers.Conv2D)]
+    assert len(curves) - 1 <= sum(layer.filters for layer in convs)
+    checked = 0
+    for row in rows:
+        if row["reached"] != "True" or not row.get("model_path") or int(row["channels_pruned"]) not in curves:
+            continue
+        acc, asr = _keras_scores(row["model_path"], badnet)
+        curve = curves[int(row["channels_pruned"])]
+        assert float(curve["pruned_test_acc"]) == pytest.approx(acc, abs=1e-3), (row["point"], row["channels_pruned"])
+        assert float(curve["pruned_test_asr"]) == pytest.approx(asr, abs=1e-3)
+        checked += 1
+    assert checked, [(r["point"], r["reached"], r["channels_pruned"]) for r in rows]
