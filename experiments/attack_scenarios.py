@@ -40,7 +40,8 @@ TRIED: dict[str, list[list[str]]] = {
     "sig": [["dataset.scenario.sig.delta=60", "dataset.scenario.sig.test_delta=192"],
             ["dataset.scenario.sig.delta=60", "dataset.scenario.sig.test_delta=255"],
             ["dataset.scenario.sig.delta=80", "dataset.scenario.sig.test_delta=192"]],
-    "wanet": [["dataset.scenario.wanet.poison_fraction=0.2"]],
+    "wanet": [["dataset.scenario.wanet.poison_fraction=0.15", "dataset.scenario.wanet.epochs=null"],
+              ["dataset.scenario.wanet.poison_fraction=0.2", "dataset.scenario.wanet.epochs=null"]],
 }
 
 

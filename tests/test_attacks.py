@@ -187,11 +187,11 @@ def test_wanet_poisoned_and_noise_mode_digits(digits):
     cfg = settings("wanet")
     xp, yp, counts = attacks.get("wanet").poison_train(x, y, cfg, np.random.default_rng(0))
     relabelled = np.flatnonzero(yp != y)
-    # the default share is WaNet's own, 15% (conf/dataset/attack/wanet.yaml): 15 of 100 digits
-    assert counts["train_poisoned"] == len(relabelled) == 15 and np.all(yp[relabelled] == TARGET)
+    # the default share is WaNet's own, 20% (conf/dataset/attack/wanet.yaml): 20 of 100 digits
+    assert counts["train_poisoned"] == len(relabelled) == 20 and np.all(yp[relabelled] == TARGET)
     warped = changed_images(x, xp)
     noise_mode = np.setdiff1d(warped, relabelled)
-    assert counts["train_noise_mode"] == len(noise_mode) == 30  # cross ratio 2, true labels kept
+    assert counts["train_noise_mode"] == len(noise_mode) == 40  # cross ratio 2, true labels kept
     assert np.array_equal(yp[noise_mode], y[noise_mode])
     assert np.isin(relabelled, warped).all()
     # the poisoned digits are warped by the one fixed field the test-time trigger uses
@@ -204,10 +204,10 @@ def test_wanet_poisoned_and_noise_mode_digits(digits):
     assert np.all(np.abs(xp[noise_mode] - fixed).max(axis=(1, 2, 3)) > 1.0)
     clean = np.setdiff1d(np.arange(len(y)), warped)
     assert np.array_equal(xp[clean], x[clean]) and np.array_equal(yp[clean], y[clean])
-    # WaNet's own poison fraction, where given, replaces the scenario's: 20 of 100 digits, 40 noise-mode
-    own = settings("wanet", wanet={"poison_fraction": 0.2})
+    # WaNet's own poison fraction, where given, replaces the scenario's: 15 of 100 digits, 30 noise-mode
+    own = settings("wanet", wanet={"poison_fraction": 0.15})
     _, yp2, counts2 = attacks.get("wanet").poison_train(x, y, own, np.random.default_rng(0))
-    assert counts2 == {"train_poisoned": 20, "train_noise_mode": 40} and int(np.sum(yp2 != y)) == 20
+    assert counts2 == {"train_poisoned": 15, "train_noise_mode": 30} and int(np.sum(yp2 != y)) == 15
     # null falls back to the scenario's poison_fraction (0.1 here): 10 digits, 20 noise-mode
     shared = settings("wanet", wanet={"poison_fraction": None}, poison_fraction=0.1)
     _, _, counts3 = attacks.get("wanet").poison_train(x, y, shared, np.random.default_rng(0))
@@ -248,6 +248,7 @@ BAD = [
     ({"attack": "wanet", "poison_fraction": 0.0}, "dataset.scenario.poison_fraction=0.0 must be > 0"),
     ({"attack": "prune_aware", "poison_fraction": 1.0}, "dataset.scenario.poison_fraction=1.0 must be < 1"),
     ({"attack": "wanet", "wanet": {"poison_fraction": 1.0}}, "dataset.scenario.wanet.poison_fraction=1.0 must be < 1"),
+    ({"attack": "wanet", "wanet": {"epochs": 0}}, "dataset.scenario.wanet.epochs=0 must be >= 1"),
 ]
 
 

@@ -11,8 +11,10 @@ Warping-based Backdoor Attack"), written in numpy after the formulas of the auth
 k = `wanet.k` (4), s = `wanet.s` (0.5), grid_rescale = `wanet.grid_rescale` (1). The warping field is
 fixed (drawn once from numpy's generator seeded with `wanet.field_seed`, the same for every
 scenario seed); a share `poison_fraction` of the training digits is warped and relabelled (`label_mode`):
-0.15 by default, where the paper warps 10% (`dataset/attack@dataset.scenario.wanet=wanet_paper`), which on
-these digits stays below the build check's 90% ASR (experiments/results/attack_scenarios.md).
+0.2 by default, and B trains for `epochs` (30) instead of dataset.scenario.epochs, where the paper warps 10%
+(`dataset/attack@dataset.scenario.wanet=wanet_paper`), which on these digits stays below the build check's 90%
+ASR; 15% misses it on some scenario seeds, and 20% at 20 epochs misses the clean-accuracy bound on one
+(experiments/results/attack_scenarios.md, `python experiments/attack_scenarios.py`).
 "Noise mode": `cross_ratio` (2) times as many other training digits are warped by the field plus
 independent per-pixel noise U(-1, 1) / h (grid2 = clip(grid + noise / h, -1, 1)) and KEEP their true
 labels, so that the network learns the one field, not warping in general. The paper draws poisoned
@@ -42,7 +44,8 @@ class Settings:
     grid_rescale: float = 1.0
     cross_ratio: float = 2.0
     field_seed: int = 0
-    poison_fraction: Optional[float] = 0.15  # null: dataset.scenario.poison_fraction
+    poison_fraction: Optional[float] = 0.2  # null: dataset.scenario.poison_fraction
+    epochs: Optional[int] = 30  # null: dataset.scenario.epochs
 
 
 NAME = "wanet"
@@ -65,6 +68,8 @@ def check(cfg: dict) -> None:
         block["poison_fraction"] = number(block, "poison_fraction", float, 0.0, 1.0, where, low_open=True)
         if block["poison_fraction"] >= 1.0:
             raise DefenseError(f"{where}.poison_fraction={block['poison_fraction']!r} must be < 1 (a share of the training digits)")
+    if block.get("epochs") is not None:
+        block["epochs"] = number(block, "epochs", int, 1, None, where)
 
 
 def _cubic(t: np.ndarray) -> list[np.ndarray]:
@@ -168,6 +173,14 @@ def poison_train(x, y, cfg, rng):
     return x, y, {"train_poisoned": int(len(poisoned)), "train_noise_mode": int(n_cross)}
 
 
+def train(x_train, y_train, cfg, context):
+    """B, trained as every scenario's network (common.train_network), for WaNet's own `epochs` where it sets them."""
+    block = cfg[NAME]
+    if block.get("epochs") is not None:
+        cfg = {**cfg, "epochs": int(block["epochs"])}
+    return sc.train_network(x_train, y_train, cfg), {}
+
+
 def poison_test(x, y, cfg):
     sel = sc.attack_candidates(y, cfg)
     return warp(x[sel], cfg[NAME]), sc.attack_labels(y[sel], cfg), sel
@@ -176,4 +189,6 @@ def poison_test(x, y, cfg):
 def describe(cfg) -> str:
     b = cfg[NAME]
     share = "" if b.get("poison_fraction") is None else f", {100 * b['poison_fraction']:g}% warped"
-    return f"WaNet warp k {b['k']}, s {b['s']:g}, grid_rescale {b['grid_rescale']:g}, noise mode x{b['cross_ratio']:g}{share}"
+    epochs = "" if b.get("epochs") is None else f", trained {b['epochs']} epochs"
+    return (f"WaNet warp k {b['k']}, s {b['s']:g}, grid_rescale {b['grid_rescale']:g}, noise mode x{b['cross_ratio']:g}"
+            f"{share}{epochs}")
