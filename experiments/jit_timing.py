@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     y = np.asarray(clean.y[index], np.int64)
 
     report = {"images": args.images, "image_shape": list(x.shape[1:]), "iterations": args.iterations,
-              "epochs": args.epochs, "loops": {}}
+              "epochs": args.epochs, "anp_batch_size": 128, "finetune_batch_size": 64, "loops": {}}
     for loop, run, unit in (("anp", lambda jit: time_anp(args.weights, cfg, x, y, jit, args.iterations),
                              "ms_per_iteration"),
                             ("finetune", lambda jit: time_finetune(args.weights, cfg, x, y, jit, args.epochs),
@@ -122,6 +122,7 @@ def main(argv=None) -> int:
             "first_plain_s": plain["first_s"], "first_xla_s": xla["first_s"],
             "final_loss_plain": float(plain["final_loss"]), "final_loss_xla": float(xla["final_loss"]),
             "max_abs_difference": float(np.max(np.abs(plain[values] - xla[values]))),
+            "max_abs_difference_shown": f"{float(np.max(np.abs(plain[values] - xla[values]))):.3g}",
             "compared": values,
         }
         print(f"{loop}: plain {plain[unit]:.3f}, XLA {xla[unit]:.3f} {unit}; "

@@ -96,22 +96,29 @@ def job_profiles(sweep_dir: Path) -> list[dict]:
     return found
 
 
+def profile_summary(profiles: list[dict]) -> list[dict]:
+    """Per defense the mean seconds per job of each phase (and `total`), then a row `all` of the sums over all
+    jobs: what the profile table shows, kept in the results .json too."""
+    rows = []
+    for defense in [*sorted({p["defense"] for p in profiles}), None]:
+        group = [p for p in profiles if defense is None or p["defense"] == defense]
+        scale = 1.0 if defense is None else 1.0 / len(group)
+        row = {"defense": defense or "all", "jobs": len(group)}
+        row.update({k: scale * sum(p.get(k, 0.0) for p in group) for k in (*STAGES, "total")})
+        rows.append(row)
+    return rows
+
+
 def profile_markdown(profiles: list[dict], wall_seconds: float, n_jobs: int) -> str:
     """Mean seconds per job of each phase, per defense, and the sum over all jobs."""
     if not profiles:
         return "No job wrote a profile.json."
-    defenses = sorted({p["defense"] for p in profiles})
     rows = []
-    for defense in [*defenses, None]:
-        group = [p for p in profiles if defense is None or p["defense"] == defense]
-        if defense is None:
-            cells = ["**all jobs, summed**", len(group)] + [f"{sum(p.get(k, 0.0) for p in group):.0f}" for k in STAGES]
-            cells.append(f"{sum(p['total'] for p in group):.0f}")
+    for row in profile_summary(profiles):
+        if row["defense"] == "all":
+            rows.append(["**all jobs, summed**", row["jobs"]] + [f"{row[k]:.0f}" for k in (*STAGES, "total")])
         else:
-            cells = [f"`{defense}`", len(group)] + [f"{sum(p.get(k, 0.0) for p in group) / len(group):.1f}"
-                                                   for k in STAGES]
-            cells.append(f"{sum(p['total'] for p in group) / len(group):.1f}")
-        rows.append(cells)
+            rows.append([f"`{row['defense']}`", row["jobs"]] + [f"{row[k]:.1f}" for k in (*STAGES, "total")])
     total = sum(p["total"] for p in profiles)
     return ("Where the time went (seconds; mean per job for each defense, summed over all jobs in the last row; "
             "`rank` is the part of `sweep` that ranks the channels, criterion learning included; `startup` is "
@@ -121,23 +128,35 @@ def profile_markdown(profiles: list[dict], wall_seconds: float, n_jobs: int) -> 
             + rf.md_table(["defense", "jobs", *STAGES, "total"], rows))
 
 
-def oracle_gain_markdown(defender_cells: list[dict], oracle_cells: list[dict]) -> str:
-    """Per cell: test ASR at the defender's point, at the oracle point, and the oracle's gain (points)."""
+def oracle_gains(defender_cells: list[dict], oracle_cells: list[dict]) -> list[dict]:
+    """Per attack and defense: test ASR at the defender's point, at the oracle point, and the oracle's gain
+    (defender's minus oracle's, points); None where either is missing. Kept in the results .json."""
     oracle = {r["attack"]: r for r in oracle_cells}
-    defenses = []
-    for key in defender_cells[0] if defender_cells else []:
-        if key.endswith("_test_asr_mean"):
-            defenses.append(key[: -len("_test_asr_mean")])
-    rows = []
+    defenses = [key[: -len("_test_asr_mean")] for key in (defender_cells[0] if defender_cells else [])
+                if key.endswith("_test_asr_mean")]
+    gains = []
     for row in defender_cells:
-        cells = [row["attack"]]
         other = oracle.get(row["attack"], {})
         for defense in defenses:
             d, o = row.get(f"{defense}_test_asr_mean", ""), other.get(f"{defense}_test_asr_mean", "")
-            if d == "" or o == "":
-                cells.append("-")
-            else:
-                cells.append(f"{float(d):.2f} → {float(o):.2f} ({float(d) - float(o):+.2f})")
+            both = d not in ("", None) and o not in ("", None)
+            gains.append({"attack": row["attack"], "defense": defense,
+                          "defender_test_asr": float(d) if both else None,
+                          "oracle_test_asr": float(o) if both else None,
+                          "gain": float(d) - float(o) if both else None})
+    return gains
+
+
+def oracle_gain_markdown(defender_cells: list[dict], oracle_cells: list[dict]) -> str:
+    """Per cell: test ASR at the defender's point, at the oracle point, and the oracle's gain (points)."""
+    gains = oracle_gains(defender_cells, oracle_cells)
+    defenses = list(dict.fromkeys(g["defense"] for g in gains))
+    rows = []
+    for row in defender_cells:
+        cells = [row["attack"]]
+        for g in (g for g in gains if g["attack"] == row["attack"]):
+            cells.append("-" if g["gain"] is None else
+                         f"{g['defender_test_asr']:.2f} → {g['oracle_test_asr']:.2f} ({g['gain']:+.2f})")
         rows.append(cells)
     return ("Test ASR (%) at the defender's point → at the ORACLE point (lowest test ASR within the same "
             "clean-accuracy budget, read off the test data: not available to a defender), and in brackets how "
@@ -281,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         "sweep_seconds": sweep_seconds, "compare_seconds": compare_seconds,
         "scenarios_cached_before": before, "scenarios_cached_after": after,
         "point": args.point, "cells": cells, "oracle_cells": oracle_cells, "runs": runs, "profiles": profiles,
+        "profile_summary": profile_summary(profiles) if profiles else [],
+        "oracle_gains": oracle_gains(cells, oracle_cells) if oracle_cells else [],
     }, args.results)
 
 
