@@ -107,7 +107,6 @@ def main(argv=None) -> int:
     results_files.use_this_checkout()
     import numpy as np
 
-    import defense.pipeline.schemas  # noqa: F401  (the config schemas in Hydra's ConfigStore)
     from defense.nets import models
     from defense.pipeline import load as datasets
 

@@ -37,6 +37,8 @@ def compose(overrides: list[str], config_name: str = "config"):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    import defense.pipeline.schemas  # noqa: F401  (the configs' schemas in Hydra's ConfigStore, as the apps register them)
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
