@@ -223,6 +223,13 @@ def pruned_layers_zero(model, pruned: dict[str, list[int]], bn_units: dict | Non
                else pruned_channels_zero(model, name, channels) for name, channels in pruned.items())
 
 
+def _log_epoch(tracker, name: str, row: dict) -> None:
+    """One fine-tuning epoch's row ({"epoch", "loss", "acc", ...}) as step metrics `ft/<name>/<key>` (finite ones)."""
+    for key, value in row.items():
+        if key != "epoch" and math.isfinite(value):
+            tracker.log_metric(f"ft/{name}/{key}", value, step=row["epoch"])
+
+
 def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: bool):
     """Re-zero the pruned channels after every batch; log every epoch; early stopping on the holdout."""
     import keras
@@ -257,9 +264,7 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
                     value = float(logs[key])
                     short = key.replace("accuracy", "acc")
                     row[short] = value * 100.0 if short.endswith("acc") else value
-            for key, value in row.items():
-                if key != "epoch" and math.isfinite(value):
-                    tracker.log_metric(f"ft/{name}/{key}", value, step=epoch + 1)
+            _log_epoch(tracker, name, row)
             self.history.append(row)
             text = ", ".join(f"{k} {v:.4f}" if k.endswith("loss") else f"{k} {v:.2f} %"
                              for k, v in row.items() if k != "epoch")
@@ -476,9 +481,7 @@ def _shared_fine_tune(cfg, make_b_prime, pruned, valid_clean, tracker, name: str
     if key is not None and key in shared:
         b2, info, history, first = shared[key]
         for row in history:
-            for metric, value in row.items():
-                if metric != "epoch" and math.isfinite(value):
-                    tracker.log_metric(f"ft/{name}/{metric}", value, step=row["epoch"])
+            _log_epoch(tracker, name, row)
         log.info("  fine-tune %s: the same B' and settings as %s, whose fine-tuned network it shares",
                  name.replace("_", " "), first.replace("_", " "))
         return b2, dict(info)
