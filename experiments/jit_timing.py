@@ -10,7 +10,7 @@ extracts, each loop runs twice from the same weights and seeds, once as the fram
 - ANP's mask learning step (defense/criteria/anp.py MaskLearner, masks on every Conv2D, batch 128 drawn
   with replacement from `--images` faces): ms per iteration after the first (the first one traces and
   compiles), and the largest difference between the two runs' masks at the end;
-- fine-tuning (Keras `fit`, SGD, batch 64, no augmentation, on the same faces): seconds per epoch after
+- fine-tuning (Keras `fit`, SGD, batches of `finetune.batch_size` (64 by default), no augmentation, on the same faces): seconds per epoch after
   the first, and the largest difference between the two runs' weights.
 
 TensorFlow's op determinism is off here for both runs (XLA does not run every op deterministically, and
@@ -57,7 +57,7 @@ def time_anp(model_path, cfg, x, y, jit: bool, iterations: int) -> dict:
             "masks": np.concatenate([m.numpy() for m in learner.masks.masks])}
 
 
-def time_finetune(model_path, cfg, x, y, jit: bool, epochs: int) -> dict:
+def time_finetune(model_path, cfg, x, y, jit: bool, epochs: int, batch_size: int) -> dict:
     import keras
     import numpy as np
 
@@ -77,7 +77,7 @@ def time_finetune(model_path, cfg, x, y, jit: bool, epochs: int) -> dict:
         def on_epoch_end(self, epoch, logs=None):
             seconds.append(time.perf_counter() - self.t)
 
-    history = model.fit(x, y, batch_size=64, epochs=epochs, shuffle=True, callbacks=[Clock()], verbose=0)
+    history = model.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=True, callbacks=[Clock()], verbose=0)
     later = seconds[1:] or seconds
     return {"first_s": seconds[0], "s_per_epoch": float(np.mean(later)), "final_loss": history.history["loss"][-1],
             "weights": np.concatenate([w.ravel() for w in model.get_weights()])}
@@ -107,8 +107,10 @@ def main(argv=None) -> int:
     results_files.use_this_checkout()
     import numpy as np
 
+    from defense.criteria import anp
     from defense.nets import models
     from defense.pipeline import load as datasets
+    from defense.pipeline.finetune import finetune_settings
 
     cfg = results_files.compose(["model=lab3", f"model.path={args.weights}", "dataset=csaw_extract",
                                  f"dataset.root={CSAW}"])
@@ -118,10 +120,12 @@ def main(argv=None) -> int:
     y = np.asarray(clean.y[index], np.int64)
 
     report = {"images": args.images, "image_shape": list(x.shape[1:]), "iterations": args.iterations,
-              "epochs": args.epochs, "anp_batch_size": 128, "finetune_batch_size": 64, "loops": {}}
+              "epochs": args.epochs, "anp_batch_size": anp.DEFAULTS["batch_size"],
+              "finetune_batch_size": finetune_settings(cfg.finetune)["batch_size"], "loops": {}}
     for loop, run, unit in (("anp", lambda jit: time_anp(args.weights, cfg, x, y, jit, args.iterations),
                              "ms_per_iteration"),
-                            ("finetune", lambda jit: time_finetune(args.weights, cfg, x, y, jit, args.epochs),
+                            ("finetune", lambda jit: time_finetune(args.weights, cfg, x, y, jit, args.epochs,
+                                                             report["finetune_batch_size"]),
                              "s_per_epoch")):
         plain, xla = run(False), run(True)
         values = "masks" if loop == "anp" else "weights"
@@ -136,8 +140,9 @@ def main(argv=None) -> int:
               f"largest difference of the {values} {report['loops'][loop]['max_abs_difference']:.3g}", flush=True)
     rows = []
     for loop, r in report["loops"].items():
-        what = (f"ANP mask learning, every Conv2D, batch 128 ({args.iterations} iterations)" if loop == "anp"
-                else f"fine-tuning with Keras fit, SGD, batch 64 ({args.epochs} epochs)")
+        what = (f"ANP mask learning, every Conv2D, batch {report['anp_batch_size']} ({args.iterations} iterations)"
+                if loop == "anp" else
+                f"fine-tuning with Keras fit, SGD, batch {report['finetune_batch_size']} ({args.epochs} epochs)")
         unit = "ms / iteration" if loop == "anp" else "s / epoch"
         rows.append([what, f"{r['plain']:.3f} {unit}", f"{r['xla']:.3f} {unit}", f"{r['speedup']:.2f}x",
                      f"{r['first_plain_s']:.1f} / {r['first_xla_s']:.1f}",
