@@ -252,6 +252,7 @@ def main(argv=None) -> int:
                              "(default 4)")
     parser.add_argument("--n-jobs", type=int, default=2, help="joblib workers per sweep (default 2)")
     parser.add_argument("--out", default=str(rf.REPO / "outputs" / "experiments" / NAME))
+    parser.add_argument("--results-dir", type=Path, default=rf.RESULTS, help="where defenses_table.md/.json go")
     parser.add_argument("--reuse", action="store_true",
                         help="read the job folders of an earlier run in --out instead of running the sweeps again")
     args = parser.parse_args(argv)
@@ -263,10 +264,10 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out).resolve()
     earlier = {}
-    if args.reuse and (rf.RESULTS / f"{NAME}.json").is_file():
+    if args.reuse and (args.results_dir / f"{NAME}.json").is_file():
         import json
 
-        earlier = json.loads((rf.RESULTS / f"{NAME}.json").read_text())["results"].get("setups", {})
+        earlier = json.loads((args.results_dir / f"{NAME}.json").read_text())["results"].get("setups", {})
     setups, entries = {}, []
     for setup in args.setups:
         folder = out / setup
@@ -303,7 +304,7 @@ def main(argv=None) -> int:
                       "cells": [{"attack": a, "defense": d, "acc": acc, "asr": asr}
                                 for a, cells in PUBLISHED.items() for d, (acc, asr) in cells.items()]},
         "runs": [{k: v for k, v in e.items() if k != "start_time"} for e in entries],
-    })
+    }, args.results_dir)
     return 0
 
 
