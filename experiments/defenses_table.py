@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import shlex
@@ -61,6 +62,7 @@ LAB3_OVERRIDES = ["model=lab3", f"model.path={SHARED / 'lab3_bd_weights.h5'}", "
                   f"dataset.root={SHARED}"]
 ROW_NAMES = {"deepid": "deepid (no BN)", "preact_resnet": "preact_resnet (BN)", "vgg_bn": "vgg_bn (BN)",
              LAB3: "Lab 3 DeepID, real faces (no BN)"}
+TIME_FILE = "sweep_time.json"  # in each setup's sweep folder: the sweep's seconds and exit code
 DEFENDER, OWN, ORACLE = "defender", "operating_point", "oracle_test_asr"
 # the goal of ANP and RNP on the preact_resnet BadNets scenario, at the method's own operating point
 GOAL_ASR, GOAL_LOSS = 5.0, 5.0
@@ -134,6 +136,21 @@ def network_alone(summary: list[dict]) -> list[dict]:
             row["test_acc"], row["test_asr"] = row.get("pruned_test_acc"), row.get("pruned_test_asr")
         rows.append(row)
     return rows
+
+
+def sweep_time(folder: Path) -> dict:
+    """{"seconds", "exit", "timed_by"} of an earlier sweep in `folder`: its TIME_FILE, written when the sweep
+    ended; else (a sweep stopped before it ended) the span of its job folders' file times."""
+    path = folder / TIME_FILE
+    if path.is_file():
+        return {**json.loads(path.read_text()), "timed_by": "the sweep's wall clock"}
+    jobs = job_folders(folder)
+    if not jobs:
+        return {"seconds": None, "exit": None, "timed_by": "not timed"}
+    first = min((job / ".hydra").stat().st_mtime for job in job_folders(folder) if (job / ".hydra").is_dir())
+    last = max(f.stat().st_mtime for job in jobs for f in job.iterdir() if f.is_file())
+    return {"seconds": last - first, "exit": None,
+            "timed_by": "the span of its job folders' file times (no sweep_time.json: that sweep did not record its time)"}
 
 
 def entries_of_job(setup: str, job: Path, drop: float) -> dict[str, dict]:
@@ -263,18 +280,13 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
-    earlier = {}
-    if args.reuse and (args.results_dir / f"{NAME}.json").is_file():
-        import json
-
-        earlier = json.loads((args.results_dir / f"{NAME}.json").read_text())["results"].get("setups", {})
     setups, entries = {}, []
     for setup in args.setups:
         folder = out / setup
         command = sweep_command(setup, args, folder)
-        info = {"command": shown(command), "exit": 0, "seconds": None}
+        info = {"command": shown(command), "exit": 0, "seconds": None, "timed_by": "the sweep's wall clock"}
         if args.reuse:
-            info.update({k: earlier.get(setup, {}).get(k) for k in ("seconds", "exit")})
+            info.update(sweep_time(folder))
         else:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
@@ -284,6 +296,7 @@ def main(argv=None) -> int:
                 done = subprocess.run([sys.executable, *command[1:]], cwd=rf.REPO, stdout=log, stderr=subprocess.STDOUT,
                                       env={**os.environ, "PYTHONPATH": str(rf.REPO), "PYTHONUNBUFFERED": "1"})
             info.update(seconds=time.perf_counter() - started, exit=done.returncode)
+            (folder / TIME_FILE).write_text(json.dumps({"seconds": info["seconds"], "exit": info["exit"]}) + "\n")
             if done.returncode != 0:  # keep what finished: the table says how many jobs are missing
                 print(f"warning: the {setup} sweep exited {done.returncode}; see {folder / 'sweep.log'}", file=sys.stderr)
         jobs = job_folders(folder)
@@ -325,12 +338,12 @@ def markdown(boards: dict, setups: dict, goal_list: list[dict], args) -> str:
         "",
     ]
     for setup, info in setups.items():
-        took = "" if info.get("seconds") is None else f"{info['seconds']:.0f} s"
+        took = "" if info.get("seconds") is None else f"{info['seconds']:.0f} s by {info['timed_by']}"
         missing = info["expected_jobs"] - info["jobs"]
         status = f"{info['jobs']} of {info['expected_jobs']} jobs finished" if missing else f"{info['jobs']} jobs"
         if info.get("exit"):
             status += f", the sweep exited {info['exit']}"
-        lines.append(f"- {ROW_NAMES[setup]}: `{info['command']}` ({status}" + (f", {took} wall clock" if took else "")
+        lines.append(f"- {ROW_NAMES[setup]}: `{info['command']}` ({status}" + (f", {took}" if took else "")
                      + ")")
     lines += [
         "",
