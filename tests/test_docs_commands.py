@@ -1,0 +1,63 @@
+"""experiments/docs_commands.py finds the commands of a page as a reader would type them, and checks an output
+block against what a command printed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("docs_commands", REPO / "experiments" / "docs_commands.py")
+docs_commands = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(docs_commands)
+
+PAGE = """# A page
+
+```bash
+# a comment line
+python -m defense.evaluate model=lab3 \\
+    split=all
+python -m defense.run -m prune.criterion=activation,l1      # a sweep
+```
+
+```
+Clean Classification accuracy: 99.00 %
+```
+
+Some prose.
+
+```bash
+mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db
+python experiments/leaderboard.py --seeds 1
+python -m defense.run -m experiment=leaderboard
+```
+
+text
+
+```text
+not an output of the block above: prose stands between
+```
+"""
+
+
+def test_commands_are_joined_stripped_of_comments_and_given_their_output_block():
+    found = docs_commands.commands_of("page.md", PAGE)
+    assert [c["command"] for c in found] == [
+        "python -m defense.evaluate model=lab3 split=all",
+        "python -m defense.run -m prune.criterion=activation,l1",
+        "mlflow ui --backend-store-uri sqlite:///$PWD/mlflow.db",
+        "python experiments/leaderboard.py --seeds 1",
+        "python -m defense.run -m experiment=leaderboard",
+    ]
+    assert [c["line"] for c in found] == [5, 7, 17, 18, 19]
+    assert found[1]["expect"] == ["Clean Classification accuracy: 99.00 %"]
+    assert all(not c["expect"] for c in found if c is not found[1])
+    assert [docs_commands.kind_of(c["command"]) for c in found] == ["run", "run", "server", "study", "reduced"]
+
+
+def test_an_output_block_matches_with_placeholders_and_names_what_is_missing():
+    printed = "TF noise\n  Clean Classification accuracy: 99.00 %\ndone in 12.5 s: results in outputs/run/x\n"
+    assert docs_commands.expected_found(["Clean Classification accuracy: 99.00 %",
+                                         "done in <seconds> s: results in <run folder>"], printed) == []
+    assert docs_commands.expected_found(["Attack Success Rate: 100.00 %"], printed) == ["Attack Success Rate: 100.00 %"]
+    assert docs_commands.expected_found(["Clean Classification accuracy: 98.00 %"], printed) != []
