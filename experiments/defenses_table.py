@@ -184,13 +184,15 @@ def entries_of_job(setup: str, job: Path, drop: float) -> dict[str, dict]:
     return entries
 
 
-def cell_text(cell: dict | None) -> str:
-    """`clean acc ± std / ASR ± std`, the worst seed's ASR, and the seeds not counted."""
+def cell_text(cell: dict | None, expected: int) -> str:
+    """`clean acc ± std / ASR ± std`, the worst seed's ASR, and the seeds not counted; `expected`: the seeds
+    asked for (a sweep stopped early has fewer)."""
     if cell is None:
-        return ""
+        return "not run"
     n_seeds = len(cell["seeds"])
+    unrun = f" ({n_seeds} of {expected} seeds run)" if n_seeds < expected else ""
     if cell["n"] == 0:
-        return f"diverged ({cell['n_diverged']} of {n_seeds})" if cell["n_diverged"] else "n/r"
+        return (f"diverged ({cell['n_diverged']} of {n_seeds})" if cell["n_diverged"] else "n/r") + unrun
 
     def pm(mean, std):
         return f"{mean:.2f}" if not math.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
@@ -203,12 +205,12 @@ def cell_text(cell: dict | None) -> str:
         text += f", {cell['n_diverged']} diverged)" if cell["n_diverged"] else ")"
     elif cell["n_diverged"]:
         text += f" ({cell['n_diverged']} diverged)"
-    return text
+    return text + unrun
 
 
-def board_table(board: dict, defenses: list[str]) -> str:
-    rows = [[ROW_NAMES.get(setup, setup), *(cell_text(board["cells"].get((ROW_NAMES.get(setup, setup), d)))
-                                            for d in defenses)]
+def board_table(board: dict, defenses: list[str], seeds: int) -> str:
+    rows = [[ROW_NAMES[setup], *(cell_text(board["cells"].get((ROW_NAMES[setup], d)), 1 if setup == LAB3 else seeds)
+                                 for d in defenses)]
             for setup in board["setups"]]
     return rf.md_table(["network", *defenses], rows, align="l" + "r" * len(defenses))
 
@@ -351,21 +353,21 @@ def markdown(boards: dict, setups: dict, goal_list: list[dict], args) -> str:
         "`select.max_drop` points of B's; defense/pipeline/select.py). The defended network: B'' where the preset "
         "fine-tunes, else G(B, B'):",
         "",
-        board_table(boards[DEFENDER], defenses),
+        board_table(boards[DEFENDER], defenses, len(args.seeds)),
         "",
         f"**At each defense's own operating point** (the paper's threshold for CLP, ANP and RNP; the {args.drop:g}-point "
         "clean validation drop for random_pruning, fp and fine_pruning; nothing pruned for none and fine_tuning). "
         "The network alone, as the papers and BackdoorBench report it: B'' where the preset fine-tunes, else the "
         "pruned B':",
         "",
-        board_table(boards[OWN], defenses),
+        board_table(boards[OWN], defenses, len(args.seeds)),
         "",
         *[goal_text(g) for g in goal_list],
         *([""] if goal_list else []),
         "**At the ORACLE point** (the lowest test ASR within the same budget, read off the test data as "
         "BackdoorBench selects: not available to a defender). The defended network, as at the defender's point:",
         "",
-        board_table(boards[ORACLE], defenses),
+        board_table(boards[ORACLE], defenses, len(args.seeds)),
         "",
         f"For comparison, not comparable cell by cell (another data set and network): {PUBLISHED_SOURCE}, clean "
         "accuracy / ASR (%):",

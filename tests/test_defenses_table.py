@@ -1,5 +1,5 @@
 """experiments/defenses_table.py reads job folders as the leaderboard does: hand-written summary.csv files of
-two seeds give cells, goals and diverged counts that are computed here by hand."""
+two seeds (of three asked for) give cells, goals and diverged counts that are computed here by hand."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def test_cells_goals_and_diverged_seeds_follow_the_job_folders(tmp_path):
     (sweep / "artifacts" / "x" / "summary.csv").write_text("drop\n")
     results = tmp_path / "results"
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "defenses_table.py"), "--reuse",
-                           "--setups", "preact_resnet", "--seeds", "1", "2", "--defenses", "none", "anp",
+                           "--setups", "preact_resnet", "--seeds", "1", "2", "3", "--defenses", "none", "anp",
                            "--out", str(out), "--results-dir", str(results)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,4 +85,6 @@ def test_cells_goals_and_diverged_seeds_follow_the_job_folders(tmp_path):
     assert goal["acc_loss"] == [97.0 - 95.0, 96.0 - 93.5]
     md = (results / "defenses_table.md").read_text()
     assert "is **met**" in md and "1 of 2 seeds, 1 diverged" in md
+    # seed 3 was asked for and never ran: the setup and every cell say so
+    assert "4 of 6 jobs finished" in md and md.count("(2 of 3 seeds run)") == 3 * 2
     assert "BackdoorBench" in md and "84.17 / 0.73" in md
