@@ -138,12 +138,15 @@ def network_alone(summary: list[dict]) -> list[dict]:
     return rows
 
 
-def sweep_time(folder: Path) -> dict:
+def sweep_time(folder: Path, earlier: dict | None = None) -> dict:
     """{"seconds", "exit", "timed_by"} of an earlier sweep in `folder`: its TIME_FILE, written when the sweep
-    ended; else (a sweep stopped before it ended) the span of its job folders' file times."""
+    ended; else `earlier` (the setup's entry in the results .json of the run that made the sweep); else (a
+    sweep stopped before it ended) the span of its job folders' file times."""
     path = folder / TIME_FILE
     if path.is_file():
         return {**json.loads(path.read_text()), "timed_by": "the sweep's wall clock"}
+    if earlier and earlier.get("seconds") is not None:
+        return {"seconds": earlier["seconds"], "exit": earlier.get("exit"), "timed_by": "the sweep's wall clock"}
     jobs = job_folders(folder)
     if not jobs:
         return {"seconds": None, "exit": None, "timed_by": "not timed"}
@@ -283,12 +286,14 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out).resolve()
     setups, entries = {}, []
+    results_json = args.results_dir / f"{NAME}.json"
+    earlier = json.loads(results_json.read_text())["results"].get("setups", {}) if results_json.is_file() else {}
     for setup in args.setups:
         folder = out / setup
         command = sweep_command(setup, args, folder)
         info = {"command": shown(command), "exit": 0, "seconds": None, "timed_by": "the sweep's wall clock"}
         if args.reuse:
-            info.update(sweep_time(folder))
+            info.update(sweep_time(folder, earlier.get(setup)))
         else:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
