@@ -140,7 +140,8 @@ def network_alone(summary: list[dict]) -> list[dict]:
 
 def sweep_time(folder: Path, earlier: dict | None = None) -> dict:
     """{"seconds", "exit", "timed_by"} of an earlier sweep in `folder`: its TIME_FILE, written when the sweep
-    ended; else `earlier` (the setup's entry in the results .json of the run that made the sweep); else (a
+    ended; else `earlier` (the setup's entry in the results .json of the run that made the sweep, same command);
+    else (a
     sweep stopped before it ended) the span of its job folders' file times."""
     path = folder / TIME_FILE
     if path.is_file():
@@ -293,7 +294,8 @@ def main(argv=None) -> int:
         command = sweep_command(setup, args, folder)
         info = {"command": shown(command), "exit": 0, "seconds": None, "timed_by": "the sweep's wall clock"}
         if args.reuse:
-            info.update(sweep_time(folder, earlier.get(setup)))
+            made_it = earlier.get(setup) if earlier.get(setup, {}).get("command") == info["command"] else None
+            info.update(sweep_time(folder, made_it))
         else:
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True)
