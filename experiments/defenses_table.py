@@ -141,8 +141,7 @@ def network_alone(summary: list[dict]) -> list[dict]:
 def sweep_time(folder: Path, earlier: dict | None = None) -> dict:
     """{"seconds", "exit", "timed_by"} of an earlier sweep in `folder`: its TIME_FILE, written when the sweep
     ended; else `earlier` (the setup's entry in the results .json of the run that made the sweep, same command);
-    else (a
-    sweep stopped before it ended) the span of its job folders' file times."""
+    else (a sweep stopped before it ended) the span of its job folders' file times."""
     path = folder / TIME_FILE
     if path.is_file():
         return {**json.loads(path.read_text()), "timed_by": "the sweep's wall clock"}
