@@ -203,3 +203,32 @@ def test_joblib_workers_share_one_sqlite_store(tmp_path):
     outputs = [proc.stdout, proc.stderr] + [p.read_text() for p in (tmp_path / "sweep").glob("*/run.log")]
     assert len(outputs) == 2 + len(seeds)
     assert not [text for text in outputs if "database is locked" in text]
+
+
+def test_a_failed_sweep_job_leaves_the_others_running(tmp_path):
+    """One job of a joblib sweep ends with a user error: the other job still runs to its end, the
+    error is printed once, the sweep exits 2 and its MLflow parent ends FAILED."""
+    from mlflow import MlflowClient
+
+    args = tiny_sweep(tmp_path, [0], "hydra/launcher=joblib", "hydra.launcher.n_jobs=2") + ["prune.layer=no_such_layer,conv_3"]
+    proc = run_cli("defense.run", *args)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "no_such_layer" in errors[0] and "a job of the sweep failed" in errors[1], errors
+    assert not (tmp_path / "sweep" / "0" / "summary.csv").exists()
+    assert "no_such_layer" in (tmp_path / "sweep" / "0" / "run.log").read_text()
+    assert len(read_csv_rows(tmp_path / "sweep" / "1" / "summary.csv")) > 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("backdoor-prune").experiment_id])
+    parent = [r for r in runs if r.data.tags.get("defense.parent") == "true"]
+    children = [r for r in runs if r.data.tags.get("defense.parent") != "true"]
+    assert [r.info.status for r in parent] == ["FAILED"]
+    assert [r.info.status for r in children] == ["FINISHED"]  # the failed job stopped before its run began
+
+
+def read_csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

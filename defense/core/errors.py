@@ -26,8 +26,27 @@ class DefenseError(Exception):
     """
 
 
+class SweepJobFailed(Exception):
+    """A job of a Hydra sweep (`-m`) ended with a DefenseError, already printed as its one `error:` line.
+
+    Raised instead of exiting, so that Hydra records the job as failed and runs the others (its
+    `run_job` catches an Exception, not a SystemExit); Hydra raises it again once the sweep's jobs have
+    run, and the command exits 2 (defense/reporting/terminal.py, `one_line_errors`)."""
+
+
+def _in_sweep() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return False
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def exit_on_user_error(func):
-    """Decorate a Hydra task function: a DefenseError becomes one line on stderr and exit 2."""
+    """Decorate a Hydra task function: a DefenseError becomes one line on stderr and exit 2.
+
+    In a sweep, the job ends failed (SweepJobFailed) and the sweep goes on with its other jobs."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -37,6 +56,8 @@ def exit_on_user_error(func):
             # into the run's log file; the terminal gets the error: line below only (FileOnly on its handler)
             logging.getLogger("defense").error("%s", err, extra={FILE_ONLY: True})
             print(f"error: {err}", file=sys.stderr, flush=True)
+            if _in_sweep():
+                raise SweepJobFailed(str(err)) from None
             sys.exit(2)
 
     return wrapper

@@ -22,6 +22,8 @@ import re
 import sys
 from pathlib import Path
 
+from defense.core.errors import SweepJobFailed
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
 MLFLOW_UI = "http://127.0.0.1:5000"
 
@@ -166,6 +168,10 @@ def one_line_errors(main):
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")
         try:
             return main(*args, **kwargs)
+        except SweepJobFailed:  # its error: line is printed; the sweep's other jobs ran to their end
+            print("error: a job of the sweep failed (its error: line is above, and in its run.log); the other "
+                  "jobs ran and kept their results", file=sys.stderr, flush=True)
+            sys.exit(2)
         except Exception as err:  # noqa: BLE001 - only Hydra's and OmegaConf's are turned into one line
             if not _is_config_error(err):
                 raise

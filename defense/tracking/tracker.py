@@ -345,7 +345,7 @@ class MultirunParentRun(Callback):
         if getattr(self, "_run", None) is None:
             return
         client, run_id = self._run
-        log.warning("the sweep stopped early: MLflow parent run %s ends %s", run_id, status)
+        log.warning("the sweep ended early or with a failed job: MLflow parent run %s ends %s", run_id, status)
         try:
             end_orphaned_children(client, run_id, status)
         finally:
