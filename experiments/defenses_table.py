@@ -118,6 +118,37 @@ def job_folders(folder: Path) -> list[Path]:
                   key=lambda p: int(p.name))
 
 
+def failed_jobs(folder: Path) -> list[dict]:
+    """The numbered job folders of a sweep with no summary.csv: their overrides and the error line their
+    run.log ends with (defense/core/errors.py logs a user error there), "" where it has none."""
+    if not folder.is_dir():
+        return []
+    failed = []
+    for job in sorted((p for p in folder.iterdir() if p.name.isdigit() and not (p / "summary.csv").is_file()),
+                      key=lambda p: int(p.name)):
+        log = job / "run.log"
+        errors = [line.split("[ERROR] - ", 1)[1] for line in (log.read_text().splitlines() if log.is_file() else [])
+                  if "[ERROR] - " in line]
+        given = job_overrides(job)
+        failed.append({"job": job.name, "defense": given.get("defense", "?"),
+                       "seed": given.get("dataset.scenario.seed"), "error": errors[-1] if errors else ""})
+    return failed
+
+
+def failed_text(failed: list[dict]) -> str:
+    """One clause per distinct error: which seeds and presets it stopped."""
+    by_error: dict[str, list[dict]] = {}
+    for job in failed:
+        by_error.setdefault(job["error"], []).append(job)
+    parts = []
+    for error, jobs in by_error.items():
+        seeds = sorted({j["seed"] for j in jobs if j["seed"] is not None}, key=str)
+        which = (f"scenario seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, " if seeds else "") \
+            + f"{len(jobs)} job{'s' if len(jobs) > 1 else ''}"
+        parts.append(f"{which}: {error or 'no error line in its run.log (stopped before it ended)'}")
+    return "; ".join(parts)
+
+
 def job_overrides(job: Path) -> dict:
     import yaml
 
@@ -309,6 +340,7 @@ def main(argv=None) -> int:
                 print(f"warning: the {setup} sweep exited {done.returncode}; see {folder / 'sweep.log'}", file=sys.stderr)
         jobs = job_folders(folder)
         info["jobs"] = len(jobs)
+        info["failed"] = failed_jobs(folder)
         info["expected_jobs"] = len(args.defenses) * (1 if setup == LAB3 else len(args.seeds))
         for job in jobs:
             for point, entry in entries_of_job(setup, job, args.drop).items():
@@ -353,6 +385,8 @@ def markdown(boards: dict, setups: dict, goal_list: list[dict], args) -> str:
             status += f", the sweep exited {info['exit']}"
         lines.append(f"- {ROW_NAMES[setup]}: `{info['command']}` ({status}" + (f", {took}" if took else "")
                      + ")")
+        if info.get("failed"):
+            lines.append(f"  - jobs that did not finish: {failed_text(info['failed'])}")
     lines += [
         "",
         "**At the defender's point** (the strongest setting whose held-out clean accuracy stays within "

@@ -53,6 +53,12 @@ def test_cells_goals_and_diverged_seeds_follow_the_job_folders(tmp_path):
                   [row("drop", 0, base[seed], base[seed], drop="0"), row("defender", 3, (90.0, 50.0), (90.0, 50.0))])
         write_job(sweep / str(job + 1), "anp", seed, base[seed], anp[seed])
         job += 2
+    # seed 3's scenario failed its build check: both of its jobs stopped with one error line in run.log
+    too_weak = "the badnets scenario network (x) is too weak: clean test accuracy 94.80% < 95%"
+    for num, defense in ((4, "none"), (5, "anp")):
+        (sweep / str(num) / ".hydra").mkdir(parents=True)
+        (sweep / str(num) / ".hydra" / "overrides.yaml").write_text(f"- defense={defense}\n- dataset.scenario.seed=3\n")
+        (sweep / str(num) / "run.log").write_text(f"[2026-12-03 10:59:23,550][defense][ERROR] - {too_weak}\n")
     (sweep / "artifacts" / "x").mkdir(parents=True)  # an MLflow artifact copy is no job
     (sweep / "artifacts" / "x" / "summary.csv").write_text("drop\n")
     results = tmp_path / "results"
@@ -86,5 +92,7 @@ def test_cells_goals_and_diverged_seeds_follow_the_job_folders(tmp_path):
     md = (results / "defenses_table.md").read_text()
     assert "is **met**" in md and "1 of 2 seeds, 1 diverged" in md
     # seed 3 was asked for and never ran: the setup and every cell say so
+    assert f"jobs that did not finish: scenario seed 3, 2 jobs: {too_weak}" in md
+    assert [job["job"] for job in data["setups"]["preact_resnet"]["failed"]] == ["4", "5"]
     assert "4 of 6 jobs finished" in md and md.count("(2 of 3 seeds run)") == 3 * 2
     assert "BackdoorBench" in md and "84.17 / 0.73" in md
