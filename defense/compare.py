@@ -440,7 +440,7 @@ def compare(cfg: DictConfig, out_dir: str | Path) -> dict:
 
 @terminal.one_line_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="compare")
-@exit_on_user_error
+@exit_on_user_error(in_sweep=terminal.in_hydra_sweep)
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

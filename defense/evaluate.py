@@ -58,7 +58,7 @@ def format_scores(scores: dict[str, float]) -> list[str]:
 
 @terminal.one_line_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-@exit_on_user_error
+@exit_on_user_error(in_sweep=terminal.in_hydra_sweep)
 def main(cfg: DictConfig) -> None:
     terminal.quiet(bool(cfg.get("verbose", False)))
     for line in format_scores(evaluate(cfg)):

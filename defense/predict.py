@@ -149,7 +149,7 @@ def predict(cfg: DictConfig) -> tuple[list[tuple[str, int]], list[str]]:
 
 @terminal.one_line_errors
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
-@exit_on_user_error
+@exit_on_user_error(in_sweep=terminal.in_hydra_sweep)
 def main(cfg: DictConfig) -> None:
     terminal.quiet(bool(cfg.get("verbose", False)))
     results, errors = predict(cfg)

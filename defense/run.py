@@ -92,7 +92,7 @@ def _run_stages(cfg: DictConfig, out_dir: Path) -> dict:
 @terminal.one_line_errors
 @interrupt.exit_on_signal
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-@exit_on_user_error
+@exit_on_user_error(in_sweep=terminal.in_hydra_sweep)
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

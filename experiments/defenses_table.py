@@ -48,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_files as rf  # noqa: E402
+import sweep_jobs  # noqa: E402
 
 rf.use_this_checkout()
 
@@ -109,54 +110,6 @@ def number(value) -> float:
         return float("nan")
 
 
-def job_folders(folder: Path) -> list[Path]:
-    """The finished jobs of a sweep folder: its numbered job folders with a summary.csv (the MLflow store's
-    artifact copies beside them are not jobs)."""
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if p.name.isdigit() and (p / "summary.csv").is_file()),
-                  key=lambda p: int(p.name))
-
-
-def failed_jobs(folder: Path) -> list[dict]:
-    """The numbered job folders of a sweep with no summary.csv: their overrides and the error line their
-    run.log ends with (defense/core/errors.py logs a user error there), "" where it has none."""
-    if not folder.is_dir():
-        return []
-    failed = []
-    for job in sorted((p for p in folder.iterdir() if p.name.isdigit() and not (p / "summary.csv").is_file()),
-                      key=lambda p: int(p.name)):
-        log = job / "run.log"
-        errors = [line.split("[ERROR] - ", 1)[1] for line in (log.read_text().splitlines() if log.is_file() else [])
-                  if "[ERROR] - " in line]
-        given = job_overrides(job)
-        failed.append({"job": job.name, "defense": given.get("defense", "?"),
-                       "seed": given.get("dataset.scenario.seed"), "error": errors[-1] if errors else ""})
-    return failed
-
-
-def failed_text(failed: list[dict]) -> str:
-    """One clause per distinct error: which seeds and presets it stopped."""
-    by_error: dict[str, list[dict]] = {}
-    for job in failed:
-        by_error.setdefault(job["error"], []).append(job)
-    parts = []
-    for error, jobs in by_error.items():
-        seeds = sorted({j["seed"] for j in jobs if j["seed"] is not None}, key=str)
-        which = (f"scenario seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, " if seeds else "") \
-            + f"{len(jobs)} job{'s' if len(jobs) > 1 else ''}"
-        parts.append(f"{which}: {error or 'no error line in its run.log (stopped before it ended)'}")
-    return "; ".join(parts)
-
-
-def job_overrides(job: Path) -> dict:
-    import yaml
-
-    path = job / ".hydra" / "overrides.yaml"
-    given = yaml.safe_load(path.read_text()) if path.is_file() else []
-    return dict(o.split("=", 1) for o in given if "=" in o)
-
-
 def network_alone(summary: list[dict]) -> list[dict]:
     """summary.csv rows whose G(B, B') scores are replaced by B' alone's (the fine-tuned B'' rows keep
     their ft_ columns): the network as BackdoorBench and the papers report it."""
@@ -178,10 +131,10 @@ def sweep_time(folder: Path, earlier: dict | None = None) -> dict:
         return {**json.loads(path.read_text()), "timed_by": "the sweep's wall clock"}
     if earlier and earlier.get("seconds") is not None:
         return {"seconds": earlier["seconds"], "exit": earlier.get("exit"), "timed_by": "the sweep's wall clock"}
-    jobs = job_folders(folder)
+    jobs = sweep_jobs.finished(folder)
     if not jobs:
         return {"seconds": None, "exit": None, "timed_by": "not timed"}
-    first = min((job / ".hydra").stat().st_mtime for job in job_folders(folder) if (job / ".hydra").is_dir())
+    first = min((job / ".hydra").stat().st_mtime for job in sweep_jobs.finished(folder) if (job / ".hydra").is_dir())
     last = max(f.stat().st_mtime for job in jobs for f in job.iterdir() if f.is_file())
     return {"seconds": last - first, "exit": None,
             "timed_by": "the span of its job folders' file times (no sweep_time.json: that sweep did not record its time)"}
@@ -193,7 +146,7 @@ def entries_of_job(setup: str, job: Path, drop: float) -> dict[str, dict]:
     from defense.analysis.leaderboard import run_entry
     from defense.core.errors import DefenseError
 
-    given = job_overrides(job)
+    given = sweep_jobs.job_overrides(job)
     defense = given.get("defense", "?")
     summary = read_csv(job / "summary.csv")
     base = read_csv(job / "curves.csv")[0]
@@ -338,9 +291,9 @@ def main(argv=None) -> int:
             (folder / TIME_FILE).write_text(json.dumps({"seconds": info["seconds"], "exit": info["exit"]}) + "\n")
             if done.returncode != 0:  # keep what finished: the table says how many jobs are missing
                 print(f"warning: the {setup} sweep exited {done.returncode}; see {folder / 'sweep.log'}", file=sys.stderr)
-        jobs = job_folders(folder)
+        jobs = sweep_jobs.finished(folder)
         info["jobs"] = len(jobs)
-        info["failed"] = failed_jobs(folder)
+        info["failed"] = sweep_jobs.failed_jobs(folder)
         info["expected_jobs"] = len(args.defenses) * (1 if setup == LAB3 else len(args.seeds))
         for job in jobs:
             for point, entry in entries_of_job(setup, job, args.drop).items():
@@ -386,7 +339,7 @@ def markdown(boards: dict, setups: dict, goal_list: list[dict], args) -> str:
         lines.append(f"- {ROW_NAMES[setup]}: `{info['command']}` ({status}" + (f", {took}" if took else "")
                      + ")")
         if info.get("failed"):
-            lines.append(f"  - jobs that did not finish: {failed_text(info['failed'])}")
+            lines.append(f"  - jobs that did not finish: {sweep_jobs.failed_text(info['failed'])}")
     lines += [
         "",
         "**At the defender's point** (the strongest setting whose held-out clean accuracy stays within "

@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_files as rf  # noqa: E402
+import sweep_jobs  # noqa: E402
 
 rf.use_this_checkout()
 
@@ -164,8 +165,11 @@ def oracle_gain_markdown(defender_cells: list[dict], oracle_cells: list[dict]) -
             + rf.md_table(["attack", *defenses], rows, align="l" + "r" * len(defenses)))
 
 
-def run(command: list[str], log_path: Path) -> float:
-    """Run `command` from the project root (this checkout's `defense`), its output to `log_path`; seconds."""
+def run(command: list[str], log_path: Path, may_fail: bool = False) -> float:
+    """Run `command` from the project root (this checkout's `defense`), its output to `log_path`; seconds.
+
+    `may_fail`: an exit status 2 (a sweep whose other jobs ran, sweep_jobs.py names the failed ones) is
+    reported as a warning."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(rf.REPO))
     env.pop("DEFENSE_MLFLOW_PARENT_RUN_ID", None)
     print("$", shlex.join(command), flush=True)
@@ -174,7 +178,9 @@ def run(command: list[str], log_path: Path) -> float:
         proc = subprocess.run([sys.executable, *command[1:]], cwd=rf.REPO, env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.returncode == 2 and may_fail:
+        print(f"warning: {shlex.join(command)} exited 2: a job of the sweep failed; see {log_path}", file=sys.stderr)
+    elif proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-20:]
         raise SystemExit(f"{shlex.join(command)} exited {proc.returncode} after {seconds:.0f} s; "
                          f"the end of {log_path}:\n" + "\n".join(tail))
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         before = cached_scenarios()
-        sweep_seconds = run(sweep, out / "sweep.log")
+        sweep_seconds = run(sweep, out / "sweep.log", may_fail=True)
         after = cached_scenarios()
     compare_seconds = run(report, out / "compare.log")
     oracle_cells = []
@@ -265,6 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         with (out / "compare_oracle" / "leaderboard.csv").open() as f:
             oracle_cells = list(csv.DictReader(f))
     profiles = job_profiles(out / "sweep")
+    failed = sweep_jobs.failed_jobs(out / "sweep")
 
     table = (out / "compare" / "leaderboard.md").read_text().strip()
     with (out / "compare" / "leaderboard_runs.csv").open() as f:
@@ -286,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         f"The sweep took {sweep_seconds:.0f} s ({minutes:.1f} min) wall clock, scenario builds included "
         f"(the scenario cache held {before} scenario{'' if before == 1 else 's'} before it, {after} after); "
         f"the report {compare_seconds:.0f} s.",
+        *(["", f"Jobs that did not finish (their seeds are missing from the cells): {sweep_jobs.failed_text(failed)}."]
+          if failed else []),
         "",
         table,
         "",
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     rf.write_results(NAME, body, {
         "jobs": jobs, "n_jobs": args.n_jobs, "axes": axes, "drop": args.drop,
         "sweep_command": shlex.join(sweep), "compare_command": shlex.join(report),
-        "sweep_seconds": sweep_seconds, "compare_seconds": compare_seconds,
+        "sweep_seconds": sweep_seconds, "compare_seconds": compare_seconds, "failed_jobs": failed,
         "scenarios_cached_before": before, "scenarios_cached_after": after,
         "point": args.point, "cells": cells, "oracle_cells": oracle_cells, "runs": runs, "profiles": profiles,
         "profile_summary": profile_summary(profiles) if profiles else [],

@@ -34,19 +34,14 @@ class SweepJobFailed(Exception):
     run, and the command exits 2 (defense/reporting/terminal.py, `one_line_errors`)."""
 
 
-def _in_sweep() -> bool:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        return False
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def exit_on_user_error(func):
+def exit_on_user_error(func=None, *, in_sweep=None):
     """Decorate a Hydra task function: a DefenseError becomes one line on stderr and exit 2.
 
-    In a sweep, the job ends failed (SweepJobFailed) and the sweep goes on with its other jobs."""
+    `in_sweep`, a function of no arguments (defense/reporting/terminal.py, `in_hydra_sweep`): where it
+    says that the function runs as a job of a sweep, the job ends failed (SweepJobFailed) instead, and
+    the sweep goes on with its other jobs."""
+    if func is None:
+        return functools.partial(exit_on_user_error, in_sweep=in_sweep)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -56,7 +51,7 @@ def exit_on_user_error(func):
             # into the run's log file; the terminal gets the error: line below only (FileOnly on its handler)
             logging.getLogger("defense").error("%s", err, extra={FILE_ONLY: True})
             print(f"error: {err}", file=sys.stderr, flush=True)
-            if _in_sweep():
+            if in_sweep is not None and in_sweep():
                 raise SweepJobFailed(str(err)) from None
             sys.exit(2)
 

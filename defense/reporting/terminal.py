@@ -157,6 +157,14 @@ def _is_config_error(err: BaseException) -> bool:
     return module.startswith("hydra") or module.startswith("omegaconf")
 
 
+def in_hydra_sweep() -> bool:
+    """Whether the Hydra task function runs as a job of a sweep (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def one_line_errors(main):
     """Decorate a command's `main` (outside `hydra.main`): Hydra's errors become one `error:` line, exit 2.
 
