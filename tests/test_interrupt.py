@@ -293,7 +293,7 @@ def test_an_error_leaving_the_scope_aborts_failed_and_a_normal_end_calls_nothing
     with pytest.raises(SystemExit):
         with interrupt.stop_on_signals():
             interrupt.on_abort(aborts.append)
-            raise SystemExit(2)  # what defense.errors.exit_on_user_error raises in a job
+            raise SystemExit(2)  # what defense.core.errors.exit_on_user_error raises in a single run
     with interrupt.stop_on_signals():
         interrupt.on_abort(aborts.append)
         interrupt.cancel_on_abort(aborts.append)
