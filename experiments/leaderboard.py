@@ -71,6 +71,10 @@ def compare_command(args, out: Path, point: str | None = None, folder: str = "co
 
 
 ORACLE = "oracle_test_asr"
+# the speed goal of the default leaderboard (5 attacks x 8 defenses x scenario seeds 1-5, DeepID, 2 jobs at a
+# time on 2 CPU cores), scenario builds included
+GOAL_SECONDS = 30 * 60
+DEFAULT_JOBS = 200
 STAGES = ("startup", "setup", "load", "sweep", "rank", "points", "keep", "finetune", "report", "track", "mlflow_end")
 
 
@@ -127,6 +131,38 @@ def profile_markdown(profiles: list[dict], wall_seconds: float, n_jobs: int) -> 
             f"that built them). {len(profiles)} jobs took {total:.0f} job-seconds on {n_jobs} workers, "
             f"{wall_seconds:.0f} s wall clock:\n\n"
             + rf.md_table(["defense", "jobs", *STAGES, "total"], rows))
+
+
+def speed_goal(sweep_seconds: float, profiles: list[dict], jobs: int, n_jobs: int, before: int,
+               after: int) -> dict | None:
+    """The default leaderboard's time against GOAL_SECONDS (None for any other leaderboard): met or missed, by how
+    much, and, where the run built scenarios (a cold cache), the job-seconds of `setup` (where the builds fall)
+    and the wall time without them, estimated as the sweep's time less those seconds spread over the workers
+    (an estimate, not a warm-cache run)."""
+    if jobs != DEFAULT_JOBS:
+        return None
+    setup = sum(p.get("setup", 0.0) for p in profiles)
+    return {"goal_seconds": GOAL_SECONDS, "goal_met": sweep_seconds <= GOAL_SECONDS,
+            "times_goal": sweep_seconds / GOAL_SECONDS, "scenarios_built": max(0, after - before),
+            "setup_seconds": setup, "warm_estimate_seconds": sweep_seconds - setup / max(1, n_jobs)}
+
+
+def speed_goal_text(goal: dict | None, sweep_seconds: float) -> list[str]:
+    """One paragraph on the speed goal (empty for a leaderboard other than the default)."""
+    if goal is None:
+        return []
+    verdict = ("met" if goal["goal_met"] else
+               f"MISSED ({sweep_seconds / 60:.1f} min, {goal['times_goal']:.2f}x the goal)")
+    text = (f"Speed goal: the default leaderboard in at most {goal['goal_seconds'] / 60:.0f} min wall clock on 2 CPU "
+            f"cores, scenario builds included: {verdict}.")
+    if goal["scenarios_built"]:
+        text += (f" The cache was cold ({goal['scenarios_built']} scenarios built); `setup`, where the builds fall, "
+                 f"took {goal['setup_seconds']:.0f} job-seconds, so a warm cache would take about "
+                 f"{goal['warm_estimate_seconds'] / 60:.1f} min (an estimate: the sweep's time less those seconds "
+                 "spread over the workers, not a measured run).")
+    else:
+        text += " The cache was warm (no scenario built)."
+    return ["", text + " Where the time went is in the profile below."]
 
 
 def oracle_gains(defender_cells: list[dict], oracle_cells: list[dict]) -> list[dict]:
@@ -282,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     shutil.copy(out / "compare" / "leaderboard.png", args.results / f"{NAME}.png")
 
     minutes = sweep_seconds / 60.0
+    goal = speed_goal(sweep_seconds, profiles, jobs, args.n_jobs, before, after)
     body = "\n".join([
         f"{jobs} jobs ({len(axes['dataset.scenario.attack'])} attacks x {len(axes['defense'])} defenses x "
         f"{len(axes['dataset.scenario.seed'])} scenario seeds), {args.n_jobs} at a time:",
@@ -293,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         f"The sweep took {sweep_seconds:.0f} s ({minutes:.1f} min) wall clock, scenario builds included "
         f"(the scenario cache held {before} scenario{'' if before == 1 else 's'} before it, {after} after); "
         f"the report {compare_seconds:.0f} s.",
+        *speed_goal_text(goal, sweep_seconds),
         *(["", f"Jobs that did not finish (their seeds are missing from the cells): {sweep_jobs.failed_text(failed)}."]
           if failed else []),
         "",
@@ -307,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         "jobs": jobs, "n_jobs": args.n_jobs, "axes": axes, "drop": args.drop,
         "sweep_command": shlex.join(sweep), "compare_command": shlex.join(report),
         "sweep_seconds": sweep_seconds, "compare_seconds": compare_seconds, "failed_jobs": failed,
-        "scenarios_cached_before": before, "scenarios_cached_after": after,
+        "scenarios_cached_before": before, "scenarios_cached_after": after, "speed_goal": goal,
         "point": args.point, "cells": cells, "oracle_cells": oracle_cells, "runs": runs, "profiles": profiles,
         "profile_summary": profile_summary(profiles) if profiles else [],
         "oracle_gains": oracle_gains(cells, oracle_cells) if oracle_cells else [],
