@@ -35,6 +35,17 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.fixture(autouse=True)
+def python_sigint_handler():
+    """The in-process tests raise SIGINT themselves: they run with Python's own SIGINT handler, as an interactive
+    shell's pytest does, and put back what was there (started in the background, the runner inherits SIGINT
+    ignored, and stop_on_signals rightly leaves an ignored signal ignored)."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 class Cli:
     """`python -m defense.run args...` in a subprocess, its merged output read line by line."""
 
@@ -426,3 +437,15 @@ def test_a_signal_during_fit_from_a_pydataset_never_crashes(tmp_path, signum, ex
         assert proc.returncode == exit_status, f"attempt {attempt}: status {proc.returncode}\n" + "\n".join(lines[-30:])
         assert "cleanup ran" in lines and lines[-1] == f"stopped by {signal.Signals(signum).name}", "\n".join(lines[-30:])
     assert statuses == [exit_status] * 5
+
+
+def test_a_signal_the_process_ignores_stays_ignored_inside_and_after_the_scope():
+    """nohup and `cmd &` start a process with SIGINT ignored: a run keeps it so, as Python does."""
+    from defense.core import interrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with interrupt.stop_on_signals(deferred=True):
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)
+        assert not interrupt.requested()
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
