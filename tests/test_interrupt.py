@@ -29,17 +29,12 @@ PHASE_DEADLINE_S = 300  # TensorFlow's import alone takes tens of seconds on a l
 EXIT_DEADLINE_S = 120
 
 
-def _default_sigint():
-    # a test runner started in the background of a non-interactive shell ignores SIGINT, and an
-    # ignored signal stays ignored in its children (defense/interrupt.py keeps it so, as Python does)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.fixture(autouse=True)
 def python_sigint_handler():
-    """The in-process tests raise SIGINT themselves: they run with Python's own SIGINT handler, as an interactive
-    shell's pytest does, and put back what was there (started in the background, the runner inherits SIGINT
-    ignored, and stop_on_signals rightly leaves an ignored signal ignored)."""
+    """Every test runs with Python's own SIGINT handler, as under an interactive shell's pytest, and puts back
+    what was there: a runner started in the background of a non-interactive shell inherits SIGINT ignored, an
+    ignored signal stays ignored in the children it starts (a handled one is reset to the default at exec), and
+    stop_on_signals rightly leaves an ignored signal ignored, in process and in a child run alike."""
     previous = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
@@ -53,7 +48,7 @@ class Cli:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "defense.run", *args], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_default_sigint,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
@@ -424,7 +419,7 @@ def test_a_signal_during_fit_from_a_pydataset_never_crashes(tmp_path, signum, ex
     for attempt in range(5):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, preexec_fn=_default_sigint)
+                                stderr=subprocess.STDOUT)
         lines = []
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
