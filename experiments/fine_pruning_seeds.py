@@ -173,16 +173,26 @@ def main(argv=None) -> int:
         parser.error("seed 0 is the development instance the preset was chosen on; report other seeds")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
-    per_seed = []
+    from defense.scenario.build import ScenarioTooWeak
+
+    per_seed, skipped = [], []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        per_seed.append(run_seed(seed, Path(args.out)))
+        try:
+            per_seed.append(run_seed(seed, Path(args.out)))
+        except ScenarioTooWeak as err:  # the builder's check failed: named in the results, left out of the means
+            skipped.append(rf.too_weak_record(seed, err))
+            print(f"seed {seed}: scenario too weak, left out: {skipped[-1]['error']}", flush=True)
+            continue
         print(f"seed {seed} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    data = {"seeds": args.seeds, "preset": "experiment=fine_pruning", "std": "sample (n - 1)",
+    if not per_seed:
+        print("error: no scenario seed passed the build check; choose others with --seeds", file=sys.stderr)
+        return 2
+    data = {"seeds": [s["seed"] for s in per_seed], "too_weak": skipped, "preset": "experiment=fine_pruning", "std": "sample (n - 1)",
             "cache": os.environ.get("BACKDOOR_PRUNE_CACHE", "~/.cache/backdoor-prune"),
             "seconds": round(time.perf_counter() - started, 1)}
     summary = summarize(per_seed)
-    rf.write_results(NAME, markdown(per_seed, summary), {**data, "summary": summary, "per_seed": per_seed})
+    rf.write_results(NAME, "\n\n".join(filter(None, [markdown(per_seed, summary), rf.too_weak_md(skipped)])), {**data, "summary": summary, "per_seed": per_seed})
     return 0
 
 

@@ -272,7 +272,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     settings = {"epochs": EPOCHS, "learning_rates": LEARNING_RATES, "drops": DROPS, "criteria": list(CRITERIA),
                 "attack": args.attack}
-    per_seed = []
+    from defense.scenario.build import ScenarioTooWeak
+
+    per_seed, skipped = [], []
     for seed in args.seeds:
         t0 = time.perf_counter()
         saved = out / f"seed_{seed}" / "seed_result.json"
@@ -284,16 +286,23 @@ def main(argv=None) -> int:
                 continue
         try:
             per_seed.append(run_seed(seed, args.attack, out))
+        except ScenarioTooWeak as err:  # the builder's check failed: named in the results, left out of the means
+            skipped.append(rf.too_weak_record(seed, err))
+            print(f"seed {seed}: scenario too weak, left out: {skipped[-1]['error']}", flush=True)
+            continue
         except DefenseError as err:  # e.g. an attack the scenario builder does not know: one line, exit 2
             print(f"error: {err}", file=sys.stderr)
             return 2
         saved.write_text(json.dumps(rf._clean({"settings": settings, "record": per_seed[-1]}), indent=1) + "\n")
         print(f"seed {seed} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    data = {"seeds": args.seeds, "settings": settings, "std": "sample (n - 1)",
+    if not per_seed:
+        print("error: no scenario seed passed the build check; choose others with --seeds", file=sys.stderr)
+        return 2
+    data = {"seeds": [s["seed"] for s in per_seed], "too_weak": skipped, "settings": settings, "std": "sample (n - 1)",
             "cache": os.environ.get("BACKDOOR_PRUNE_CACHE", "~/.cache/backdoor-prune"),
             "seconds": round(time.perf_counter() - started, 1)}
     summary = summarize(per_seed)
-    rf.write_results(name, markdown(per_seed, summary, args.attack), {**data, "summary": summary,
+    rf.write_results(name, "\n\n".join(filter(None, [markdown(per_seed, summary, args.attack), rf.too_weak_md(skipped)])), {**data, "summary": summary,
                                                                       "per_seed": per_seed})
     return 0
 

@@ -176,6 +176,21 @@ def md_table(header: list[str], rows: list[list], align: str | None = None) -> s
     return "\n".join(lines)
 
 
+def too_weak_record(seed: int, err) -> dict:
+    """A scenario seed whose build failed the builder's check (`ScenarioTooWeak`): what it measured."""
+    return {"seed": seed, "error": str(err).split(" is too weak: ")[-1].split(" (clean test accuracy")[0],
+            "clean_test_accuracy": err.metrics.get("clean_test_accuracy"), "test_asr": err.metrics.get("test_asr")}
+
+
+def too_weak_md(skipped: list[dict]) -> str:
+    """One sentence naming the seeds left out because their scenario failed the build check ("" if none)."""
+    if not skipped:
+        return ""
+    parts = [f"seed {s['seed']} ({s['error']})" for s in skipped]
+    return (f"Left out of every mean: the scenario of {'; '.join(parts)} failed the builder's check "
+            f"(`dataset.scenario.min_clean_accuracy` and `min_asr`, not lowered), so no defense ran on it.")
+
+
 def _finite(values) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
 
