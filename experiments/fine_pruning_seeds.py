@@ -6,14 +6,16 @@
 The `experiment=fine_pruning` preset was fixed on the development instance (the embedded scenario
 with `dataset.scenario.seed=0`). This study runs it, never re-tuned, on other instances: for every
 seed S the scenario is built anew with `dataset.scenario.seed=S` (another split of the digits, other
-poisoned training digits, another trained B) and two runs go through `defense.run.run_defense`:
+poisoned training digits, another trained B) and one run goes through `defense.run.run_defense`:
 
-  python -m defense.run experiment=fine_pruning dataset.scenario.seed=S               # fine-pruning
-  python -m defense.run experiment=fine_pruning dataset.scenario.seed=S prune.drops=[0]  # fine-tuning alone
+  python -m defense.run experiment=fine_pruning dataset.scenario.seed=S prune.drops=[0,2,4,10,30]
 
-The first gives pruning alone (G(B, B') at each accuracy drop) and fine-pruning (B'' and
-G(B, B'')); the second fine-tunes the unpruned B with the same settings (no channel pruned), which is
-the Fine-Pruning paper's control: does pruning help fine-tuning? Every score is on the scenario's
+The preset's drops with 0 in front: the drop-0 row fine-tunes the unpruned B with the preset's
+settings (no channel pruned), which is the Fine-Pruning paper's control, fine-tuning alone (does pruning
+help fine-tuning?), and the same as `prune.drops=[0]` in a run of its own; one run ranks and sweeps once
+for both. The other rows give pruning alone (G(B, B') at each accuracy drop) and fine-pruning (B'' and
+G(B, B'')), and the defender's point (defense/pipeline/select.py: the drop and the fine-tuning chosen on
+held-out clean validation images) is reported beside them. Every score is on the scenario's
 test digits; DER is against the unpruned B of the same seed. Writes
 experiments/results/fine_pruning_seeds.md (mean ± sample std over the seeds) and .json (per seed).
 """
@@ -34,6 +36,7 @@ rf.use_this_checkout()
 
 NAME = "fine_pruning_seeds"
 BASE = ["experiment=fine_pruning", "tracking=none", "progress=false"]
+DROPS = (0, 2, 4, 10, 30)  # 0: fine-tuning alone; 2, 4, 10, 30: the preset's (and Lab 3's) thresholds
 
 
 def run_seed(seed: int, out_dir: Path) -> dict:
@@ -41,28 +44,26 @@ def run_seed(seed: int, out_dir: Path) -> dict:
     from defense.run import run_defense
     from defense.scenario.build import ensure_scenario, read_metadata
 
-    fp_cfg = rf.compose([*BASE, f"dataset.scenario.seed={seed}"])
+    fp_cfg = rf.compose([*BASE, f"dataset.scenario.seed={seed}", f"prune.drops=[{','.join(map(str, DROPS))}]"])
     scenario = read_metadata(ensure_scenario(fp_cfg.dataset.scenario))
     t0 = time.perf_counter()
     fp = run_defense(fp_cfg, out_dir / f"seed_{seed}" / "fine_pruning")
     t1 = time.perf_counter()
-    ft_cfg = rf.compose([*BASE, f"dataset.scenario.seed={seed}", "prune.drops=[0]"])
-    ft = run_defense(ft_cfg, out_dir / f"seed_{seed}" / "fine_tuning")
-    t2 = time.perf_counter()
 
     base = fp["curves"][0]
     b_acc, b_asr = base["pruned_test_acc"], base["pruned_test_asr"]
-    rows = []
-    for row in fp["summary"]:
-        if row.get("point", "drop") != "drop":  # the accuracy-drop rows only (not the defender's / oracle's)
-            continue
-        reached = bool(row["reached"])
-        def get(key, row=row, reached=reached):
-            return float(row[key]) if reached else float("nan")
 
-        rows.append({
+    def scores(row: dict) -> dict:
+        reached = bool(row.get("reached"))
+
+        def get(key):  # a diverged fine-tuning's scores are blank (NaN) in the summary: never a defense's score
+            value = row.get(key)
+            return float(value) if reached and value not in (None, "") else float("nan")
+
+        return {
             "drop": float(row["drop"]),
             "reached": reached,
+            "diverged": bool(row.get("diverged")),
             "channels_pruned": int(row["channels_pruned"]) if reached else None,
             "pruning_g_acc": get("test_acc"),
             "pruning_g_asr": get("test_asr"),
@@ -74,22 +75,24 @@ def run_seed(seed: int, out_dir: Path) -> dict:
             "fp_g_acc": get("ft_g_test_acc"),
             "fp_g_asr": get("ft_g_test_asr"),
             "fp_g_der": get("ft_g_der"),
-        })
-    (ft_row,) = ft["summary"]
+        }
+
+    drop_rows = [r for r in fp["summary"] if r.get("point", "drop") == "drop"]
+    (ft_row,) = [r for r in drop_rows if float(r["drop"]) == 0]
     if int(ft_row["channels_pruned"]) != 0:
-        raise RuntimeError(f"seed {seed}: prune.drops=[0] pruned {ft_row['channels_pruned']} channels, expected 0")
+        raise RuntimeError(f"seed {seed}: the drop-0 row pruned {ft_row['channels_pruned']} channels, expected 0")
+    rows = [scores(r) for r in drop_rows if float(r["drop"]) != 0]
+    (defender,) = [r for r in fp["summary"] if r.get("point") == "defender"]
+    ft = scores(ft_row)
     return {
         "seed": seed,
         "scenario": {"key": scenario.get("key"), **{k: scenario["metrics"][k] for k in sorted(scenario["metrics"])}},
-        "seconds": {"scenario_build": scenario.get("build_seconds"), "fine_pruning_run": round(t1 - t0, 1),
-                    "fine_tuning_run": round(t2 - t1, 1)},
+        "seconds": {"scenario_build": scenario.get("build_seconds"), "fine_pruning_run": round(t1 - t0, 1)},
         "b_test_acc": b_acc,
         "b_test_asr": b_asr,
-        "fine_tuning_alone": {
-            "acc": float(ft_row["ft_test_acc"]), "asr": float(ft_row["ft_test_asr"]),
-            "der": float(ft_row["ft_der"]), "g_acc": float(ft_row["ft_g_test_acc"]),
-            "g_asr": float(ft_row["ft_g_test_asr"]), "g_der": float(ft_row["ft_g_der"]),
-        },
+        "fine_tuning_alone": {"acc": ft["fp_acc"], "asr": ft["fp_asr"], "der": ft["fp_der"],
+                              "g_acc": ft["fp_g_acc"], "g_asr": ft["fp_g_asr"], "g_der": ft["fp_g_der"]},
+        "defender": {**scores(defender), "ft_within_budget": defender.get("ft_within_budget")},
         "thresholds": rows,
     }
 
@@ -101,21 +104,30 @@ def summarize(per_seed: list[dict]) -> dict:
     """The numbers the tables show, computed from the per-seed values (also written to the json)."""
     build = {key: stats([s["scenario"][key] for s in per_seed]) for key in ("clean_test_accuracy", "test_asr")}
     rows = [{"network": "B (backdoored, no defense)", "drop": None, "channels_pruned": stats([0] * len(per_seed)),
+             "diverged": 0,
              "acc": stats([s["b_test_acc"] for s in per_seed]), "asr": stats([s["b_test_asr"] for s in per_seed]),
              "der": stats([])}]
     ft = [s["fine_tuning_alone"] for s in per_seed]
     for label, prefix in (("fine-tuning alone: B'' of the unpruned B", ""), ("fine-tuning alone: G(B, B'')", "g_")):
         rows.append({"network": label, "drop": 0.0, "channels_pruned": stats([0] * len(per_seed)),
+                     "diverged": 0,
                      **{k: stats([f[prefix + k] for f in ft]) for k in ("acc", "asr", "der")}})
     drops = [r["drop"] for r in per_seed[0]["thresholds"]]
     for label, prefix in (("pruning alone: G(B, B')", "pruning_g_"), ("fine-pruning: B''", "fp_"),
                           ("fine-pruning: G(B, B'')", "fp_g_")):
         for i, drop in enumerate(drops):
-            rows.append({"network": label, "drop": drop,
-                         "channels_pruned": stats([s["thresholds"][i]["channels_pruned"] for s in per_seed]),
-                         **{k: stats([s["thresholds"][i][prefix + k] for s in per_seed]) for k in ("acc", "asr", "der")}})
+            found = [s["thresholds"][i] for s in per_seed]
+            rows.append({"network": label, "drop": drop, "channels_pruned": stats([t["channels_pruned"] for t in found]),
+                         "diverged": sum(t["diverged"] for t in found) if prefix != "pruning_g_" else 0,
+                         **{k: stats([t[prefix + k] for t in found]) for k in ("acc", "asr", "der")}})
+    found = [s["defender"] for s in per_seed]
+    for label, prefix in (("defender's point: G(B, B')", "pruning_g_"), ("defender's point: B''", "fp_"),
+                          ("defender's point: G(B, B'')", "fp_g_")):
+        rows.append({"network": label, "drop": "defender", "channels_pruned": stats([t["channels_pruned"] for t in found]),
+                     "diverged": sum(t["diverged"] for t in found) if prefix != "pruning_g_" else 0,
+                     **{k: stats([t[prefix + k] for t in found]) for k in ("acc", "asr", "der")}})
     seconds = {key: stats([s["seconds"][key] for s in per_seed])
-               for key in ("scenario_build", "fine_pruning_run", "fine_tuning_run")}
+               for key in ("scenario_build", "fine_pruning_run")}
     return {"seeds": [s["seed"] for s in per_seed], "build": build, "rows": rows, "seconds": seconds}
 
 
@@ -139,10 +151,14 @@ def markdown(per_seed: list[dict], summary: dict) -> str:
               "DER", "worst seed: acc / ASR (%)"]
     rows = []
     for row in summary["rows"]:
-        n = row["acc"]["n"]
-        drop = "-" if row["drop"] is None else f"{row['drop']:g}"
-        if n < len(seeds):
-            drop += f" (reached at {n} of {len(seeds)} seeds)"
+        n, reached = row["acc"]["n"], row["channels_pruned"]["n"]
+        drop = "-" if row["drop"] is None else "held-out rule" if row["drop"] == "defender" else f"{row['drop']:g}"
+        if reached < len(seeds):
+            drop += f" (reached at {reached} of {len(seeds)} seeds)"
+        if row.get("diverged"):
+            drop += f" (fine-tuning diverged at {row['diverged']} of {len(seeds)} seeds: not scored)"
+        elif n < reached:
+            drop += f" (scored at {n} of {len(seeds)} seeds)"
         worst = f"{row['acc']['min']:.2f} / {row['asr']['max']:.2f}" if n else "-"
         rows.append([row["network"], drop, _ms(row["channels_pruned"], 1), _ms(row["acc"]), _ms(row["asr"]),
                      _ms(row["der"], 3), worst])
@@ -153,12 +169,15 @@ def markdown(per_seed: list[dict], summary: dict) -> str:
         f"instance, is not among them), mean ± sample std over the {len(seeds)} seeds, scores on each "
         f"scenario's test digits.\n\n"
         f"The scenario builds (the backdoored B of each seed, as `defense.scenario.build` measured it):\n\n{build}\n\n"
-        f"`experiment=fine_pruning` on each (fine-tuning alone: the same preset with `prune.drops=[0]`; "
+        f"`experiment=fine_pruning` with `prune.drops=[{','.join(map(str, DROPS))}]` on each (fine-tuning alone: "
+        f"the drop-0 row, the unpruned B fine-tuned with the preset's settings; the defender's point: the drop and "
+        f"the fine-tuning chosen on held-out clean validation images, `select.max_drop` points below B there, "
+        f"where no fine-tuning within that budget leaves B' itself, not fine-tuned, and B'' unscored; "
         f"DER against the unpruned B of the same seed; worst seed: the lowest clean accuracy and the highest ASR "
         f"over the seeds):\n\n{table}\n\n"
-        f"Time per seed on this machine (mean): scenario build {sec['scenario_build']:.0f} s, the fine-pruning "
-        f"run (4 thresholds, each fine-tuned) {sec['fine_pruning_run']:.0f} s, fine-tuning alone "
-        f"{sec['fine_tuning_run']:.0f} s."
+        f"Time per seed on this machine (mean): scenario build {sec['scenario_build']:.0f} s (once; cached "
+        f"afterwards), the run (ranking, sweep, the drop-0 row and the 4 thresholds each fine-tuned, the "
+        f"defender's and the oracle's points with their fine-tuning grids) {sec['fine_pruning_run']:.0f} s."
     )
 
 
