@@ -115,6 +115,7 @@ def run_seed(seed: int, attack: str, out_dir: Path) -> dict:
             cells.append({"drop": float(row["drop"]), "epochs": int(row["epochs"]),
                           "learning_rate": float(row["learning_rate"]), "reached": reached,
                           "channels_pruned": int(row["channels_pruned"]) if reached else None,
+                          "diverged": row.get("diverged") == "True",  # its scores are blank (defense/core/divergence.py)
                           **{k: _float(row[k]) for k in SCORES}})
         record["cells"][criterion] = cells
     # drop 0 of both runs is the same fine-tuning of the same B
@@ -140,7 +141,8 @@ def entries(record: dict) -> list[dict]:
                 continue  # the same cells as the activation run's (drop0_runs_agree)
             rows.append({"defense": "fine_tuning" if c["drop"] == 0 else key, "drop": c["drop"],
                          "epochs": c["epochs"], "learning_rate": c["learning_rate"],
-                         "channels_pruned": c["channels_pruned"], "acc": c["ft_test_acc"], "asr": c["ft_test_asr"],
+                         "channels_pruned": c["channels_pruned"], "diverged": bool(c.get("diverged")),
+                         "acc": c["ft_test_acc"], "asr": c["ft_test_asr"],
                          "der": c["ft_der"], "g_acc": c["ft_g_test_acc"], "g_asr": c["ft_g_test_asr"],
                          "g_der": c["ft_g_der"]})
     return rows
@@ -158,6 +160,7 @@ def summarize(per_seed: list[dict]) -> dict:
         found = [next(r for r in rs if (r["defense"], r["drop"], r["epochs"], r["learning_rate"]) == key)
                  for rs in seeds]
         rows.append({"defense": key[0], "drop": key[1], "epochs": key[2], "learning_rate": key[3],
+                     "diverged": sum(bool(r.get("diverged")) for r in found),
                      **{k: stats([r[k] for r in found])
                         for k in ("channels_pruned", "acc", "asr", "der", "g_acc", "g_asr", "g_der")}})
     seconds = sorted({k for s in per_seed for k in s["seconds"]})
@@ -174,6 +177,11 @@ def _ms(st: dict, digits: int = 2) -> str:
     return f"{st['mean']:.{digits}f} ± {st['std']:.{digits}f}"
 
 
+def _diverged(row: dict) -> str:
+    """" (k diverged)" after a cell whose fine-tuning diverged at k seeds (left out of its mean), else ""."""
+    return f" ({row['diverged']} diverged)" if row.get("diverged") else ""
+
+
 def markdown(per_seed: list[dict], summary: dict, attack: str) -> str:
     seeds = summary["seeds"]
     rows = summary["rows"]
@@ -187,7 +195,8 @@ def markdown(per_seed: list[dict], summary: dict, attack: str) -> str:
         body = []
         for epochs in [0, *EPOCHS]:
             label = "0 (no fine-tuning: B, B')" if epochs == 0 else str(epochs)
-            body.append([label] + [_ms(by_key[(k, d, epochs)][metric]) for k, d, _ in columns])
+            body.append([label] + [_ms(by_key[(k, d, epochs)][metric]) + _diverged(by_key[(k, d, epochs)])
+                                   for k, d, _ in columns])
         return rf.md_table(["epochs"] + [c[2] for c in columns], body)
 
     def channels(s: dict, criterion: str, drop: float) -> str:
@@ -204,10 +213,11 @@ def markdown(per_seed: list[dict], summary: dict, attack: str) -> str:
     unfinetuned = {"fine_tuning": "B (no defense)", "fine_pruning": "pruning alone (activation): B'",
                    "random_fine_tuning": "random pruning alone: B'"}
     for r in sorted(rows, key=lambda r: ([k for k, _ in DEFENSES].index(r["defense"]), r["drop"], r["epochs"])):
-        n = r["acc"]["n"]
+        n = r["channels_pruned"]["n"]
         drop = f"{r['drop']:g}" + ("" if n == len(seeds) else f" (reached at {n} of {len(seeds)} seeds)")
         worst = f"{r['acc']['min']:.2f} / {r['asr']['max']:.2f}" if n else "-"
-        full_rows.append([(unfinetuned if r["epochs"] == 0 else names)[r["defense"]], drop, _ms(r["channels_pruned"], 1), r["epochs"], _ms(r["acc"]),
+        full_rows.append([(unfinetuned if r["epochs"] == 0 else names)[r["defense"]], drop, _ms(r["channels_pruned"], 1), r["epochs"],
+                          _ms(r["acc"]) + _diverged(r),
                           _ms(r["asr"]), _ms(r["der"], 3), worst, _ms(r["g_acc"]), _ms(r["g_asr"]),
                           _ms(r["g_der"], 3)])
     full = rf.md_table(["defense", "accuracy drop (pp)", "channels pruned", "epochs", "clean acc (%)", "ASR (%)", "DER",
@@ -229,6 +239,9 @@ def markdown(per_seed: list[dict], summary: dict, attack: str) -> str:
         f"and to B' at the {' and '.join(f'{d:g}' for d in DROPS)}-point accuracy drops. Epochs 0: no "
         f"fine-tuning, i.e. B itself and the pruned B' (pruning alone).\n\n"
         f"The backdoored B of each seed and the channels of the pruned layer removed at each threshold:\n\n{build}\n\n"
+        f"A cell marked \"(k diverged)\" left out the k seeds whose fine-tuning diverged by the package's rule "
+        f"(defense/core/divergence.py: a loss that is not finite, or clean accuracy at chance on the held-out "
+        f"clean validation images); their scores are never reported.\n\n"
         f"Test ASR (%) of the defended network (B'' after fine-tuning; B or B' at 0 epochs), learning rate "
         f"{LEARNING_RATES[0]:g}:\n\n{pivot('asr')}\n\n"
         f"Clean test accuracy (%) of the same networks:\n\n{pivot('acc')}\n\n"

@@ -290,6 +290,33 @@ def test_finetune_ablation_end_to_end(tmp_path, defenses_sweep, b_scores):
     assert {m.step: m.value for m in history}[2] == pytest.approx(float(by_cell[(10.0, 2, 0.05)]["ft_test_asr"]), abs=1e-3)
 
 
+def test_ablation_cells_that_collapse_are_blank_and_marked(tmp_path, caplog):
+    """A learning rate far too large collapses every cell's fine-tuning: by the package's one rule (a loss that is
+    not finite, or clean accuracy at chance on the held-out images) each cell is marked diverged, its scores left
+    blank, and one warning names it; a sane rate's cells are not marked, and their held-out accuracy is that of a
+    network that learned the task (far above chance)."""
+    import logging
+
+    from defense.core.divergence import CHANCE_FACTOR, chance_accuracy
+    from defense.run import run_defense
+
+    cfg = compose(["experiment=finetune_ablation", "ablation.epochs=[1]", "ablation.learning_rate=[0.05,1000]",
+                   "prune.drops=[10]", "tracking=none", *TINY])
+    with caplog.at_level(logging.WARNING):
+        run_defense(cfg, tmp_path / "run")
+    rows = read_rows(tmp_path / "run" / "ablation.csv")
+    floor = CHANCE_FACTOR * chance_accuracy(int(cfg.model.num_classes))
+    for r in rows:
+        if float(r["learning_rate"]) == 1000:
+            assert r["diverged"] == "True", r
+            assert all(r[k] == "" for k in ("ft_test_acc", "ft_test_asr", "ft_g_test_acc")), r  # blank cells
+        else:
+            assert r["diverged"] == "False" and float(r["ft_holdout_acc"]) > 3 * floor, r
+            assert 0.0 <= float(r["ft_test_acc"]) <= 100.0
+    warned = [m for m in caplog.messages if "ablation cell" in m and "diverged" in m]
+    assert len(warned) == sum(r["diverged"] == "True" for r in rows) == 2, caplog.messages
+
+
 def test_bad_ablation_grids_name_the_key():
     from defense.core.errors import DefenseError
     from defense.pipeline.stages import check_config  # the run's checks: the shared keys, then each stage's section
@@ -303,7 +330,7 @@ def test_bad_ablation_grids_name_the_key():
 
 
 # ---- experiments/finetune_ablation_seeds.py ----------------------------------------------------------
-def test_ablation_seeds_study_statistics_and_bad_attack():
+def test_ablation_seeds_study_statistics_and_bad_attack(monkeypatch):
     """The study's per-cell statistics on two hand-made seeds (numpy mean and n - 1 std as the oracle),
     and an attack this checkout does not know: one error line, exit 2, nothing run."""
     sys.path.insert(0, str(REPO / "experiments"))
@@ -322,6 +349,15 @@ def test_ablation_seeds_study_statistics_and_bad_attack():
                 "cells": {"activation": [cell(0.0, ft_asr), cell(4.0, fp_asr)],
                           "random": [cell(0.0, ft_asr), cell(4.0, 50.0)]}}
 
+    diverged = record(3, 95.0, 20.0, float("nan"))
+    diverged["cells"]["activation"][1]["diverged"] = True  # its scores are blank (NaN), as run_ablation leaves them
+    with_diverged = study.summarize([record(1, 97.0, 30.0, 10.0), diverged])
+    cell = {(r["defense"], r["drop"], r["epochs"]): r for r in with_diverged["rows"]}[("fine_pruning", 4.0, 1)]
+    assert cell["diverged"] == 1 and cell["asr"]["n"] == 1 and cell["asr"]["mean"] == 10.0
+    monkeypatch.setattr(study, "DROPS", (4.0,))  # the hand-made seeds' grid: drop 4 x 1 epoch
+    monkeypatch.setattr(study, "EPOCHS", [1])
+    shown = study.markdown([record(1, 97.0, 30.0, 10.0), diverged], with_diverged, "badnets")
+    assert "10.00 (1 diverged)" in shown and "reached at" not in shown
     summary = study.summarize([record(1, 97.0, 30.0, 10.0), record(2, 96.0, 50.0, 2.0)])
     rows = {(r["defense"], r["drop"], r["epochs"]): r for r in summary["rows"]}
     assert rows[("fine_tuning", 0.0, 1)]["asr"]["mean"] == pytest.approx(40.0)

@@ -85,10 +85,16 @@ def ablation_cells(summary: list[dict]) -> list[dict]:
     return cells
 
 
-def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> dict:
-    """Fine-tune every (drop, epochs, learning rate) cell; write and log ablation.csv / .png / .md."""
+def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker, holdout=None) -> dict:
+    """Fine-tune every (drop, epochs, learning rate) cell; write and log ablation.csv / .png / .md.
+
+    holdout: the held-out clean validation images (defense/pipeline/select.py), never trained on. A cell whose
+    fine-tuning diverged by the package's one rule (defense/core/divergence.py: its last loss is not finite, or
+    its clean accuracy on the held-out images is at chance) is marked `diverged` and its scores left blank,
+    as defense/pipeline/finetune.py's check_diverged does for the thresholds' fine-tunings."""
     from defense.core.divergence import divergence
-    from defense.pipeline.finetune import base_predictions, fine_tune, finetune_settings, score_fine_pruned
+    from defense.pipeline.finetune import (base_predictions, fine_tune, finetune_settings, holdout_accuracy,
+                                           score_fine_pruned)
     from defense.tracking.tracker import Tracker
 
     epochs_grid, rates = check_ablation(cfg)
@@ -132,10 +138,13 @@ def run_ablation(cfg, model, result, summary, valid, test, out_dir, tracker) -> 
                                            base_acc=base["pruned_test_acc"], base_asr=base["pruned_test_asr"])
                 row.update(scores)
                 row["ft_epochs_run"] = info["ft_epochs"]
-                row["diverged"] = divergence(info.get("ft_final_loss")) is not None  # defense/core/divergence.py
+                row["ft_holdout_acc"] = holdout_accuracy(cfg, b2, holdout, batch_size)
+                reason = divergence(info.get("ft_final_loss"), row["ft_holdout_acc"] if holdout is not None else None,
+                                    num_classes)  # defense/core/divergence.py
+                row["diverged"] = reason is not None
                 if row["diverged"]:  # no score of a collapsed network is reported
                     row.update({k: float("nan") for k in SCORE_COLUMNS})
-                    log.warning("warning: ablation cell %s diverged (its loss is not finite): left blank", name)
+                    log.warning("warning: ablation cell %s diverged (%s): left blank", name, reason)
                 row["seconds"] = round(time.perf_counter() - started, 2)
                 prefix = f"ablation/drop_{drop_name(cell['drop'])}/lr_{rate:g}"
                 for key in SCORE_COLUMNS:

@@ -24,7 +24,7 @@ def run(cfg, out_dir, model, sweep, summary, valid, test, holdout, tracker) -> d
     if kind == "none":
         return {"finetune_extra": {}}
     if cfg.get("ablation") is not None:
-        ablation.run_ablation(cfg, model, sweep, summary, valid, test, out_dir, tracker)
+        ablation.run_ablation(cfg, model, sweep, summary, valid, test, out_dir, tracker, holdout)
         return {"finetune_extra": {}}
     return {"finetune_extra": finetune.finetune_thresholds(cfg, model, sweep, summary, valid, test, out_dir, tracker,
                                                                 holdout)}
