@@ -16,6 +16,7 @@ root with its `.venv/bin` first on PATH:
 - study (`python experiments/<name>.py` with a results file): not run here, the study itself is the run;
   the results file's header (date, commit) is quoted;
 - suite (`python -m pytest`): not run here, `.ci/run` runs that very command;
+- self (`python experiments/docs_commands.py`): this very run, not started again;
 - reduced (the five-seed leaderboard sweep, about two hours on 2 cores): run with
   `leaderboard.seeds=[1] leaderboard.attacks=[badnets] leaderboard.defenses=[none,fp]` appended, and
   labelled so.
@@ -104,6 +105,8 @@ def kind_of(command: str) -> str:
     if "python -m pytest" in command:
         return "suite"
     study = re.match(r"python experiments/(\w+)\.py", command)
+    if study and study.group(1) == NAME:
+        return "self"
     if study and (rf.RESULTS / f"{study.group(1)}.json").is_file():
         return "study"
     if any(server in command for server in SERVERS):
@@ -176,6 +179,9 @@ def run_all(commands: list[dict], clone: Path) -> None:
             continue
         if kind == "suite":
             item.update(passed=None, note="`.ci/run` runs this command")
+            continue
+        if kind == "self":
+            item.update(passed=None, note="this very run")
             continue
         command = fill_placeholders(item["command"], clone)
         if kind == "reduced":

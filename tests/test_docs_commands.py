@@ -53,6 +53,8 @@ def test_commands_are_joined_stripped_of_comments_and_given_their_output_block()
     assert found[1]["expect"] == ["Clean Classification accuracy: 99.00 %"]
     assert all(not c["expect"] for c in found if c is not found[1])
     assert [docs_commands.kind_of(c["command"]) for c in found] == ["run", "run", "server", "study", "reduced"]
+    # the pages' own line for this script is never started again from within it (with or without a results file)
+    assert docs_commands.kind_of("python experiments/docs_commands.py") == "self"
 
 
 def test_an_output_block_matches_with_placeholders_and_names_what_is_missing():
