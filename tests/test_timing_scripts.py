@@ -34,3 +34,22 @@ def test_jit_timing_measures_both_ways(csaw_dir, tmp_path):
         assert loop["plain"] > 0 and loop["xla"] > 0
         assert abs(loop["speedup"] - loop["plain"] / loop["xla"]) < 1e-9
         assert loop["max_abs_difference"] >= 0
+
+
+def test_threads_timing_runs_both_arms_and_compares_their_summaries(tmp_path):
+    """Both arms run the two jobs as asked (`--quick`: a tiny ANP and one one-epoch fine-tuning per point, on the
+    embedded scenario), the second with one TensorFlow thread per job; the results name both arms, their environments, a wall time per
+    repeat and, for each job, whether the arms' summaries agree."""
+    proc = run_script("threads_timing.py", "--repeats", "1", "--iterations", "3", "--seed", "0", "--quick",
+                      "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "threads_timing.json").read_text())["results"]
+    assert set(data["arms"]) == {"default", "one thread per job"}
+    assert data["arms"]["one thread per job"]["env"] == {"TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1"}
+    for arm in data["arms"].values():
+        assert len(arm["wall_s"]) == 1 and arm["wall_s"][0] > 0 and arm["mean_wall_s"] == arm["wall_s"][0]
+        assert arm["same_summaries_within"] is True  # one repeat: trivially the same
+    assert set(data["same_summaries_across_arms"]) == {"anp", "fine_tuning"}
+    assert "prune.anp.iterations=3" in data["jobs"]["anp"] and "finetune.grid.epochs=[1]" in data["jobs"]["fine_tuning"]
+    md = (tmp_path / "threads_timing.md").read_text()
+    assert "one thread per job" in md and "`TF_NUM_INTRAOP_THREADS=1`" in md
