@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import CONF, lab3_overrides, run_cli
+from conftest import CONF, REPO, lab3_overrides, run_cli
 
 # lines TensorFlow's and absl's C++ start-up writes to stderr when nothing silences them
 STARTUP_NOISE = re.compile(r"oneDNN custom operations|cudart_stub|absl::InitializeLog|Could not find cuda drivers")
@@ -40,6 +40,28 @@ def test_an_unknown_option_lists_the_public_options_only(tmp_path):
     assert line.startswith("error: model=lab33 is not an option; did you mean model=lab3? choose one of ")
     assert line.endswith(f"choose one of {', '.join(public)} (conf/model/)")
     assert "base_" not in line
+
+
+def test_a_launcher_whose_plugin_is_missing_names_the_extra_to_install():
+    """Hydra's own error for a launcher no installed plugin registers (the text of hydra.errors.MissingConfigException
+    as composition raises it) becomes one line naming the pip extra of setup.cfg that installs the plugin."""
+    import configparser
+
+    from hydra.errors import MissingConfigException
+
+    from defense.reporting.terminal import LAUNCHER_EXTRAS, config_error_line
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    extras = {name: value for name, value in cfg["options.extras_require"].items()}
+    for launcher, extra in (("submitit_slurm", "slurm"), ("ray", "ray"), ("joblib", "joblib")):
+        err = MissingConfigException(f"In 'hydra/config': Could not find 'hydra/launcher/{launcher}'\n\n"
+                                     "Available options in 'hydra/launcher':\n\tbasic", missing_cfg_file=None)
+        line = config_error_line(err)
+        assert line.startswith(f"hydra/launcher={launcher} needs its Hydra plugin") and f".[{extra}]" in line, line
+        assert LAUNCHER_EXTRAS[launcher] == extra and extra in extras  # the extra exists in setup.cfg
+    # the README's and the leaderboard's hydra/launcher=joblib works after the quick start's plain install
+    assert "hydra-joblib-launcher" in cfg["options"]["install_requires"]
 
 
 def test_help_shows_examples_and_every_public_option_and_no_schema():

@@ -99,12 +99,21 @@ def _chain(err: BaseException) -> list[BaseException]:
     return chain
 
 
+# Hydra launcher plugins by the config name each registers (hydra/launcher=<name>), and the extra of setup.cfg that
+# installs it: a missing plugin's launcher is not an option until then
+LAUNCHER_EXTRAS = {"joblib": "joblib", "submitit_slurm": "slurm", "submitit_local": "slurm", "ray": "ray",
+                   "ray_aws": "ray"}
+
+
 def config_error_line(err: BaseException) -> str:
     """One line for one of Hydra's or OmegaConf's composition errors: what is wrong and what to write."""
     text = "\n".join(str(e) for e in _chain(err))
     missing = re.search(r"Could not find '([\w/]+)/([^'/]+)'", text)
     if missing:
         group, name = missing.groups()
+        if group == "hydra/launcher" and name in LAUNCHER_EXTRAS:
+            return (f"hydra/launcher={name} needs its Hydra plugin, which is not installed: "
+                    f"pip install -e '.[{LAUNCHER_EXTRAS[name]}]' (docs/guide.md: running the jobs of a sweep in parallel)")
         options = public_options(group)
         if options:
             close = difflib.get_close_matches(name, options, n=1)
