@@ -91,7 +91,8 @@ def run_seed(seed: int, out_dir: Path) -> dict:
         "b_test_acc": b_acc,
         "b_test_asr": b_asr,
         "fine_tuning_alone": {"acc": ft["fp_acc"], "asr": ft["fp_asr"], "der": ft["fp_der"],
-                              "g_acc": ft["fp_g_acc"], "g_asr": ft["fp_g_asr"], "g_der": ft["fp_g_der"]},
+                              "g_acc": ft["fp_g_acc"], "g_asr": ft["fp_g_asr"], "g_der": ft["fp_g_der"],
+                              "diverged": ft["diverged"]},
         "defender": {**scores(defender), "ft_within_budget": defender.get("ft_within_budget")},
         "thresholds": rows,
     }
@@ -107,25 +108,23 @@ def summarize(per_seed: list[dict]) -> dict:
              "diverged": 0,
              "acc": stats([s["b_test_acc"] for s in per_seed]), "asr": stats([s["b_test_asr"] for s in per_seed]),
              "der": stats([])}]
+    def scored(label: str, drop, found: list[dict], prefix: str) -> dict:
+        """One table row over the seeds: `found` holds each seed's entry, `prefix` picks its network's scores."""
+        return {"network": label, "drop": drop,
+                "channels_pruned": stats([t.get("channels_pruned", 0) for t in found]),
+                "diverged": sum(bool(t.get("diverged")) for t in found) if prefix != "pruning_g_" else 0,
+                **{k: stats([t[prefix + k] for t in found]) for k in ("acc", "asr", "der")}}
+
     ft = [s["fine_tuning_alone"] for s in per_seed]
-    for label, prefix in (("fine-tuning alone: B'' of the unpruned B", ""), ("fine-tuning alone: G(B, B'')", "g_")):
-        rows.append({"network": label, "drop": 0.0, "channels_pruned": stats([0] * len(per_seed)),
-                     "diverged": 0,
-                     **{k: stats([f[prefix + k] for f in ft]) for k in ("acc", "asr", "der")}})
+    rows += [scored(label, 0.0, ft, prefix) for label, prefix in (
+        ("fine-tuning alone: B'' of the unpruned B", ""), ("fine-tuning alone: G(B, B'')", "g_"))]
     drops = [r["drop"] for r in per_seed[0]["thresholds"]]
     for label, prefix in (("pruning alone: G(B, B')", "pruning_g_"), ("fine-pruning: B''", "fp_"),
                           ("fine-pruning: G(B, B'')", "fp_g_")):
-        for i, drop in enumerate(drops):
-            found = [s["thresholds"][i] for s in per_seed]
-            rows.append({"network": label, "drop": drop, "channels_pruned": stats([t["channels_pruned"] for t in found]),
-                         "diverged": sum(t["diverged"] for t in found) if prefix != "pruning_g_" else 0,
-                         **{k: stats([t[prefix + k] for t in found]) for k in ("acc", "asr", "der")}})
-    found = [s["defender"] for s in per_seed]
-    for label, prefix in (("defender's point: G(B, B')", "pruning_g_"), ("defender's point: B''", "fp_"),
-                          ("defender's point: G(B, B'')", "fp_g_")):
-        rows.append({"network": label, "drop": "defender", "channels_pruned": stats([t["channels_pruned"] for t in found]),
-                     "diverged": sum(t["diverged"] for t in found) if prefix != "pruning_g_" else 0,
-                     **{k: stats([t[prefix + k] for t in found]) for k in ("acc", "asr", "der")}})
+        rows += [scored(label, drop, [s["thresholds"][i] for s in per_seed], prefix) for i, drop in enumerate(drops)]
+    rows += [scored(label, "defender", [s["defender"] for s in per_seed], prefix) for label, prefix in (
+        ("defender's point: G(B, B')", "pruning_g_"), ("defender's point: B''", "fp_"),
+        ("defender's point: G(B, B'')", "fp_g_"))]
     seconds = {key: stats([s["seconds"][key] for s in per_seed])
                for key in ("scenario_build", "fine_pruning_run")}
     return {"seeds": [s["seed"] for s in per_seed], "build": build, "rows": rows, "seconds": seconds}
