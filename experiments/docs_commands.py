@@ -117,8 +117,19 @@ def kind_of(command: str) -> str:
 
 
 def study_header(command: str) -> str:
+    """The header line of the results file the page's study command wrote: the file whose header names exactly
+    this command (e.g. `finetune_ablation_seeds.py --attack prune_aware` wrote finetune_ablation_seeds_prune_aware.md),
+    else the script's own file (its header may name extra options, e.g. a rerun with --report-again)."""
+    headers = {path: path.read_text().splitlines()[0] for path in sorted(rf.RESULTS.glob("*.md"))}
+    exact = [h for h in headers.values() if h.startswith(f"Written by `{command}` ")]
+    if exact:
+        return exact[0]
     name = re.match(r"python experiments/(\w+)\.py", command).group(1)
-    return (rf.RESULTS / f"{name}.md").read_text().splitlines()[0]
+    return headers[rf.RESULTS / f"{name}.md"]
+
+
+def last_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
 def expected_found(expect: list[str], output: str) -> list[str]:
@@ -202,11 +213,15 @@ def run_all(commands: list[dict], clone: Path) -> None:
         try:
             done = subprocess.run(["bash", "-c", command], cwd=clone, env=env, capture_output=True, text=True,
                                   timeout=TIMEOUT)
-            output, code = done.stdout + done.stderr, done.returncode
+            stdout, stderr, code = done.stdout, done.stderr, done.returncode
         except subprocess.TimeoutExpired as err:
-            output, code = f"{err.stdout or ''}{err.stderr or ''}", None
+            stdout, stderr, code = err.stdout or "", err.stderr or "", None
+        if isinstance(stdout, bytes):  # TimeoutExpired keeps bytes even with text=True
+            stdout, stderr = stdout.decode(errors="replace"), stderr.decode(errors="replace")
+        output = stdout + stderr
         missing = expected_found(item["expect"], output) if code == 0 else []
-        last = next((line.strip() for line in reversed(output.splitlines()) if line.strip()), "")
+        # what the command printed last on stdout (a run's footer, not the progress bars and logs of stderr)
+        last = last_line(stdout) or last_line(stderr)
         item.update(exit=code, seconds=time.perf_counter() - started, passed=code == 0 and not missing,
                     missing=missing, note=(f"expected output not found: {missing}" if missing else
                                            f"last line: {last[:160]}"))

@@ -63,3 +63,19 @@ def test_an_output_block_matches_with_placeholders_and_names_what_is_missing():
                                          "done in <seconds> s: results in <run folder>"], printed) == []
     assert docs_commands.expected_found(["Attack Success Rate: 100.00 %"], printed) == ["Attack Success Rate: 100.00 %"]
     assert docs_commands.expected_found(["Clean Classification accuracy: 98.00 %"], printed) != []
+
+
+def test_a_study_line_quotes_the_results_file_its_own_command_wrote():
+    """A study command with options quotes the header of the file that very command wrote (the prune_aware variant
+    of the ablation study writes its own file), and a page command with fewer options than the header's (a rerun
+    with --report-again) falls back to the script's own file."""
+    results = REPO / "experiments" / "results"
+    variant = (results / "finetune_ablation_seeds_prune_aware.md").read_text().splitlines()[0]
+    plain = (results / "finetune_ablation_seeds.md").read_text().splitlines()[0]
+    assert variant != plain
+    assert docs_commands.study_header("python experiments/finetune_ablation_seeds.py --attack prune_aware") == variant
+    assert docs_commands.study_header("python experiments/finetune_ablation_seeds.py") == plain
+    leaderboard = (results / "leaderboard.md").read_text().splitlines()[0]
+    assert docs_commands.study_header("python experiments/leaderboard.py") == leaderboard
+    # the line a run's note quotes: its last printed stdout line, not stderr's progress bars
+    assert docs_commands.last_line("footer line\n\n") == "footer line"
