@@ -57,6 +57,7 @@ SIZES = {"valid": 11547, "test": 12830}  # the Lab 3 data set
 METRICS = ["valid_acc", "valid_asr", "test_acc", "test_asr", "pruned_test_acc", "pruned_test_asr"]
 SET_KEYS = ["valid_clean", "valid_sunglasses", "test_clean", "test_sunglasses"]
 DISTINCT_FACES = 100  # every extract holds the same 100 faces
+MULTI_STEP_GOAL = 1.2  # (d) / (c): one evaluated step of several masked layers against one plain pass
 
 
 def compose(overrides):
@@ -510,6 +511,7 @@ def run(args, command: str, started) -> int:
                              "traces": multi["traces"], "labels_compared": multi["labels_compared"],
                              "labels_differing": multi["labels_differing"]}
     report["ratio_multi_step_over_one_pass"] = round(multi["step_s"] / one_pass_s, 3)
+    report["ratio_multi_step_over_one_pass_goal"] = MULTI_STEP_GOAL
     report["ratio_multi_step_over_one_pass_cpu"] = round(multi["step_cpu_s"] / one_pass_cpu, 3)
     report["ratio_seed_over_sweep"] = round(report["seed_loop_s"] / report["sweep_s"], 2)
     report["ratio_sweep_over_one_pass"] = round(report["sweep_s"] / report["one_pass_s"], 3)
@@ -531,7 +533,7 @@ def run(args, command: str, started) -> int:
         ("b / c, CPU time", f"{report['ratio_sweep_over_one_pass_cpu']:.2f} ({sweep_cpu:.1f} / {one_pass_cpu:.1f} CPU s)"),
         (f"(d) {len(multi['layers'])} layers masked, one step", f"{multi['step_s']:.2f} s ({multi['channels']} channels "
          f"of {', '.join(multi['layers'])}; {len(multi['steps'])} steps timed)"),
-        ("d / c (goal <= 1.2)", f"{report['ratio_multi_step_over_one_pass']:.2f} (CPU time "
+        (f"d / c (goal <= {MULTI_STEP_GOAL:g})", f"{report['ratio_multi_step_over_one_pass']:.2f} (CPU time "
          f"{report['ratio_multi_step_over_one_pass_cpu']:.2f})"),
         ("peak memory of (b)", f"{peak_rss_gib:.2f} GiB (process peak RSS after (b), {dtype} inputs included)"),
         ("curves of (a) and (b), measured steps",

@@ -82,13 +82,26 @@ def _fixed(value, digits: int) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
+def json_written(value) -> set[str]:
+    """The numbers written inside the strings of a results .json, as written (a date's '07' stays '07')."""
+    if isinstance(value, dict):
+        return set().union(*(json_written(v) for v in value.values())) if value else set()
+    if isinstance(value, list):
+        return set().union(*(json_written(v) for v in value)) if value else set()
+    return numbers(value) if isinstance(value, str) else set()
+
+
 def md_numbers_not_in_json(md_text: str, data) -> list[str]:
-    """Numbers of the .md file's tables that no value of its .json gives at the precision written."""
+    """Numbers of the .md file's tables that no value of its .json gives at the precision written, and that
+    none of its strings (a quoted header, a command's output line) writes as they are."""
     held = json_numbers(data)
+    written = json_written(data)
     by_digits: dict[int, set[str]] = {}
     missing = []
     for row in table_rows(md_text):
         for n in numbers(row):
+            if n in written:
+                continue
             digits = len(n.split(".")[1]) if "." in n else 0
             if digits not in by_digits:
                 by_digits[digits] = {_fixed(v, digits) for v in held}
