@@ -210,7 +210,8 @@ def main(argv=None) -> int:
             "cache": os.environ.get("BACKDOOR_PRUNE_CACHE", "~/.cache/backdoor-prune"),
             "seconds": round(time.perf_counter() - started, 1)}
     summary = summarize(per_seed)
-    rf.write_results(NAME, "\n\n".join(filter(None, [markdown(per_seed, summary), rf.too_weak_md(skipped)])), {**data, "summary": summary, "per_seed": per_seed})
+    body = "\n\n".join(filter(None, [markdown(per_seed, summary), rf.too_weak_md(skipped)]))
+    rf.write_results(NAME, body, {**data, "summary": summary, "per_seed": per_seed})
     return 0
 
 
