@@ -178,7 +178,7 @@ def md_table(header: list[str], rows: list[list], align: str | None = None) -> s
 
 def too_weak_record(seed: int, err) -> dict:
     """A scenario seed whose build failed the builder's check (`ScenarioTooWeak`): what it measured."""
-    return {"seed": seed, "error": str(err).split(" is too weak: ")[-1].split(" (clean test accuracy")[0],
+    return {"seed": seed, "error": " and ".join(err.reasons),
             "clean_test_accuracy": err.metrics.get("clean_test_accuracy"), "test_asr": err.metrics.get("test_asr")}
 
 

@@ -422,11 +422,12 @@ def ensure_scenario(scenario_cfg) -> str:
 
 class ScenarioTooWeak(DefenseError):
     """A built (or cached) scenario network below `min_clean_accuracy` / `min_asr`; `metrics` holds
-    the scores it measured, so a study can report them (nothing is cached)."""
+    the scores it measured and `reasons` each bound it missed, so a study can report them (nothing is cached)."""
 
-    def __init__(self, message: str, metrics: Mapping):
+    def __init__(self, message: str, metrics: Mapping, reasons: tuple[str, ...] = ()):
         super().__init__(message)
         self.metrics = dict(metrics)
+        self.reasons = tuple(reasons)
 
 
 def _check_scores(metrics: Mapping, cfg: Mapping, folder: str) -> None:
@@ -443,7 +444,7 @@ def _check_scores(metrics: Mapping, cfg: Mapping, folder: str) -> None:
             f"the {attack} scenario network ({folder}) is too weak: {' and '.join(low)} (clean test accuracy "
             f"{acc:.2f}%, test attack success rate {asr:.2f}%); raise dataset.scenario.epochs (or widths) for "
             f"clean accuracy, dataset.scenario.poison_fraction (or {knobs}) for the attack success rate",
-            metrics,
+            metrics, tuple(low),
         )
 
 
