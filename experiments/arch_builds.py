@@ -45,15 +45,14 @@ def build(arch: str, attack: str, seed: int) -> dict:
            "parameters": int(network.count_params()), "epochs": resolved["epochs"]}
     t0 = time.perf_counter()
     try:
-        folder = ensure_scenario(cfg)
-    except ScenarioTooWeak as err:  # too weak: the numbers the build measured (the cache keeps nothing)
-        seconds = time.perf_counter() - t0
-        return {**row, "passed": False, **err.metrics, "build_seconds": round(seconds, 1), "cached": False,
-                "error": str(err)}
+        folder, weak = ensure_scenario(cfg), None
+    except ScenarioTooWeak as err:  # too weak: the network is cached with its scores all the same
+        folder, weak = scenario_dir(cfg), err
     meta = read_metadata(folder)
     wall = time.perf_counter() - t0
     cached = wall < 0.5 * float(meta["build_seconds"])
-    return {**row, "passed": True, **meta["metrics"], "build_seconds": float(meta["build_seconds"]), "cached": cached}
+    row = {**row, "passed": weak is None, **meta["metrics"], "build_seconds": float(meta["build_seconds"]), "cached": cached}
+    return row if weak is None else {**row, "error": str(weak)}
 
 
 def main() -> None:

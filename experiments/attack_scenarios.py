@@ -65,10 +65,11 @@ def build(attack: str, seed: int, extra: tuple[str, ...] = (), paper: bool = Fal
     t0 = time.perf_counter()
     try:
         folder = ensure_scenario(cfg)
-    except ScenarioTooWeak as err:  # too weak: report the numbers the build measured (the cache keeps nothing)
+    except ScenarioTooWeak as err:  # too weak: the network is cached with its scores and picture all the same
+        meta = read_metadata(scenario_dir(cfg))
         if picture is not None:
-            draw_from_poisoning(cfg, picture)
-        return {**row, "passed": False, **err.metrics, "error": str(err),
+            shutil.copy(os.path.join(scenario_dir(cfg), PICTURE_FILE), picture)
+        return {**row, "passed": False, **meta["metrics"], "error": str(err), "build_seconds": meta["build_seconds"],
                 "wall_seconds": round(time.perf_counter() - t0, 1)}
     meta = read_metadata(folder)
     if picture is not None:
@@ -79,29 +80,13 @@ def build(attack: str, seed: int, extra: tuple[str, ...] = (), paper: bool = Fal
             "attack_details": meta.get("attack_details"), "wall_seconds": round(time.perf_counter() - t0, 1)}
 
 
-def draw_from_poisoning(scenario_cfg, path, count: int = 6) -> None:
-    """The picture of a scenario that was not cached: a few non-target source digits and the attack's
-    test-time poisoned versions of them."""
-    import numpy as np
-
-    from defense.scenario import attacks
-    from defense.scenario import build as sc
-
-    cfg = sc.resolve_config(scenario_cfg)
-    x, y = sc.load_source(cfg["source"])
-    idx = np.concatenate([np.flatnonzero(y == c)[:1] for c in range(10) if c != cfg["target"]])[:count]
-    x_bd, y_bd, sel = attacks.get(cfg["attack"]).poison_test(x[idx], y[idx], cfg)
-    sc.draw_pairs(str(path), x[idx][sel], y[idx][sel], x_bd, y_bd,
-                  f"{cfg['attack']}: clean digits (top) and poisoned (bottom)")
-
-
 def cells(r: dict) -> list:
     settings = "defaults" if r["settings"] == "defaults" else f"`{r['settings']}`"
     if r["passed"]:
         return [f"`{r['attack']}`", r["seed"], settings, f"{r['clean_test_accuracy']:.2f}", f"{r['test_asr']:.2f}",
                 "passed, cached", f"{r['build_seconds']:.0f}"]
     return [f"`{r['attack']}`", r["seed"], settings, f"{r['clean_test_accuracy']:.2f}", f"{r['test_asr']:.2f}",
-            "**below the check** (not cached)", f"{r['wall_seconds']:.0f}"]
+            "**below the check** (cached, not used)", f"{r['build_seconds']:.0f}"]
 
 
 def markdown(rows: list[dict], first_seed: int) -> str:

@@ -3,6 +3,7 @@
     python experiments/leaderboard.py                        # 5 attacks x 8 defenses x scenario seeds 1-5, 2 jobs at a time
     python experiments/leaderboard.py --seeds 1              # one scenario seed (40 jobs)
     python experiments/leaderboard.py --dry-run              # print the commands, run nothing
+    python experiments/leaderboard.py --arch preact_resnet --seeds 1   # another network: leaderboard_preact_resnet.md
     python experiments/leaderboard.py --point operating_point  # the cells at each defense's own (paper's) point
 
 It runs, from the project root, with its own MLflow store and sweep folder under `--out`:
@@ -49,13 +50,24 @@ NAME = "leaderboard"
 
 
 def axis_overrides(args) -> list[str]:
-    """leaderboard.attacks / defenses / seeds where given (else the preset's lists)."""
-    overrides = []
+    """leaderboard.attacks / defenses / seeds where given (else the preset's lists), and the scenario's network
+    where it is not DeepID."""
+    overrides = [] if args.arch == DEFAULT_ARCH else [f"dataset.scenario.arch={args.arch}"]
     for key in ("attacks", "defenses", "seeds"):
         values = getattr(args, key)
         if values:
             overrides.append(f"leaderboard.{key}=[{','.join(str(v) for v in values)}]")
     return overrides
+
+
+def reduced(args) -> bool:
+    """Whether an axis of the board was changed (the speed goals are for the full boards)."""
+    return any(getattr(args, key) for key in ("attacks", "defenses", "seeds"))
+
+
+def results_name(args) -> str:
+    """leaderboard for DeepID, leaderboard_<arch> for another network (its own results files)."""
+    return NAME if args.arch == DEFAULT_ARCH else f"{NAME}_{args.arch}"
 
 
 def sweep_command(args, out: Path) -> list[str]:
@@ -74,6 +86,9 @@ ORACLE = "oracle_test_asr"
 # the speed goal of the default leaderboard (5 attacks x 8 defenses x scenario seeds 1-5, DeepID, 2 jobs at a
 # time on 2 CPU cores), scenario builds included
 GOAL_SECONDS = 30 * 60
+# the speed goal of the same board per network (dataset.scenario.arch)
+GOALS = {"deepid": GOAL_SECONDS, "preact_resnet": 60 * 60}
+DEFAULT_ARCH = "deepid"
 STAGES = ("startup", "setup", "load", "sweep", "rank", "points", "keep", "finetune", "report", "track", "mlflow_end")
 
 
@@ -133,8 +148,8 @@ def profile_markdown(profiles: list[dict], wall_seconds: float, n_jobs: int) -> 
 
 
 def speed_goal(sweep_seconds: float, profiles: list[dict], default: bool, n_jobs: int, before: int,
-               after: int) -> dict | None:
-    """The default leaderboard's time (`default`: no axis changed) against GOAL_SECONDS (None for any other
+               after: int, goal_seconds: float = GOAL_SECONDS, board: str = "the default leaderboard") -> dict | None:
+    """The default leaderboard's time (`default`: no axis changed) against `goal_seconds` (None for any other
     leaderboard): met or missed, by how
     much, and, where the run built scenarios (a cold cache), the job-seconds of `setup` (where the builds fall)
     and the wall time without them, estimated as the sweep's time less those seconds spread over the workers
@@ -142,9 +157,26 @@ def speed_goal(sweep_seconds: float, profiles: list[dict], default: bool, n_jobs
     if not default:
         return None
     setup = sum(p.get("setup", 0.0) for p in profiles)
-    return {"goal_seconds": GOAL_SECONDS, "goal_met": sweep_seconds <= GOAL_SECONDS,
-            "times_goal": sweep_seconds / GOAL_SECONDS, "scenarios_built": max(0, after - before),
+    return {"board": board, "goal_seconds": goal_seconds, "goal_met": sweep_seconds <= goal_seconds,
+            "times_goal": sweep_seconds / goal_seconds, "scenarios_built": max(0, after - before),
             "setup_seconds": setup, "warm_estimate_seconds": sweep_seconds - setup / max(1, n_jobs)}
+
+
+def reduced_goal(sweep_seconds: float, jobs: int, full_jobs: int, goal_seconds: float, board: str) -> dict:
+    """A board with fewer jobs than the full one has no verdict: its time scaled by full_jobs / jobs is an
+    estimate of the full board's (the jobs of the left-out seeds or cells cost about what these did), beside
+    the full board's goal."""
+    return {"board": board, "goal_seconds": goal_seconds, "jobs": jobs, "full_jobs": full_jobs,
+            "scaled_estimate_seconds": sweep_seconds * full_jobs / max(1, jobs),
+            "times_goal_estimate": sweep_seconds * full_jobs / max(1, jobs) / goal_seconds}
+
+
+def reduced_goal_text(goal: dict) -> list[str]:
+    estimate = goal["scaled_estimate_seconds"] / 60
+    return ["", f"A reduced board ({goal['jobs']} of the full board's {goal['full_jobs']} jobs), so no verdict: the "
+                f"speed goal is for {goal['board']}, at most {goal['goal_seconds'] / 60:.0f} min wall clock on 2 CPU "
+                f"cores. Scaled to the full board's jobs, this run's time gives about {estimate:.0f} min (an "
+                f"estimate, not a run: {goal['times_goal_estimate']:.1f}x the goal)."]
 
 
 def speed_goal_text(goal: dict | None, sweep_seconds: float) -> list[str]:
@@ -153,7 +185,7 @@ def speed_goal_text(goal: dict | None, sweep_seconds: float) -> list[str]:
         return []
     verdict = ("met" if goal["goal_met"] else
                f"MISSED ({sweep_seconds / 60:.1f} min, {goal['times_goal']:.2f}x the goal)")
-    text = (f"Speed goal: the default leaderboard in at most {goal['goal_seconds'] / 60:.0f} min wall clock on 2 CPU "
+    text = (f"Speed goal: {goal.get('board', 'the default leaderboard')} in at most {goal['goal_seconds'] / 60:.0f} min wall clock on 2 CPU "
             f"cores, scenario builds included: {verdict}.")
     if goal["scenarios_built"]:
         text += (f" The cache was cold ({goal['scenarios_built']} scenarios built); `setup`, where the builds fall, "
@@ -229,6 +261,13 @@ def cached_scenarios() -> int:
     return sum(1 for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 0
 
 
+def count_jobs(axes: dict) -> int:
+    jobs = 1
+    for values in axes.values():
+        jobs *= len(values)
+    return jobs
+
+
 def check_axes(args) -> dict:
     """experiment=leaderboard composed with the chosen axes: a bad axis stops here, before anything runs."""
     from omegaconf import OmegaConf
@@ -252,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="scenario seeds (default: the preset's, 1-5)")
     parser.add_argument("--attacks", nargs="+", help="attacks (default: the preset's five)")
     parser.add_argument("--defenses", nargs="+", help="defense presets (default: the preset's)")
+    parser.add_argument("--arch", default=DEFAULT_ARCH,
+                        help="dataset.scenario.arch of every scenario (default deepid); another network writes "
+                             "leaderboard_<arch>.md/.json")
     parser.add_argument("--drop", type=float, default=4.0, help="leaderboard.drop (default 4)")
     parser.add_argument("--point", default="defender", choices=["defender", "operating_point", ORACLE],
                         help="leaderboard.point of the main table (default: defender)")
@@ -263,6 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.n_jobs < 1:
         parser.error("--n-jobs must be >= 1")
+    from defense.nets import architectures
+
+    if args.arch not in architectures.names():
+        parser.error(f"--arch {args.arch!r} is not a network of defense/nets/architectures/; choose one of "
+                     + ", ".join(architectures.names()))
 
     from defense.core.errors import DefenseError
 
@@ -273,9 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         axes = check_axes(args)
     except DefenseError as err:
         parser.error(str(err))
-    jobs = 1
-    for values in axes.values():
-        jobs *= len(values)
+    jobs = count_jobs(axes)
     sweep, report = sweep_command(args, shown), compare_command(args, shown)
     oracle_report = compare_command(args, shown, ORACLE, "compare_oracle") if args.point != ORACLE else None
     if args.dry_run:
@@ -288,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_again:  # the sweep as it was run, with the time it took then
         import json
 
-        earlier = json.loads((args.results / f"{NAME}.json").read_text())["results"]
+        earlier = json.loads((args.results / f"{results_name(args)}.json").read_text())["results"]
         sweep_seconds = earlier["sweep_seconds"]
         before, after = earlier["scenarios_cached_before"], earlier["scenarios_cached_after"]
         shutil.rmtree(out / "compare", ignore_errors=True)
@@ -315,10 +360,18 @@ def main(argv: list[str] | None = None) -> None:
     with (out / "compare" / "leaderboard.csv").open() as f:
         cells = list(csv.DictReader(f))
     args.results.mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "compare" / "leaderboard.png", args.results / f"{NAME}.png")
+    name = results_name(args)
+    shutil.copy(out / "compare" / "leaderboard.png", args.results / f"{name}.png")
 
     minutes = sweep_seconds / 60.0
-    goal = speed_goal(sweep_seconds, profiles, not axis_overrides(args), args.n_jobs, before, after)
+    board = "the default leaderboard" + ("" if args.arch == DEFAULT_ARCH else f" on `dataset.scenario.arch={args.arch}`")
+    goal_seconds = GOALS.get(args.arch)
+    goal = (speed_goal(sweep_seconds, profiles, not reduced(args), args.n_jobs, before, after, goal_seconds, board)
+            if goal_seconds else None)
+    partial = None
+    if goal_seconds and reduced(args):
+        full = check_axes(argparse.Namespace(**{**vars(args), "attacks": None, "defenses": None, "seeds": None}))
+        partial = reduced_goal(sweep_seconds, jobs, count_jobs(full), goal_seconds, board)
     body = "\n".join([
         f"{jobs} jobs ({len(axes['dataset.scenario.attack'])} attacks x {len(axes['defense'])} defenses x "
         f"{len(axes['dataset.scenario.seed'])} scenario seeds), {args.n_jobs} at a time:",
@@ -331,18 +384,19 @@ def main(argv: list[str] | None = None) -> None:
         f"(the scenario cache held {before} scenario{'' if before == 1 else 's'} before it, {after} after); "
         f"the report {compare_seconds:.0f} s.",
         *speed_goal_text(goal, sweep_seconds),
+        *(reduced_goal_text(partial) if partial else []),
         *(["", f"Jobs that did not finish (their seeds are missing from the cells): {sweep_jobs.failed_text(failed)}."]
           if failed else []),
         "",
         table,
         "",
-        f"![leaderboard heatmaps: ASR and clean accuracy loss](experiments/results/{NAME}.png)",
+        f"![leaderboard heatmaps: ASR and clean accuracy loss](experiments/results/{name}.png)",
         *(["", oracle_gain_markdown(cells, oracle_cells)] if oracle_cells else []),
         "",
         profile_markdown(profiles, sweep_seconds, args.n_jobs),
     ])
-    rf.write_results(NAME, body, {
-        "jobs": jobs, "n_jobs": args.n_jobs, "axes": axes, "drop": args.drop,
+    rf.write_results(name, body, {
+        "jobs": jobs, "n_jobs": args.n_jobs, "arch": args.arch, "axes": axes, "drop": args.drop, "reduced_goal": partial,
         "sweep_command": shlex.join(sweep), "compare_command": shlex.join(report),
         "sweep_seconds": sweep_seconds, "compare_seconds": compare_seconds, "failed_jobs": failed,
         "scenarios_cached_before": before, "scenarios_cached_after": after, "speed_goal": goal,

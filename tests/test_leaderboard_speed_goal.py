@@ -35,3 +35,16 @@ def test_a_warm_default_leaderboard_within_the_goal_is_met_and_another_leaderboa
     assert ": met." in text and "warm (no scenario built)" in text
     assert study.speed_goal(1700.0, [], default=False, n_jobs=2, before=0, after=0) is None
     assert study.speed_goal_text(None, 1700.0) == []
+
+
+def test_a_reduced_board_has_no_verdict_and_a_scaled_estimate_of_the_full_board():
+    board = "the default leaderboard on `dataset.scenario.arch=preact_resnet`"
+    goal = study.reduced_goal(900.0, jobs=40, full_jobs=200, goal_seconds=3600.0, board=board)
+    assert goal["scaled_estimate_seconds"] == 4500.0  # 900 s x 200 / 40
+    assert goal["times_goal_estimate"] == 1.25
+    text = " ".join(study.reduced_goal_text(goal))
+    assert "40 of the full board's 200 jobs" in text and "no verdict" in text
+    assert "at most 60 min" in text and "about 75 min" in text and "1.2x the goal" in text
+    assert "MISSED" not in text and ": met" not in text
+    missed = study.speed_goal(4000.0, [], default=True, n_jobs=2, before=0, after=0, goal_seconds=3600.0, board=board)
+    assert f"Speed goal: {board} in at most 60 min" in " ".join(study.speed_goal_text(missed, 4000.0))

@@ -294,12 +294,25 @@ def test_interrupted_build_leaves_no_half_cache(tmp_path, monkeypatch):
     assert not [p for p in os.listdir(cfg["cache_dir"]) if ".tmp-" in p]
 
 
-def test_weak_network_fails_and_is_not_cached(tmp_path):
+def test_weak_network_fails_once_built_and_again_from_the_cache(tmp_path, monkeypatch):
     cfg = tiny_scenario(tmp_path / "cache", min_clean_accuracy=99.9, min_asr=99.9, widths=[1, 1, 1, 1, 1])
-    with pytest.raises(DefenseError, match=r"clean test accuracy .* < 99.9%.*epochs.*poison_fraction"):
+    with pytest.raises(scenario.ScenarioTooWeak, match=r"clean test accuracy .* < 99.9%.*epochs.*poison_fraction") as built:
         scenario.ensure_scenario(cfg)
-    assert not os.path.exists(scenario.scenario_dir(cfg))
+    folder = scenario.scenario_dir(cfg)
+    assert scenario.check_cache(folder) is None  # the weak network is cached, intact, with its scores
     assert not [p for p in os.listdir(cfg["cache_dir"]) if ".tmp-" in p]
+    assert built.value.metrics == scenario.read_metadata(folder)["metrics"]
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cached weak scenario was built again")
+
+    monkeypatch.setattr(scenario, "build_scenario", no_rebuild)
+    with pytest.raises(scenario.ScenarioTooWeak) as cached:  # the same verdict, read from the cache
+        scenario.ensure_scenario(cfg)
+    assert str(cached.value) == str(built.value)
+    assert cached.value.reasons == built.value.reasons and cached.value.metrics == built.value.metrics
+    lower = {**cfg, "min_clean_accuracy": 0.0, "min_asr": 0.0}  # the bounds are not in the key: reused
+    assert scenario.ensure_scenario(lower) == folder
 
 
 def test_all_to_all_poisons_every_image_with_the_next_label(tmp_path):

@@ -417,12 +417,16 @@ def ensure_scenario(scenario_cfg) -> str:
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+    # checked after caching: a network below the bounds is built once, every job that needs it fails at
+    # once from its recorded scores, and lower bounds (not in the key) reuse it
+    _check_scores(read_metadata(final)["metrics"], cfg, final)
     return final
 
 
 class ScenarioTooWeak(DefenseError):
     """A built (or cached) scenario network below `min_clean_accuracy` / `min_asr`; `metrics` holds
-    the scores it measured and `reasons` each bound it missed, so a study can report them (nothing is cached)."""
+    the scores it measured and `reasons` each bound it missed, so a study can report them. The network
+    stays in the cache with its scores: the next job that needs it fails without rebuilding it."""
 
     def __init__(self, message: str, metrics: Mapping, reasons: tuple[str, ...] = ()):
         super().__init__(message)
@@ -496,8 +500,7 @@ def build_scenario(cfg: dict, key: str, folder: str) -> dict:
         key, metrics["clean_test_accuracy"], metrics["test_asr"], metrics["clean_valid_accuracy"],
         metrics["valid_asr"], seconds,
     )
-    _check_scores(metrics, cfg, os.path.join(cfg["cache_dir"], key))  # the folder it would have had
-    draw_triggers(folder, cfg)
+    draw_triggers(folder, cfg)  # the bounds are checked by ensure_scenario, once the network is cached
 
     import keras
     import tensorflow as tf
