@@ -231,7 +231,7 @@ def multi_layer_steps(model, sets, groups, n_steps: int, batch_size: int) -> dic
     pairs = global_order(l1.score(model, layers, None, None, 1.0), layers)
     steps = sorted({int(s) for s in np.linspace(0, len(pairs), n_steps).round()})
     masks = ChannelMasks(model, layers, batch_size)
-    masks.predict(sets["valid_clean"].x[: batch_size + 8], pairs, steps[:1])  # trace once (outside the timing)
+    masks.predict(sets["valid_clean"].x[: batch_size + 8], pairs, steps)  # trace its segments (outside the timing)
     start, cpu = time.perf_counter(), time.process_time()
     masked = {key: masks.predict(sets[key].x, pairs, steps) for key in SET_KEYS}
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
@@ -252,7 +252,7 @@ def multi_layer_steps(model, sets, groups, n_steps: int, batch_size: int) -> dic
             mismatches += int(np.sum(plain != masked[key][: len(plain), j]))
     return {"layers": layers, "channels": len(pairs), "steps": steps, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "steps_timed": len(steps), "step_s": seconds / len(steps), "step_cpu_s": cpu_seconds / len(steps),
-            "traces": masks.traces,
+            "traces": masks.traces, "segments": masks.segments(),
             "labels_compared": compared, "labels_differing": mismatches}
 
 
@@ -508,7 +508,8 @@ def run(args, command: str, started) -> int:
     report["multi_layer"] = {"layers": multi["layers"], "channels": multi["channels"], "steps": multi["steps"],
                              "steps_timed": multi["steps_timed"],
                              "step_s": r(multi["step_s"]), "step_cpu_s": r(multi["step_cpu_s"]),
-                             "traces": multi["traces"], "labels_compared": multi["labels_compared"],
+                             "traces": multi["traces"], "segments": multi["segments"],
+                             "labels_compared": multi["labels_compared"],
                              "labels_differing": multi["labels_differing"]}
     report["ratio_multi_step_over_one_pass"] = round(multi["step_s"] / one_pass_s, 3)
     report["ratio_multi_step_over_one_pass_goal"] = MULTI_STEP_GOAL

@@ -66,10 +66,11 @@ def test_tiny_benchmark_writes_consistent_numbers(tiny_run):
     assert report["every_step_labels_compared"] == 2 * 100 * 61 and report["every_step_label_mismatches"] == 0
     assert report["sizes"] == {"valid": 100, "test": 100} and report["input_dtype"] == "uint8"
     # (d) every conv layer of DeepID masked at --multi-steps 5 (default) evenly spaced steps of its 200 channels,
-    # traced once, its labels of the 2 x 100 distinct faces equal to the set_weights loop's at each step
+    # traced at most once per segment (not per step), its labels of the 2 x 100 distinct faces equal to the
+    # set_weights loop's at each step
     multi = report["multi_layer"]
     assert multi["layers"] == ["conv_1", "conv_2", "conv_3", "conv_4"] and multi["channels"] == 20 + 40 + 60 + 80
-    assert multi["steps"] == [0, 50, 100, 150, 200] and multi["traces"] == 1
+    assert multi["steps"] == [0, 50, 100, 150, 200] and 1 <= multi["traces"] <= multi["segments"] == 4
     assert multi["labels_compared"] == 5 * 2 * 100 and multi["labels_differing"] == 0
     assert report["ratio_multi_step_over_one_pass"] == pytest.approx(multi["step_s"] / report["one_pass_s"], rel=0.01)
 

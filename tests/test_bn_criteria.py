@@ -155,7 +155,30 @@ def test_bn_level_pruning_predicts_what_set_weights_predicts(build, layers, zero
         np.testing.assert_array_equal(copy.predict(X_EVAL, verbose=0).argmax(1), expected)
         changed += int(np.any(expected != got[:, 0]))
     assert changed >= 2  # the pruning matters on these images
-    assert engine.traces == 1
+    assert 1 <= engine.traces <= engine.segments()  # one trace per segment of the walk at most, not per step
+
+
+def test_bn_level_masks_reuse_the_walk_before_the_changed_mask_on_a_residual_network():
+    """Every step of a mixed order over three BN-masked convs of a residual network: the walk from the
+    earliest changed mask (the tensors before it, skip connections included, from the step before) gives the
+    labels of the whole walk, and those of set_weights at the last step."""
+    from defense.pruning import bn_pairing
+    from defense.pruning.channel_masks import ChannelMasks
+
+    model, layers = preact_network(), ["conv_0", "conv_1", "conv_2"]
+    units = bn_pairing.bn_units(model, layers, "bn", "prune.anp.level")
+    engine = ChannelMasks(model, layers, 32, units, ("gamma",))
+    every = [(name, c) for name in layers for c in range(model.get_layer(name).filters)]
+    pairs = [every[i] for i in np.random.default_rng(3).permutation(len(every))]
+    steps = list(range(len(pairs) + 1))
+    reused = engine.predict(X_EVAL, pairs, steps)
+    np.testing.assert_array_equal(reused, engine.predict(X_EVAL, pairs, steps, reuse=False))
+    assert len({tuple(reused[:, j]) for j in steps}) >= 3  # the labels change along the way
+    pruned = {}
+    for name, c in pairs:
+        pruned.setdefault(name, []).append(c)
+    np.testing.assert_array_equal(reused[:, -1], set_weights_labels(model, pruned, units, ("gamma",)))
+    assert engine.traces <= engine.segments() + 1
 
 
 # ------------------------------------------------------------------------------------------------

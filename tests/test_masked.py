@@ -217,6 +217,9 @@ def test_channel_masks_of_every_conv_layer_equal_the_set_weights_loop(lab3):
     np.testing.assert_array_equal(masked, set_weights_predictions_pairs(model, x, pairs, steps))
     assert len({name for name, _ in pairs[:8]}) >= 3  # the compared steps prune several layers at once
     assert (masked[:, 3] != masked[:, 0]).any()  # and change predictions
-    masks.predict(x[:40], pairs[::-1], [5, 50])  # more steps and batches: the graph is not traced again
-    assert masks.traces == 1
+    every = list(range(0, 200, 3))  # consecutive steps that change one or two layers: the walk starts at a cut
+    np.testing.assert_array_equal(masks.predict(x, pairs, every), masks.predict(x, pairs, every, reuse=False))
+    assert masks.traces >= 3  # the whole walk and at least two segments that start at a cut
+    masks.predict(x[:40], pairs[::-1], [5, 50])  # more steps and batches: no segment is traced again
+    assert masks.traces <= masks.segments() + 1 == 5  # each segment once, and the whole walk (reuse=False)
     assert all(np.all(v.numpy() == 1) for v in masks.masks.values())  # the masks are reset after predict

@@ -12,6 +12,13 @@ whose convolution + bias is multiplied by a mask `tf.Variable` before their acti
 step is then one `assign` per masked layer; no model is rebuilt, cloned or traced again per step.
 For one layer the faster `defense.pruning.masked.MaskedSweep` (every step at once) is used instead.
 
+What an unchanged mask gave is not computed again. The walk is cut at each masked layer into segments
+(one `tf.function` per segment start, traced once): a step that changes the masks of, say, conv_3 and
+conv_4 only runs from conv_3, on the tensors the previous step left at that cut (the layers before it
+read no changed mask, so their outputs are the same tensors); the first step of each batch runs from
+the input. The labels are those of the whole walk at every step (tests/test_masked.py compares both
+ways and against `set_weights`).
+
 BN level (`bn_units`: {conv: BatchNormalization name}; ANP, RNP and CLP on networks with BatchNormalization,
 defense.pruning.bn_pairing): channel c of such a conv is pruned on its BatchNormalization instead, by
 zeroing the BN's `bn_zero` parameters of channel c, as the references' pruning scripts do: gamma := 0
@@ -63,6 +70,7 @@ class ChannelMasks:
         spec = tf.TensorSpec([None, *model.inputs[0].shape[1:]], tf.float32)
         self._forward = tf.function(self._run, input_signature=[spec])
         self.traces = 0
+        self._cuts()
 
     def _masked_conv(self, layer, x):
         z = layer.convolution_op(x, layer.kernel)
@@ -79,11 +87,60 @@ class ChannelMasks:
         with keras.StatelessScope(state_mapping=mapping):
             return layer(x, training=False)
 
+    def _cuts(self) -> None:
+        """The segment starts (node positions of the walk where a mask acts, and 0) and, per start, the tensors
+        made before it that the rest of the walk reads (`self._live`), in a fixed order."""
+        masked = {id(layer): layer.name for layer in self.layers if layer.name not in self.bn_units}
+        where = {}  # masked layer name -> the position of the node where its mask acts (the conv, or its BN)
+        for i, node in enumerate(self._nodes):
+            op = node.operation
+            if id(op) in self._bn_of:
+                where.setdefault(self._bn_of[id(op)], i)  # a layer called twice: its first call
+            elif id(op) in masked:
+                where.setdefault(masked[id(op)], i)
+        self._start_of = where
+        self._starts = sorted({0, *where.values()})
+        made = {self._input_id: -1}
+        for i, node in enumerate(self._nodes):
+            for tensor in node.output_tensors:
+                made[id(tensor)] = i
+        self._live = {}
+        for start in self._starts:
+            needed = [id(t) for node in self._nodes[start:] for t in node.input_tensors] + [self._output_id]
+            self._live[start] = [t for t in dict.fromkeys(needed) if made.get(t, -1) < start]
+        self._shapes = {self._input_id: self.model.inputs[0]}
+        for node in self._nodes:
+            for tensor in node.output_tensors:
+                self._shapes[id(tensor)] = tensor
+        self._segments: dict[int, object] = {}
+
+    def _segment(self, start: int):
+        """The walk from node position `start`, as one tf.function: (live tensors at `start`) -> (labels, then
+        the live tensors of every later start)."""
+        if start not in self._segments:
+            specs = [tf.TensorSpec([None, *self._shapes[t].shape[1:]], self._shapes[t].dtype or tf.float32)
+                     for t in self._live[start]]
+
+            def run(*inputs):
+                self.traces += 1  # Python side effect: counts traces, not calls
+                values = dict(zip(self._live[start], inputs))
+                labels, values = self._walk(values, start)
+                later = [values[t] for s in self._starts if s > start for t in self._live[s]]
+                return (labels, *later)
+
+            self._segments[start] = tf.function(run, input_signature=specs)
+        return self._segments[start]
+
     def _run(self, x):
         self.traces += 1  # Python side effect: counts traces, not calls
+        return self._walk({self._input_id: x}, 0)[0]
+
+    def _walk(self, values: dict, start: int):
+        """Labels of the walk from node position `start` on `values` (the tensors made before it), and every
+        tensor it saw."""
         masked = {id(layer) for layer in self.layers if layer.name not in self.bn_units}
-        values = {self._input_id: x}
-        for node in self._nodes:
+        values = dict(values)
+        for node in self._nodes[start:]:
             op = node.operation
             if id(op) in self._bn_of:
                 outs = [self._masked_bn(op, values[id(node.input_tensors[0])])]
@@ -99,7 +156,7 @@ class ChannelMasks:
             for tensor, value in zip(node.output_tensors, outs):
                 values[id(tensor)] = value
         out = values[self._output_id]
-        return tf.argmax(tf.reshape(out, [tf.shape(out)[0], -1]), axis=-1, output_type=tf.int32)
+        return tf.argmax(tf.reshape(out, [tf.shape(out)[0], -1]), axis=-1, output_type=tf.int32), values
 
     def mask_arrays(self, pairs, steps) -> list[dict[str, np.ndarray]]:
         """For each step s of `steps`: layer -> 0/1 mask with the first s of `pairs` pruned."""
@@ -120,23 +177,45 @@ class ChannelMasks:
         return np.concatenate([self._forward(tf.constant(x_scaled[i : i + self.batch_size])).numpy()
                                for i in range(0, len(x_scaled), self.batch_size)] or [np.zeros(0, np.int32)])
 
-    def predict(self, x: np.ndarray, pairs, steps, progress=None, divisor: float = 1.0) -> np.ndarray:
+    def segments(self) -> int:
+        """How many segment functions the walk can have (the bound of `traces`: one trace each)."""
+        return len(self._starts)
+
+    def predict(self, x: np.ndarray, pairs, steps, progress=None, divisor: float = 1.0,
+                reuse: bool = True) -> np.ndarray:
         """Labels (N, len(steps)) on raw images `x`: column j has the first steps[j] of `pairs` pruned.
 
         `x` is streamed batch by batch (float or uint8 pixels, scaled per batch by `divisor`); each batch
-        is scaled once and evaluated at every step (one mask assignment per step and layer).
+        is scaled once and evaluated at every step (one mask assignment per step and layer), each step from
+        the earliest masked layer whose mask changed since the step before (`reuse=False`: every step from
+        the input, the same labels).
         """
         from defense.nets.models import scale_pixels
 
         masks = self.mask_arrays(pairs, steps)
         labels = np.zeros((len(x), len(masks)), np.int32)
         try:
-            for start in range(0, len(x), self.batch_size):
+            for first in range(0, len(x), self.batch_size):
                 interrupt.check()  # a safe point between batches (defense/core/interrupt.py)
-                batch = tf.constant(scale_pixels(x[start : start + self.batch_size], divisor))
+                batch = tf.constant(scale_pixels(x[first : first + self.batch_size], divisor))
+                kept: dict[int, list] = {}  # segment start -> the live tensors there, as the last step left them
                 for j, mask in enumerate(masks):
-                    self.set_masks(mask)
-                    labels[start : start + len(batch), j] = self._forward(batch).numpy()
+                    changed = [name for name in self.names if j == 0 or not np.array_equal(mask[name], masks[j - 1][name])]
+                    start = 0 if j == 0 or not reuse else min((self._start_of[n] for n in changed), default=None)
+                    if start is None:  # no mask changed: the step before's labels
+                        labels[first : first + len(batch), j] = labels[first : first + len(batch), j - 1]
+                        continue
+                    self.set_masks({name: mask[name] for name in changed})
+                    if not reuse:
+                        labels[first : first + len(batch), j] = self._forward(batch).numpy()
+                        continue
+                    out = self._segment(start)(*([batch] if start == 0 else kept[start]))
+                    labels[first : first + len(batch), j] = out[0].numpy()
+                    at = 1
+                    for s in self._starts:
+                        if s > start:
+                            kept[s] = list(out[at : at + len(self._live[s])])
+                            at += len(self._live[s])
                 if progress is not None:
                     progress.update(len(batch))
         finally:

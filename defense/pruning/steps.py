@@ -6,8 +6,8 @@ Step s prunes the first s (layer, channel) pairs of the ranking. The sweep evalu
   one layer is pruned (`defense.pruning.masked.MaskedSweep` computes every step in one pass anyway) or when
   the ranking has at most EVERY_STEP_UP_TO = 100 steps; with several layers and a longer ranking
   (e.g. DeepID's four conv layers, 200 channels, `prune.layer=all`), DEFAULT_EVAL_STEPS = 101 evenly
-  spaced steps, because each evaluated step of `defense.pruning.channel_masks.ChannelMasks` costs one forward
-  pass over every image;
+  spaced steps, because each evaluated step of `defense.pruning.channel_masks.ChannelMasks` costs a forward
+  pass over every image (from the earliest layer whose mask changed since the step before);
 - `prune.eval_steps` = N >= 2: N evenly spaced steps including 0 and that last step (every step when
   N exceeds the number of steps).
 
