@@ -53,3 +53,19 @@ def test_threads_timing_runs_both_arms_and_compares_their_summaries(tmp_path):
     assert "prune.anp.iterations=3" in data["jobs"]["anp"] and "finetune.grid.epochs=[1]" in data["jobs"]["fine_tuning"]
     md = (tmp_path / "threads_timing.md").read_text()
     assert "one thread per job" in md and "`TF_NUM_INTRAOP_THREADS=1`" in md
+
+
+def test_multi_layer_timing_times_both_walks_and_finds_the_same_labels(tmp_path):
+    """Both ways of evaluating CLP's multi-layer sweep (every step from the input, and from the earliest
+    changed mask) on the embedded scenario, at 5 evaluated steps: every label compared, none differing, and
+    the speed-up the ratio of the two mean times."""
+    proc = run_script("multi_layer_timing.py", "--archs", "deepid", "--seed", "0", "--repeats", "1", "--eval-steps", "5",
+                      "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "multi_layer_timing.json").read_text())["results"]["rows"]
+    assert row["arch"] == "deepid" and row["layers"] == ["conv_1", "conv_2", "conv_3", "conv_4"] and not row["bn_level"]
+    assert row["steps"] == 5 and row["channels"] == 20 + 40 + 60 + 80 and row["segments"] == 4
+    assert row["labels_compared"] == row["images"] * 5 and row["labels_differing"] == 0
+    whole, reused = row["mean_wall_s"]["whole walk"], row["mean_wall_s"]["from the changed mask"]
+    assert whole > 0 and reused > 0 and abs(row["speed_up"] - whole / reused) < 1e-9
+    assert "| deepid | 4 (conv), 200 channels | 5 |" in (tmp_path / "multi_layer_timing.md").read_text()
