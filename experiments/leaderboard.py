@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         table,
         "",
-        f"![leaderboard heatmaps: ASR and clean accuracy loss](experiments/results/{name}.png)",
+        # the default board is embedded in README.md, another network's in docs/performance.md
+        f"![leaderboard heatmaps: ASR and clean accuracy loss]({'' if name == NAME else '../'}experiments/results/{name}.png)",
         *(["", oracle_gain_markdown(cells, oracle_cells)] if oracle_cells else []),
         "",
         profile_markdown(profiles, sweep_seconds, args.n_jobs),

@@ -35,12 +35,10 @@ import numpy as np
 from defense.nets import models
 from defense.reporting import report
 from defense.core.errors import DefenseError
+from defense.pipeline.finetune import SCORE_COLUMNS  # the fine-tuned scores: one list for both tables
 from defense.pipeline.sweep import drop_name
 
 log = logging.getLogger("defense.ablation")
-
-SCORE_COLUMNS = ("ft_test_acc", "ft_test_asr", "ft_test_ra", "ft_der",
-                 "ft_g_test_acc", "ft_g_test_asr", "ft_g_test_ra", "ft_g_der")
 FIRST_COLUMNS = ["drop", "epochs", "learning_rate", "channels_pruned", "reached", *SCORE_COLUMNS,
                  "base_test_acc", "base_test_asr"]
 
