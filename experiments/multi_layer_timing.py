@@ -113,14 +113,14 @@ def markdown(rows: list[dict], repeats: int) -> str:
     table = []
     for r in rows:
         table.append([r["arch"], f"{r['masked_layers']} ({'BN' if r['bn_level'] else 'conv'}), {r['channels']} channels",
-                      r["steps"], r["images"], " | ".join(f"{v:.1f}" for v in r["wall_s"]["whole walk"]),
-                      " | ".join(f"{v:.1f}" for v in r["wall_s"]["from the changed mask"]),
+                      r["steps"], r["images"], ", ".join(f"{v:.1f}" for v in r["wall_s"]["whole walk"]),
+                      ", ".join(f"{v:.1f}" for v in r["wall_s"]["from the changed mask"]),
                       f"{r['speed_up']:.2f}x", f"{r['labels_differing']} of {r['labels_compared']}"])
     return ("`defense=clp` (every conv layer, or its BatchNormalization, in one global order; the data-free ranking) "
             "on the embedded BadNets scenario of seed " + ", ".join(sorted({str(r["seed"]) for r in rows}))
             + f"; the sweep's evaluated steps on every set, each arm {repeats} time(s), alternating, in one process "
             "with TensorFlow's default threads:\n\n"
-            + rf.md_table(["arch", "masked layers", "steps", "images", "whole walk (s)", "from the changed mask (s)",
+            + rf.md_table(["arch", "masked layers", "steps", "images", "whole walk, each repeat (s)", "from the changed mask, each repeat (s)",
                            "speed-up", "labels differing"], table))
 
 
