@@ -119,13 +119,17 @@ def kind_of(command: str) -> str:
 def study_header(command: str) -> str:
     """The header line of the results file the page's study command wrote: the file whose header names exactly
     this command (e.g. `finetune_ablation_seeds.py --attack prune_aware` wrote finetune_ablation_seeds_prune_aware.md),
-    else the script's own file (its header may name extra options, e.g. a rerun with --report-again)."""
+    else the script's own file where its header names this command with extra options (e.g. a rerun with
+    --report-again), else another file whose header does (`leaderboard.py --arch preact_resnet --seeds 1` wrote
+    leaderboard_preact_resnet.md with --out and --report-again), else the script's own file."""
     headers = {path: path.read_text().splitlines()[0] for path in sorted(rf.RESULTS.glob("*.md"))}
     exact = [h for h in headers.values() if h.startswith(f"Written by `{command}` ")]
     if exact:
         return exact[0]
     name = re.match(r"python experiments/(\w+)\.py", command).group(1)
-    return headers[rf.RESULTS / f"{name}.md"]
+    own = headers[rf.RESULTS / f"{name}.md"]
+    longer = [h for h in headers.values() if h.startswith(f"Written by `{command} ")]
+    return own if own in longer or not longer else longer[0]
 
 
 def last_line(text: str) -> str:

@@ -77,5 +77,9 @@ def test_a_study_line_quotes_the_results_file_its_own_command_wrote():
     assert docs_commands.study_header("python experiments/finetune_ablation_seeds.py") == plain
     leaderboard = (results / "leaderboard.md").read_text().splitlines()[0]
     assert docs_commands.study_header("python experiments/leaderboard.py") == leaderboard
+    # another network's board: the file whose header names the command with more options, not DeepID's
+    preact = (results / "leaderboard_preact_resnet.md").read_text().splitlines()[0]
+    assert preact.startswith("Written by `python experiments/leaderboard.py --arch preact_resnet --seeds 1 --out ")
+    assert docs_commands.study_header("python experiments/leaderboard.py --arch preact_resnet --seeds 1") == preact
     # the line a run's note quotes: its last printed stdout line, not stderr's progress bars
     assert docs_commands.last_line("footer line\n\n") == "footer line"
