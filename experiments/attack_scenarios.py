@@ -66,9 +66,10 @@ def build(attack: str, seed: int, extra: tuple[str, ...] = (), paper: bool = Fal
     try:
         folder = ensure_scenario(cfg)
     except ScenarioTooWeak as err:  # too weak: the network is cached with its scores and picture all the same
-        meta = read_metadata(scenario_dir(cfg))
+        folder = scenario_dir(cfg)
+        meta = read_metadata(folder)
         if picture is not None:
-            shutil.copy(os.path.join(scenario_dir(cfg), PICTURE_FILE), picture)
+            shutil.copy(os.path.join(folder, PICTURE_FILE), picture)
         return {**row, "passed": False, **meta["metrics"], "error": str(err), "build_seconds": meta["build_seconds"],
                 "wall_seconds": round(time.perf_counter() - t0, 1)}
     meta = read_metadata(folder)

@@ -166,9 +166,9 @@ def reduced_goal(sweep_seconds: float, jobs: int, full_jobs: int, goal_seconds: 
     """A board with fewer jobs than the full one has no verdict: its time scaled by full_jobs / jobs is an
     estimate of the full board's (the jobs of the left-out seeds or cells cost about what these did), beside
     the full board's goal."""
+    estimate = sweep_seconds * full_jobs / max(1, jobs)
     return {"board": board, "goal_seconds": goal_seconds, "jobs": jobs, "full_jobs": full_jobs,
-            "scaled_estimate_seconds": sweep_seconds * full_jobs / max(1, jobs),
-            "times_goal_estimate": sweep_seconds * full_jobs / max(1, jobs) / goal_seconds}
+            "scaled_estimate_seconds": estimate, "times_goal_estimate": estimate / goal_seconds}
 
 
 def reduced_goal_text(goal: dict) -> list[str]:
@@ -185,7 +185,7 @@ def speed_goal_text(goal: dict | None, sweep_seconds: float) -> list[str]:
         return []
     verdict = ("met" if goal["goal_met"] else
                f"MISSED ({sweep_seconds / 60:.1f} min, {goal['times_goal']:.2f}x the goal)")
-    text = (f"Speed goal: {goal.get('board', 'the default leaderboard')} in at most {goal['goal_seconds'] / 60:.0f} min wall clock on 2 CPU "
+    text = (f"Speed goal: {goal['board']} in at most {goal['goal_seconds'] / 60:.0f} min wall clock on 2 CPU "
             f"cores, scenario builds included: {verdict}.")
     if goal["scenarios_built"]:
         text += (f" The cache was cold ({goal['scenarios_built']} scenarios built); `setup`, where the builds fall, "

@@ -57,6 +57,8 @@ class ChannelMasks:
         # the BN parameters a pruned channel zeroes, chosen where every pruning chooses them (defense/nets/models.py)
         self._zeroed = {bn: bn_parameters(model, bn, self.bn_zero) for bn in self.bn_units.values()}
         self._bn_of = {id(model.get_layer(bn)): conv for conv, bn in self.bn_units.items()}
+        # the convs masked on their own pre-activation (the others are masked on their BN)
+        self._masked_convs = {id(layer): layer.name for layer in self.layers if layer.name not in self.bn_units}
         self.batch_size = int(batch_size)
         self.masks = {layer.name: tf.Variable(tf.ones([layer.filters], tf.float32), trainable=False,
                                               name=f"mask_{layer.name}") for layer in self.layers}
@@ -90,28 +92,22 @@ class ChannelMasks:
     def _cuts(self) -> None:
         """The segment starts (node positions of the walk where a mask acts, and 0) and, per start, the tensors
         made before it that the rest of the walk reads (`self._live`), in a fixed order."""
-        masked = {id(layer): layer.name for layer in self.layers if layer.name not in self.bn_units}
         where = {}  # masked layer name -> the position of the node where its mask acts (the conv, or its BN)
+        made = {self._input_id: -1}  # tensor -> the position of the node that makes it
+        self._shapes = {self._input_id: self.model.inputs[0]}  # tensor -> its Keras tensor (shape, dtype)
         for i, node in enumerate(self._nodes):
-            op = node.operation
-            if id(op) in self._bn_of:
-                where.setdefault(self._bn_of[id(op)], i)  # a layer called twice: its first call
-            elif id(op) in masked:
-                where.setdefault(masked[id(op)], i)
+            op = id(node.operation)
+            name = self._bn_of.get(op, self._masked_convs.get(op))
+            if name is not None:
+                where.setdefault(name, i)  # a layer called twice: its first call
+            for tensor in node.output_tensors:
+                made[id(tensor)], self._shapes[id(tensor)] = i, tensor
         self._start_of = where
         self._starts = sorted({0, *where.values()})
-        made = {self._input_id: -1}
-        for i, node in enumerate(self._nodes):
-            for tensor in node.output_tensors:
-                made[id(tensor)] = i
         self._live = {}
         for start in self._starts:
             needed = [id(t) for node in self._nodes[start:] for t in node.input_tensors] + [self._output_id]
             self._live[start] = [t for t in dict.fromkeys(needed) if made.get(t, -1) < start]
-        self._shapes = {self._input_id: self.model.inputs[0]}
-        for node in self._nodes:
-            for tensor in node.output_tensors:
-                self._shapes[id(tensor)] = tensor
         self._segments: dict[int, object] = {}
 
     def _segment(self, start: int):
@@ -138,13 +134,12 @@ class ChannelMasks:
     def _walk(self, values: dict, start: int):
         """Labels of the walk from node position `start` on `values` (the tensors made before it), and every
         tensor it saw."""
-        masked = {id(layer) for layer in self.layers if layer.name not in self.bn_units}
         values = dict(values)
         for node in self._nodes[start:]:
             op = node.operation
             if id(op) in self._bn_of:
                 outs = [self._masked_bn(op, values[id(node.input_tensors[0])])]
-            elif id(op) in masked:
+            elif id(op) in self._masked_convs:
                 outs = [self._masked_conv(op, values[id(node.input_tensors[0])])]
             else:
                 args, kwargs = node.arguments.fill_in(values)
