@@ -166,3 +166,39 @@ def test_clp_on_a_vgg_bn_scenario_is_fine_tuned_with_its_bn_channels_kept_pruned
         assert row.get("ft_compact_path", "") == ""
     assert checked >= 3  # pruned channels were checked (drop 30 alone prunes several)
     assert not list((out / "models").glob("*compact*"))
+
+
+@pytest.mark.parametrize("shift", [0, 1], ids=["arrays", "shifted"])
+@pytest.mark.parametrize("zero", [("gamma",), ("gamma", "beta")], ids=["gamma", "gamma_beta"])
+@pytest.mark.parametrize("net", ["conv_bn_tanh", "preact"])
+def test_whole_epoch_calls_give_the_weights_of_one_batch_per_call_with_a_callback_re_zeroing(net, zero, shift):
+    """whole_epochs (a compiled epoch, the pruned parameters kept at 0 by a variable constraint) against one batch
+    per call re-zeroed by a callback after each: the same weights bit for bit and the same per-epoch history, on
+    networks where a plain fit brings the pruned parameters back (the test above), with a holdout and the cosine
+    schedule, with and without the shifted batches."""
+    from omegaconf import OmegaConf
+
+    from defense.nets.models import pruned_copy_layers
+    from defense.pipeline.finetune import fine_tune, pruned_layers_zero
+    from defense.pruning import bn_pairing
+    from defense.tracking.tracker import Tracker
+
+    build, pruned = NETWORKS[net]
+    model = build()
+    units = bn_pairing.bn_units(model, list(pruned), "bn", "prune.clp.level")
+    cfg = _cfg(epochs=3)
+    cfg.finetune.update({"shift": shift, "lr_schedule": "cosine", "momentum": 0.9})
+    runs = {}
+    for whole in (True, False):
+        history = []
+        b_prime = pruned_copy_layers(model, pruned, units, zero)
+        b2, info = fine_tune(OmegaConf.create(OmegaConf.to_container(cfg)), b_prime, pruned, _clean(), Tracker(),
+                             "drop_test", bn_units=units, bn_zero=zero, history=history, whole_epochs=whole)
+        assert pruned_layers_zero(b2, pruned, units, zero)
+        assert all(v.constraint is None for v in b2.weights)  # the constraints are taken off after
+        runs[whole] = (b2.get_weights(), info, history)
+    (w_whole, info_whole, h_whole), (w_batch, info_batch, h_batch) = runs[True], runs[False]
+    assert len(h_whole) == 3 and info_whole == info_batch
+    for a, b in zip(w_whole, w_batch):
+        np.testing.assert_array_equal(a, b)
+    assert h_whole == h_batch

@@ -48,3 +48,39 @@ def test_a_reduced_board_has_no_verdict_and_a_scaled_estimate_of_the_full_board(
     assert "MISSED" not in text and ": met" not in text
     missed = study.speed_goal(4000.0, [], default=True, n_jobs=2, before=0, after=0, goal_seconds=3600.0, board=board)
     assert f"Speed goal: {board} in at most 60 min" in " ".join(study.speed_goal_text(missed, 4000.0))
+
+
+def test_a_warm_board_estimates_a_cold_cache_from_the_recorded_builds_of_the_scenarios_its_jobs_used(tmp_path):
+    import json
+
+    cache = tmp_path / "cache" / "scenarios"
+    for key, seconds in (("0123456789abcdef", 50.0), ("fedcba9876543210", 30.0), ("aaaaaaaaaaaaaaaa", 999.0)):
+        (cache / key).mkdir(parents=True)
+        (cache / key / "scenario.json").write_text(json.dumps({"build_seconds": seconds}))
+    sweep = tmp_path / "sweep"
+    for job, key in (("0", "0123456789abcdef"), ("1", "0123456789abcdef"), ("2", "fedcba9876543210")):
+        (sweep / job).mkdir(parents=True)
+        (sweep / job / "run.log").write_text(f"[..][defense.run][INFO] - model badnets_mnist ({cache / key}/bd_net.h5); "
+                                             "1000 clean images\n")
+    builds = study.scenario_builds(sweep)
+    assert builds == {str(cache / "0123456789abcdef"): 50.0, str(cache / "fedcba9876543210"): 30.0}  # not the unused one
+    goal = study.speed_goal(1200.0, [], default=True, n_jobs=2, before=3, after=3, builds=builds)
+    assert goal["cold_scenarios"] == 2 and goal["cold_build_seconds"] == 80.0
+    assert goal["cold_estimate_seconds"] == 1200.0 + 80.0 / 2
+    text = " ".join(study.speed_goal_text(goal, 1200.0))
+    assert "warm (no scenario built)" in text and "the 2 scenarios the jobs used: 80 s" in text and "20.7 min" in text
+    cold = study.speed_goal(1200.0, [{"setup": 60.0}], default=True, n_jobs=2, before=1, after=3, builds=builds)
+    assert "cold_estimate_seconds" not in cold  # a cold run measured the builds itself
+
+
+def test_the_defenses_whose_jobs_alone_took_more_than_the_goal_are_named():
+    profiles = ([{"defense": "anp", "total": 1000.0}] * 4 + [{"defense": "fp", "total": 10.0}] * 4
+                + [{"defense": "clp", "total": 900.0}] * 4)
+    shares = study.defense_shares(profiles, n_jobs=2)
+    assert [r["defense"] for r in shares] == ["anp", "clp", "fp"]
+    assert shares[0] == {"defense": "anp", "jobs": 4, "job_seconds": 4000.0, "wall_share_seconds": 2000.0}
+    goal = study.speed_goal(3900.0, profiles, default=True, n_jobs=2, before=0, after=0)
+    assert [r["defense"] for r in goal["over_goal_alone"]] == ["anp"]  # 2000 s > 1800 s; clp's 1800 s is not more
+    text = " ".join(study.speed_goal_text(goal, 3900.0))
+    assert "`anp`'s 4 jobs alone took 4000 job-seconds, 33.3 min of the workers' time" in text
+    assert "`clp`" not in text

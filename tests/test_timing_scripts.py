@@ -69,3 +69,18 @@ def test_multi_layer_timing_times_both_walks_and_finds_the_same_labels(tmp_path)
     whole, reused = row["mean_wall_s"]["whole walk"], row["mean_wall_s"]["from the changed mask"]
     assert whole > 0 and reused > 0 and abs(row["speed_up"] - whole / reused) < 1e-9
     assert "| deepid | 4 (conv), 200 channels | 5 |" in (tmp_path / "multi_layer_timing.md").read_text()
+
+
+def test_finetune_timing_times_both_ways_and_finds_the_same_weights(tmp_path):
+    """Fine-tuning with one batch per call and a whole epoch per call on the embedded scenario, 2 epochs: the same
+    weights and history, the preset's B' (a fifth of conv_3's 60 channels pruned), the speed-up the ratio of the
+    two mean times."""
+    proc = run_script("finetune_timing.py", "--archs", "deepid", "--seed", "0", "--repeats", "1", "--epochs", "2",
+                      "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "finetune_timing.json").read_text())["results"]["rows"]
+    assert row["layer"] == "conv_3" and row["pruned_channels"] == 12 and row["epochs"] == 2 and row["shift"] == 2
+    assert row["largest_weight_difference"] == 0.0 and row["same_history"] is True
+    batch, epoch = row["mean_seconds"]["one batch per call"], row["mean_seconds"]["a whole epoch per call"]
+    assert batch > 0 and epoch > 0 and abs(row["speed_up"] - batch / epoch) < 1e-9
+    assert "| deepid | 12 of `conv_3` |" in (tmp_path / "finetune_timing.md").read_text()

@@ -16,7 +16,8 @@ Where the signal is raised:
   (SIGSEGV) instead of stopping it. The loops check the request at safe points with `check()`:
   between the sweep's batches, between a criterion's learning iterations, between the stages of a
   run, and between training batches through `fit()` (a Keras callback sets `stop_training`, so
-  `fit` returns after the batch in flight, and the stop is raised once it has returned). A request
+  `fit` returns after the call in flight: one batch, or a whole epoch for a model compiled with
+  `steps_per_execution` (fine-tuning); the stop is raised once it has returned). A request
   that no safe point saw is raised when the scope ends, so a run asked to stop never ends FINISHED.
 - A second signal before the first was acted on stops at once, as Ctrl-C always did: it raises from
   the handler (the way out of a loop without a safe point).
@@ -134,7 +135,7 @@ def check() -> None:
 
 
 def keras_callback():
-    """A Keras callback: on a stop request, `fit` returns after the batch in flight.
+    """A Keras callback: on a stop request, `fit` returns after the call in flight (a batch, or steps_per_execution).
 
     It sets `model.stop_training`, which Keras reads after every training batch and every epoch;
     `check()` after `fit` returns raises the stop (`fit()` below does both)."""

@@ -8,10 +8,11 @@ For every threshold the sweep reached:
 - B' = the unpruned B with the first `channels_pruned` channels of the order pruned (as the runner
   saved it), fine-tuned on the clean validation images only (a `holdout` fraction of them kept aside
   for early stopping; optionally randomly translated by up to `shift` pixels, Adam or SGD, constant or
-  cosine learning rate); the pruned channels' kernels and biases are re-zeroed after every batch and
-  checked to be exactly zero at the end. Where the criterion pruned a conv's channels on its
-  BatchNormalization (ANP, RNP, CLP on networks with BN: SweepResult.bn_units), B' has that BN's gamma
-  (ANP, RNP) or gamma and beta (CLP) of those channels zeroed, as the references prune (defense/nets/models.py bn_parameters);
+  cosine learning rate); the pruned channels' kernels and biases are re-zeroed after every optimizer
+  step (inside Keras' compiled step, a whole epoch per call) and checked to be exactly zero at the end.
+  Where the criterion pruned a conv's channels on its BatchNormalization (ANP, RNP, CLP on networks
+  with BN: SweepResult.bn_units), B' has that BN's gamma (ANP, RNP) or gamma and beta (CLP) of those
+  channels zeroed, as the references prune (defense/nets/models.py bn_parameters);
   then those BN parameters are the ones re-zeroed and checked, while the conv's kernel and the BN's moving
   statistics train as everything else does;
 - B'' alone and G(B, B'') are scored on the test data: clean accuracy, ASR per poisoned set, robust
@@ -29,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -230,8 +232,38 @@ def _log_epoch(tracker, name: str, row: dict) -> None:
             tracker.log_metric(f"ft/{name}/{key}", value, step=row["epoch"])
 
 
-def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: bool):
-    """Re-zero the pruned channels after every batch; log every epoch; early stopping on the holdout."""
+def _rezeroed(mask, constraint=None):
+    """A variable constraint: the variable with its pruned entries (mask 0) set to 0, after `constraint` (the one
+    the variable had, if any). `where`, not a product: NaN weights of a diverged fine-tuning stay 0 where pruned."""
+    import keras
+
+    mask = keras.ops.convert_to_tensor(mask)
+
+    def apply(value):
+        value = constraint(value) if constraint is not None else value
+        return keras.ops.where(mask > 0, value, keras.ops.zeros_like(value))
+
+    return apply
+
+
+@contextmanager
+def _kept_pruned(masks):
+    """Inside, every (variable, mask) of `masks` (_pruned_masks) has the constraint _rezeroed: Keras applies it
+    right after each optimizer update, inside the compiled step, as the callback's re-zeroing after each batch
+    would. The variables' own constraints are put back after."""
+    before = [(variable, variable.constraint) for variable, _ in masks]
+    try:
+        for variable, mask in masks:
+            variable.constraint = _rezeroed(mask, variable.constraint)
+        yield
+    finally:
+        for variable, constraint in before:
+            variable.constraint = constraint
+
+
+def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: bool, every_batch: bool = True):
+    """Re-zero the pruned channels when training begins and ends (and after every batch with `every_batch`;
+    otherwise _kept_pruned does it inside the step); log every epoch; early stopping on the holdout."""
     import keras
 
     class FineTune(keras.callbacks.Callback):
@@ -254,7 +286,8 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
             self.rezero()
 
         def on_train_batch_end(self, batch, logs=None):
-            self.rezero()
+            if every_batch:
+                self.rezero()
 
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
@@ -296,7 +329,7 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
 
 
 def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str, bn_units: dict | None = None,
-              bn_zero=("gamma",), history: list | None = None) -> tuple[object, dict]:
+              bn_zero=("gamma",), history: list | None = None, whole_epochs: bool = True) -> tuple[object, dict]:
     """Fine-tune B' (in place) on the clean validation images only; returns (B'', info).
 
     pruned: {layer: channels}, or a list of channels of prune.layer; they are kept at zero.
@@ -304,6 +337,11 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str, bn_units: d
     pruned channels are kept pruned there instead, the BN's gamma (and beta with ("gamma", "beta")) at zero;
     the BN's moving statistics and the conv's kernel train as everything else does.
     history: a list that gets the per-epoch rows ({"epoch", "loss", "acc", "val_loss", "val_acc"}).
+    whole_epochs: one compiled call of Keras runs a whole epoch (`steps_per_execution`), the pruned channels
+    re-zeroed inside it after every optimizer step (a variable constraint, which Keras applies right after the
+    update); False runs one batch per call and re-zeroes them in a callback after it. Both give the same
+    weights (tests/test_bn_finetune.py); the first has less per-batch overhead, and a stop signal then ends
+    the fine-tuning at the end of an epoch, not of a batch.
     """
     import keras
 
@@ -321,18 +359,20 @@ def fine_tune(cfg, b_prime, pruned, valid_clean, tracker, name: str, bn_units: d
     # gradients are meaningless and every fine-tuned B'' of such a network ends near chance
     b_prime.compile(optimizer=_make_optimizer(settings, steps_per_epoch),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=models.uses_logits(b_prime)),
-                    metrics=["accuracy"])
+                    metrics=["accuracy"], steps_per_execution=steps_per_epoch if whole_epochs else 1)
     pruned = _as_pruned_map(pruned, cfg.prune.get("layer"))
-    callback = _fine_tune_callback(_pruned_masks(b_prime, pruned, bn_units, bn_zero), settings, name, tracker,
-                                   validation is not None)
-    if settings["shift"]:
-        batches = _shifted_batches(x_train, y_train, settings["batch_size"], settings["shift"], settings["seed"])
-        # a signal stops fit between two batches, and is raised once fit has returned (defense/core/interrupt.py)
-        interrupt.fit(b_prime, batches, epochs=settings["epochs"], validation_data=validation, callbacks=[callback],
-                      verbose=0)
-    else:
-        interrupt.fit(b_prime, x_train, y_train, batch_size=settings["batch_size"], epochs=settings["epochs"],
-                      validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
+    masks = _pruned_masks(b_prime, pruned, bn_units, bn_zero)
+    callback = _fine_tune_callback(masks, settings, name, tracker, validation is not None, every_batch=not whole_epochs)
+    # a signal stops fit between two calls (batches, or epochs with whole_epochs), and is raised once fit has
+    # returned (defense/core/interrupt.py)
+    with _kept_pruned(masks if whole_epochs else []):
+        if settings["shift"]:
+            batches = _shifted_batches(x_train, y_train, settings["batch_size"], settings["shift"], settings["seed"])
+            interrupt.fit(b_prime, batches, epochs=settings["epochs"], validation_data=validation,
+                          callbacks=[callback], verbose=0)
+        else:
+            interrupt.fit(b_prime, x_train, y_train, batch_size=settings["batch_size"], epochs=settings["epochs"],
+                          validation_data=validation, shuffle=True, callbacks=[callback], verbose=0)
     if not pruned_layers_zero(b_prime, pruned, bn_units, bn_zero):
         where = [f"{layer} ({(bn_units or {})[layer]} {'/'.join(bn_zero)})" if layer in (bn_units or {}) else layer
                  for layer in pruned]
