@@ -183,9 +183,9 @@ def speed_goal(sweep_seconds: float, profiles: list[dict], default: bool, n_jobs
     leaderboard): met or missed, by how
     much, and, where the run built scenarios (a cold cache), the job-seconds of `setup` (where the builds fall)
     and the wall time without them, estimated as the sweep's time less those seconds spread over the workers
-    (an estimate, not a warm-cache run). Where no scenario was built (a warm cache), `builds` (scenario_builds)
-    gives a cold cache's extra time instead: the recorded build seconds of the scenarios the jobs used, spread
-    over the workers (an estimate too: the builds ran at other times). The defenses whose jobs alone took
+    (an estimate, not a warm-cache run). Where the cache held some of the scenarios already, `builds`
+    (scenario_builds) gives a cold cache's time too: that warm estimate plus the recorded build seconds of every
+    scenario the jobs used, spread over the workers (an estimate: the builds ran at other times). The defenses whose jobs alone took
     more of the workers' time than the goal (defense_shares) are listed: no other change meets the goal
     while their jobs cost what they did."""
     if not default:
@@ -196,10 +196,10 @@ def speed_goal(sweep_seconds: float, profiles: list[dict], default: bool, n_jobs
             "times_goal": sweep_seconds / goal_seconds, "scenarios_built": built,
             "setup_seconds": setup, "warm_estimate_seconds": sweep_seconds - setup / max(1, n_jobs),
             "over_goal_alone": [r for r in defense_shares(profiles, n_jobs) if r["wall_share_seconds"] > goal_seconds]}
-    if not built and builds:
+    if builds and built < len(builds):  # some of the scenarios were cached already: a cold cache is estimated
         total = sum(builds.values())
         goal.update(cold_scenarios=len(builds), cold_build_seconds=total,
-                    cold_estimate_seconds=sweep_seconds + total / max(1, n_jobs))
+                    cold_estimate_seconds=goal["warm_estimate_seconds"] + total / max(1, n_jobs))
     return goal
 
 
@@ -228,18 +228,21 @@ def speed_goal_text(goal: dict | None, sweep_seconds: float) -> list[str]:
                f"MISSED ({sweep_seconds / 60:.1f} min, {goal['times_goal']:.2f}x the goal)")
     text = (f"Speed goal: {goal['board']} in at most {goal['goal_seconds'] / 60:.0f} min wall clock on 2 CPU "
             f"cores, scenario builds included: {verdict}.")
-    if goal["scenarios_built"]:
-        text += (f" The cache was cold ({goal['scenarios_built']} scenarios built); `setup`, where the builds fall, "
-                 f"took {goal['setup_seconds']:.0f} job-seconds, so a warm cache would take about "
-                 f"{goal['warm_estimate_seconds'] / 60:.1f} min (an estimate: the sweep's time less those seconds "
-                 "spread over the workers, not a measured run).")
+    built = goal["scenarios_built"]
+    if built:
+        where = (f"The cache was cold ({built} scenarios built)" if not goal.get("cold_scenarios") else
+                 f"The cache lacked {built} of the {goal['cold_scenarios']} scenarios the jobs used "
+                 f"({built} built)")
+        text += (f" {where}; `setup`, where the builds fall, took {goal['setup_seconds']:.0f} job-seconds, so a warm "
+                 f"cache would take about {goal['warm_estimate_seconds'] / 60:.1f} min (an estimate: the sweep's time "
+                 "less those seconds spread over the workers, not a measured run).")
     else:
         text += " The cache was warm (no scenario built)."
-        if goal.get("cold_scenarios"):
-            text += (f" A cold cache would add the builds of the {goal['cold_scenarios']} scenarios the jobs used: "
-                     f"{goal['cold_build_seconds']:.0f} s as the cache recorded them when they were built, so about "
-                     f"{goal['cold_estimate_seconds'] / 60:.1f} min in all (an estimate: the builds spread over the "
-                     "workers, not a measured run).")
+    if goal.get("cold_scenarios"):
+        text += (f" A cold cache would add the builds of the {goal['cold_scenarios']} scenarios the jobs used: "
+                 f"{goal['cold_build_seconds']:.0f} s as the cache recorded them when they were built, so about "
+                 f"{goal['cold_estimate_seconds'] / 60:.1f} min in all (an estimate: the warm time and the builds "
+                 "spread over the workers, not a measured run).")
     for row in goal.get("over_goal_alone", []):
         text += (f" `{row['defense']}`'s {row['jobs']} jobs alone took {row['job_seconds']:.0f} job-seconds, "
                  f"{row['wall_share_seconds'] / 60:.1f} min of the workers' time: more than the whole goal, so no "

@@ -84,3 +84,17 @@ def test_the_defenses_whose_jobs_alone_took_more_than_the_goal_are_named():
     text = " ".join(study.speed_goal_text(goal, 3900.0))
     assert "`anp`'s 4 jobs alone took 4000 job-seconds, 33.3 min of the workers' time" in text
     assert "`clp`" not in text
+
+
+def test_a_board_that_built_some_of_its_scenarios_estimates_both_a_warm_and_a_cold_cache():
+    builds = {"a": 50.0, "b": 30.0, "c": 40.0}  # recorded build seconds of the three scenarios the jobs used
+    goal = study.speed_goal(1000.0, [{"setup": 20.0}, {"setup": 0.5}], default=True, n_jobs=2, before=9, after=10,
+                            builds=builds)
+    assert goal["warm_estimate_seconds"] == 1000.0 - 20.5 / 2
+    assert goal["cold_estimate_seconds"] == 1000.0 - 20.5 / 2 + 120.0 / 2
+    text = " ".join(study.speed_goal_text(goal, 1000.0))
+    assert "lacked 1 of the 3 scenarios the jobs used (1 built)" in text and "was cold" not in text
+    assert "about 16.5 min (an estimate" in text and "120 s as the cache recorded" in text and "about 17.5 min in all" in text
+    everything = study.speed_goal(1000.0, [{"setup": 20.0}], default=True, n_jobs=2, before=0, after=3, builds=builds)
+    assert "cold_estimate_seconds" not in everything  # every scenario built here: the cold time is the measured one
+    assert "The cache was cold (3 scenarios built)" in " ".join(study.speed_goal_text(everything, 1000.0))
