@@ -286,6 +286,27 @@ def oracle_gain_markdown(defender_cells: list[dict], oracle_cells: list[dict]) -
             + rf.md_table(["attack", *defenses], rows, align="l" + "r" * len(defenses)))
 
 
+def sweep_provenance(earlier_file: dict | None = None) -> dict:
+    """The command, commit and load average of the run that made the sweep: this one (taken when the script
+    started, results_files.STARTED), or, for a report made again, the earlier results file's (its header's, where
+    that file was written by the sweep's own run; {} where it was itself a report made again)."""
+    if earlier_file is not None and "--report-again" in earlier_file.get("command", ""):
+        return {}
+    if earlier_file is None:
+        return {"command": rf.command_line(), "commit": rf.STARTED["commit"],
+                "load_average_at_start": rf.STARTED["load_average_at_start"]}
+    return {"command": earlier_file["command"], "commit": earlier_file["commit"],
+            "load_average_at_start": earlier_file.get("machine", {}).get("load_average_at_start", [])}
+
+
+def sweep_provenance_text(sweep_run: dict) -> str:
+    if not sweep_run:
+        return "The run that made the sweep is not recorded here (the results file was made again from it)."
+    load = sweep_run.get("load_average_at_start") or []
+    return (f"The sweep was run by `{sweep_run['command']}` at commit {sweep_run['commit'][:12]}"
+            + (f", load average {load[0]:g} when it started." if load else "."))
+
+
 def run(command: list[str], log_path: Path, may_fail: bool = False) -> float:
     """Run `command` from the project root (this checkout's `defense`), its output to `log_path`; seconds.
 
@@ -386,7 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_again:  # the sweep as it was run, with the time it took then
         import json
 
-        earlier = json.loads((args.results / f"{results_name(args)}.json").read_text())["results"]
+        earlier_file = json.loads((args.results / f"{results_name(args)}.json").read_text())
+        earlier = earlier_file["results"]
+        sweep_run = earlier.get("sweep_run") or sweep_provenance(earlier_file)
         sweep_seconds = earlier["sweep_seconds"]
         before, after = earlier["scenarios_cached_before"], earlier["scenarios_cached_after"]
         shutil.rmtree(out / "compare", ignore_errors=True)
@@ -396,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(out)
         out.mkdir(parents=True)
         before = cached_scenarios()
+        sweep_run = sweep_provenance()
         sweep_seconds = run(sweep, out / "sweep.log", may_fail=True)
         after = cached_scenarios()
     compare_seconds = run(report, out / "compare.log")
@@ -437,6 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         f"The sweep took {sweep_seconds:.0f} s ({minutes:.1f} min) wall clock, scenario builds included "
         f"(the scenario cache held {before} scenario{'' if before == 1 else 's'} before it, {after} after); "
         f"the report {compare_seconds:.0f} s.",
+        sweep_provenance_text(sweep_run),
         *speed_goal_text(goal, sweep_seconds),
         *(reduced_goal_text(partial) if partial else []),
         *(["", f"Jobs that did not finish (their seeds are missing from the cells): {sweep_jobs.failed_text(failed)}."]
@@ -453,7 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     rf.write_results(name, body, {
         "jobs": jobs, "n_jobs": args.n_jobs, "arch": args.arch, "axes": axes, "drop": args.drop, "reduced_goal": partial,
         "sweep_command": shlex.join(sweep), "compare_command": shlex.join(report),
-        "sweep_seconds": sweep_seconds, "compare_seconds": compare_seconds, "failed_jobs": failed,
+        "sweep_seconds": sweep_seconds, "sweep_run": sweep_run, "compare_seconds": compare_seconds,
+        "failed_jobs": failed,
         "scenarios_cached_before": before, "scenarios_cached_after": after, "speed_goal": goal,
         "point": args.point, "cells": cells, "oracle_cells": oracle_cells, "runs": runs, "profiles": profiles,
         "profile_summary": profile_summary(profiles) if profiles else [],

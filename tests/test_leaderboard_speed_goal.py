@@ -98,3 +98,17 @@ def test_a_board_that_built_some_of_its_scenarios_estimates_both_a_warm_and_a_co
     everything = study.speed_goal(1000.0, [{"setup": 20.0}], default=True, n_jobs=2, before=0, after=3, builds=builds)
     assert "cold_estimate_seconds" not in everything  # every scenario built here: the cold time is the measured one
     assert "The cache was cold (3 scenarios built)" in " ".join(study.speed_goal_text(everything, 1000.0))
+
+
+def test_a_report_made_again_names_the_run_that_made_the_sweep():
+    earlier = {"command": "python experiments/leaderboard.py", "commit": "c739fc56b0db0f6f378aecb6ab2322a8863222ec",
+               "machine": {"load_average_at_start": [1.85, 1.45, 1.29]}}
+    run = study.sweep_provenance(earlier)
+    assert run == {"command": "python experiments/leaderboard.py", "commit": earlier["commit"],
+                   "load_average_at_start": [1.85, 1.45, 1.29]}
+    assert study.sweep_provenance_text(run) == ("The sweep was run by `python experiments/leaderboard.py` at commit "
+                                                "c739fc56b0db, load average 1.85 when it started.")
+    again = {**earlier, "command": "python experiments/leaderboard.py --report-again"}
+    assert study.sweep_provenance(again) == {}  # that file's header is a report's, not the sweep's
+    assert "not recorded" in study.sweep_provenance_text({})
+    assert study.sweep_provenance()["commit"] == study.rf.STARTED["commit"]  # this run: taken when it started
