@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--archs", nargs="+", default=["deepid", "preact_resnet"], help="dataset.scenario.arch values")
     parser.add_argument("--seed", type=int, default=1, help="dataset.scenario.seed (default 1)")
     parser.add_argument("--repeats", type=int, default=2, help="fine-tunings of each arm (default 2)")
-    parser.add_argument("--fraction", type=float, default=0.2, help="share of the layer's channels pruned (default 0.2)")
+    parser.add_argument("--fraction", type=float, default=0.2,
+                        help="share of the layer's channels pruned (default 0.2)")
     parser.add_argument("--epochs", type=int, help="finetune.epochs (default: the preset's, 30)")
     parser.add_argument("--results-dir", type=Path, default=rf.RESULTS, help="where the .md/.json go")
     args = parser.parse_args(argv)

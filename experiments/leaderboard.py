@@ -184,10 +184,10 @@ def speed_goal(sweep_seconds: float, profiles: list[dict], default: bool, n_jobs
     much, and, where the run built scenarios (a cold cache), the job-seconds of `setup` (where the builds fall)
     and the wall time without them, estimated as the sweep's time less those seconds spread over the workers
     (an estimate, not a warm-cache run). Where the cache held some of the scenarios already, `builds`
-    (scenario_builds) gives a cold cache's time too: that warm estimate plus the recorded build seconds of every
-    scenario the jobs used, spread over the workers (an estimate: the builds ran at other times). The defenses whose jobs alone took
-    more of the workers' time than the goal (defense_shares) are listed: no other change meets the goal
-    while their jobs cost what they did."""
+    (scenario_builds) gives a cold cache's time too: that warm estimate plus the recorded build seconds of
+    every scenario the jobs used, spread over the workers (an estimate: the builds ran at other times). The
+    defenses whose jobs alone took more of the workers' time than the goal (defense_shares) are listed: no
+    other change meets the goal while their jobs cost what they did."""
     if not default:
         return None
     setup = sum(p.get("setup", 0.0) for p in profiles)
@@ -290,11 +290,11 @@ def sweep_provenance(earlier_file: dict | None = None) -> dict:
     """The command, commit and load average of the run that made the sweep: this one (taken when the script
     started, results_files.STARTED), or, for a report made again, the earlier results file's (its header's, where
     that file was written by the sweep's own run; {} where it was itself a report made again)."""
-    if earlier_file is not None and "--report-again" in earlier_file.get("command", ""):
-        return {}
     if earlier_file is None:
         return {"command": rf.command_line(), "commit": rf.STARTED["commit"],
                 "load_average_at_start": rf.STARTED["load_average_at_start"]}
+    if "--report-again" in earlier_file.get("command", ""):
+        return {}
     return {"command": earlier_file["command"], "commit": earlier_file["commit"],
             "load_average_at_start": earlier_file.get("machine", {}).get("load_average_at_start", [])}
 
