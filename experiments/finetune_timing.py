@@ -38,25 +38,16 @@ ARMS = {"one batch per call": False, "a whole epoch per call": True}
 def setting(arch: str, seed: int, fraction: float, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """B and its B' (the first `fraction` of the preset's ranking pruned), the clean validation images and the
     config of `defense=fine_pruning` on the BadNets scenario of (arch, seed)."""
-    import defense.pipeline.schemas  # noqa: F401  (registers the config schemas before the config is composed)
-    from defense.nets.models import input_divisor
-    from defense.pipeline import sweep
-    from defense.pipeline.stages import load as load_stage
-    from defense.pipeline.stages import setup as setup_stage
-    from defense.tracking.tracker import Tracker
+    from defense.criteria import global_order
 
-    cfg = rf.compose(["defense=fine_pruning", f"dataset.scenario.arch={arch}", f"dataset.scenario.seed={seed}",
-                      "tracking=none", "progress=false", *extra])
-    ready = setup_stage.run(cfg, out)
-    model = ready["model"]
-    data = load_stage.run(cfg, out, model, ready["model_path"], ready["limits"], Tracker())
-    (layer,) = sweep.check_layers(cfg, model)
-    scores = sweep.rank(cfg, model, [layer], data["valid"], input_divisor(cfg.model))
-    order = sorted(range(len(scores.values[layer])), key=lambda c: scores.values[layer][c],
-                   reverse=scores.prune_first == "high")
+    run = rf.ranked_as_a_run(["defense=fine_pruning", f"dataset.scenario.arch={arch}", f"dataset.scenario.seed={seed}",
+                              "tracking=none", "progress=false", *extra], out)
+    (layer,) = run["layers"]
+    order = [channel for _, channel in global_order(run["scores"], [layer])]  # the sweep's pruning order
     pruned = {layer: sorted(order[: max(1, round(fraction * len(order)))])}
-    return {"cfg": cfg, "model": model, "pruned": pruned, "clean": data["valid"].clean,
-            "images": len(data["valid"].clean), "layer": layer}
+    clean = run["data"]["valid"].clean
+    return {"cfg": run["cfg"], "model": run["model"], "pruned": pruned, "clean": clean, "images": len(clean),
+            "layer": layer}
 
 
 def fine_tune_once(s: dict, whole: bool) -> tuple[float, list, list, dict]:

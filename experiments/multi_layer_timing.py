@@ -38,26 +38,15 @@ ARMS = {"whole walk": False, "from the changed mask": True}
 
 def setting(arch: str, seed: int, out: Path, extra: tuple[str, ...] = ()) -> dict:
     """The sweep's engine, rankings and sets for `defense=clp` on the BadNets scenario of (arch, seed)."""
-    import defense.pipeline.schemas  # noqa: F401  (registers the config schemas before the config is composed)
     from defense.criteria import global_order
-    from defense.nets.models import input_divisor
-    from defense.pipeline import sweep
-    from defense.pipeline.stages import load as load_stage
-    from defense.pipeline.stages import setup as setup_stage
     from defense.pruning import steps as step_rules
     from defense.pruning.channel_masks import ChannelMasks
-    from defense.tracking.tracker import Tracker
 
-    cfg = rf.compose(["defense=clp", f"dataset.scenario.arch={arch}", f"dataset.scenario.seed={seed}",
-                      "tracking=none", "progress=false", *extra])
-    ready = setup_stage.run(cfg, out)
-    model = ready["model"]
-    data = load_stage.run(cfg, out, model, ready["model_path"], ready["limits"], Tracker())
-    valid, test, holdout = data["valid"], data["test"], data["holdout"]
-    layers = sweep.check_layers(cfg, model)
-    units, zero, _ = sweep.bn_pruning(cfg, model, layers)
-    divisor = input_divisor(cfg.model)
-    scores = sweep.rank(cfg, model, layers, valid, divisor)
+    run = rf.ranked_as_a_run(["defense=clp", f"dataset.scenario.arch={arch}", f"dataset.scenario.seed={seed}",
+                              "tracking=none", "progress=false", *extra], out)
+    cfg, model, layers, units, zero = run["cfg"], run["model"], run["layers"], run["units"], run["zero"]
+    valid, test, holdout = run["data"]["valid"], run["data"]["test"], run["data"]["holdout"]
+    scores, divisor = run["scores"], run["divisor"]
     pairs = global_order(scores, layers)
     engine = ChannelMasks(model, layers, int(cfg.get("batch_size", 512)), units, zero)
     channels = sum(engine.channels.values())

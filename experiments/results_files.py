@@ -43,6 +43,28 @@ def compose(overrides: list[str], config_name: str = "config"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
+def ranked_as_a_run(overrides: list[str], out: Path) -> dict:
+    """What `python -m defense.run <overrides>` has once it has ranked: the composed config, the model and the
+    data of the `setup` and `load` stages of defense/pipeline/stages/ (written under `out`), the pruned layers
+    (sweep.check_layers), where they are pruned (sweep.bn_pruning: units, zero), the input divisor and the
+    criterion's scores on the clean validation images (sweep.rank)."""
+    from defense.nets.models import input_divisor
+    from defense.pipeline import sweep
+    from defense.pipeline.stages import load as load_stage
+    from defense.pipeline.stages import setup as setup_stage
+    from defense.tracking.tracker import Tracker
+
+    cfg = compose(overrides)
+    ready = setup_stage.run(cfg, out)
+    model = ready["model"]
+    data = load_stage.run(cfg, out, model, ready["model_path"], ready["limits"], Tracker())
+    layers = sweep.check_layers(cfg, model)
+    units, zero, _ = sweep.bn_pruning(cfg, model, layers)
+    divisor = input_divisor(cfg.model)
+    return {"cfg": cfg, "model": model, "data": data, "layers": layers, "units": units, "zero": zero,
+            "divisor": divisor, "scores": sweep.rank(cfg, model, layers, data["valid"], divisor)}
+
+
 def versions() -> dict[str, str]:
     """python, tensorflow, keras, numpy and mlflow of this environment (defense/core/provenance.py)."""
     use_this_checkout()
