@@ -269,7 +269,7 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
     class FineTune(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.masks = [(variable, mask) for variable, mask in masks]
+            self.masks = [(variable, _rezeroed(mask)) for variable, mask in masks]  # the constraint's re-zeroing
             self.best = None
             self.best_epoch = -1
             self.best_weights = None
@@ -278,9 +278,8 @@ def _fine_tune_callback(masks, settings: dict, name: str, tracker, has_holdout: 
             self.started = time.perf_counter()
 
         def rezero(self):
-            # where, not a product: a diverged fine-tuning (NaN weights) still leaves its pruned channels 0
-            for variable, mask in self.masks:
-                variable.assign(keras.ops.where(mask > 0, variable, keras.ops.zeros_like(variable)))
+            for variable, rezeroed in self.masks:
+                variable.assign(rezeroed(variable))
 
         def on_train_begin(self, logs=None):
             self.rezero()
