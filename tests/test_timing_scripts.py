@@ -36,6 +36,24 @@ def test_jit_timing_measures_both_ways(csaw_dir, tmp_path):
         assert loop["max_abs_difference"] >= 0
 
 
+def test_anp_step_timing_times_three_arms_and_the_variant_learns_the_same_masks_at_first(csaw_dir, tmp_path):
+    """The three arms are timed on the same batches; the variant with the masks on the conv outputs computes the
+    same function as ANP's step, so after three iterations its masks are still those of ANP's step up to
+    rounding (they drift apart only over many iterations)."""
+    proc = run_script("anp_step_timing.py", "--iterations", "2", "--repeats", "1", "--images", "16",
+                      "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "anp_step_timing.json").read_text())["results"]
+    arms = ["anp", "anp, masks on the conv outputs", "floor"]
+    assert list(data["ms_per_iteration"]) == arms and all(len(v) == 1 and v[0] > 0 for v in data["ms_per_iteration"].values())
+    assert data["layers"] == ["conv_1", "conv_2", "conv_3", "conv_4"] and data["masks"] == 20 + 40 + 60 + 80
+    assert data["iterations_per_arm"] == 3 and data["times_floor"]["floor"] == 1.0
+    assert abs(data["times_floor"]["anp"] - data["mean_ms_per_iteration"]["anp"] / data["mean_ms_per_iteration"]["floor"]) < 1e-12
+    assert 0 <= data["largest_mask_difference"] < 1e-3
+    md = (tmp_path / "anp_step_timing.md").read_text()
+    assert md.count("| anp") == 2 and "| floor |" in md
+
+
 def test_threads_timing_runs_both_arms_and_compares_their_summaries(tmp_path):
     """Both arms run the two jobs as asked (`--quick`: a tiny ANP and one one-epoch fine-tuning per point, on the
     embedded scenario), the second with one TensorFlow thread per job; the results name both arms, their environments, a wall time per
