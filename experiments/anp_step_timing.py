@@ -40,8 +40,6 @@ ARMS = ("anp", "anp, masks on the conv outputs", "floor")
 def output_masks(model, layers, network=None):
     """defense.criteria._masking.ChannelMasks with the masks applied to each masked conv's output instead of its
     kernel and bias: conv(x, W) * (m + d) + b * (m + e), then the activation (the same function)."""
-    import keras
-
     from defense.criteria._masking import ChannelMasks
 
     class OutputMasks(ChannelMasks):
@@ -58,24 +56,23 @@ def output_masks(model, layers, network=None):
             if not masked:
                 return super().forward(x, masked, noise_w, noise_b)
             values = {self.input_id: x}
-            with keras.StatelessScope(state_mapping=[]):
-                for node in self.nodes:
-                    op, i = node.operation, self.at.get(id(node.operation))
-                    if i is None:
-                        args, kwargs = node.arguments.fill_in(values)
-                        kwargs = dict(kwargs)
-                        if getattr(op, "_call_has_training_arg", False):
-                            kwargs["training"] = False
-                        out = op(*args, **kwargs)
-                        outs = list(out) if isinstance(out, (list, tuple)) else [out]
-                    else:
-                        z = op.convolution_op(values[id(node.input_tensors[0])], op.kernel)
-                        z = z * (self.masks[i] if noise_w is None else self.masks[i] + noise_w[i])
-                        if op.use_bias:
-                            z = z + op.bias * (self.masks[i] if noise_b is None else self.masks[i] + noise_b[i])
-                        outs = [op.activation(z) if op.activation is not None else z]
-                    for tensor, value in zip(node.output_tensors, outs):
-                        values[id(tensor)] = value
+            for node in self.nodes:
+                op, i = node.operation, self.at.get(id(node.operation))
+                if i is None:
+                    args, kwargs = node.arguments.fill_in(values)
+                    kwargs = dict(kwargs)
+                    if getattr(op, "_call_has_training_arg", False):
+                        kwargs["training"] = False
+                    out = op(*args, **kwargs)
+                    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+                else:
+                    z = op.convolution_op(values[id(node.input_tensors[0])], op.kernel)
+                    z = z * (self.masks[i] if noise_w is None else self.masks[i] + noise_w[i])
+                    if op.use_bias:
+                        z = z + op.bias * (self.masks[i] if noise_b is None else self.masks[i] + noise_b[i])
+                    outs = [op.activation(z) if op.activation is not None else z]
+                for tensor, value in zip(node.output_tensors, outs):
+                    values[id(tensor)] = value
             return values[self.output_id]
 
     return OutputMasks()
@@ -108,16 +105,12 @@ def measure(args) -> dict:
 
     from defense.criteria import anp
     from defense.nets import models
-    from defense.pipeline import load as datasets
 
-    cfg = results_files.compose(["model=lab3", f"model.path={args.weights}", "dataset=csaw_extract",
-                                 f"dataset.root={CSAW}", "prune=anp"])
+    cfg, faces = results_files.lab3_clean_faces(args.weights, args.images, ["prune=anp"])
     model = models.load_model(cfg.model, args.weights)
     layers = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    clean = datasets.load_split(cfg.dataset, cfg.model, "valid").clean
-    index = np.arange(args.images) % len(clean)
-    x = models.scale_pixels(clean.x[index], models.input_divisor(cfg.model))
-    y = np.asarray(clean.y[index], np.int64)
+    x = models.scale_pixels(faces.x, models.input_divisor(cfg.model))
+    y = np.asarray(faces.y, np.int64)
     s = anp.settings(cfg.prune)
     learners = {ARMS[0]: anp.MaskLearner(model, layers, s, seed=0), ARMS[1]: anp.MaskLearner(model, layers, s, seed=0)}
     learners[ARMS[1]].masks = output_masks(model, layers)  # before its first step: the step traces with these
@@ -139,7 +132,7 @@ def measure(args) -> dict:
             print(f"{arm}, repeat {repeat + 1}: {ms[arm][-1]:.1f} ms / iteration", flush=True)
     masks = {arm: np.concatenate([m.numpy() for m in learners[arm].masks.masks]) for arm in ARMS[:2]}
     mean = {arm: sum(v) / len(v) for arm, v in ms.items()}
-    return {"layers": layers, "images": args.images, "image_shape": list(clean.x.shape[1:]),
+    return {"layers": layers, "images": args.images, "image_shape": list(faces.x.shape[1:]),
             "batch_size": s["batch_size"], "iterations": args.iterations, "repeats": args.repeats,
             "threshold": s["threshold"], "ms_per_iteration": ms, "mean_ms_per_iteration": mean,
             "times_floor": {arm: mean[arm] / mean[ARMS[2]] for arm in ARMS},

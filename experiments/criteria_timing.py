@@ -45,26 +45,19 @@ def main(argv=None) -> int:
 
     results_files.use_this_checkout()
     import keras
-    import numpy as np
 
-    from defense.pipeline import load as datasets
     from defense.nets import models
     from defense.criteria import anp
-    from defense.data.arrays import LabeledImages
 
-    overrides = ["model=lab3", f"model.path={args.weights}", "dataset=csaw_extract", f"dataset.root={CSAW}",
-                 "prune=anp", f"prune.anp.iterations={args.iterations}", "prune.anp.fraction=1",
-                 f"prune.anp.log_every={max(1, args.iterations // 10)}"]
-    cfg = results_files.compose(overrides)
+    cfg, images = results_files.lab3_clean_faces(args.weights, args.images, [
+        "prune=anp", f"prune.anp.iterations={args.iterations}", "prune.anp.fraction=1",
+        f"prune.anp.log_every={max(1, args.iterations // 10)}"])
     model = models.load_model(cfg.model, args.weights)
     convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     layers = convs if args.layers == "all" else [name.strip() for name in args.layers.split(",")]
     unknown = [name for name in layers if name not in convs]
     if unknown:
         parser.error(f"--layers: {', '.join(unknown)} not among the Conv2D layers {', '.join(convs)}")
-    clean = datasets.load_split(cfg.dataset, cfg.model, "valid").clean
-    index = np.arange(args.images) % len(clean)
-    images = LabeledImages("clean_valid", clean.x[index], clean.y[index])
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
     scores = anp.score(model, layers, images, cfg, models.input_divisor(cfg.model))
@@ -73,7 +66,7 @@ def main(argv=None) -> int:
     per_iteration = (wall - first_row["seconds"]) / max(1, args.iterations - first_row["step"])
     s = anp.settings(cfg.prune)
     report = {
-        "layers": layers, "images": args.images, "image_shape": list(clean.x.shape[1:]),
+        "layers": layers, "images": args.images, "image_shape": list(images.x.shape[1:]),
         "iterations": args.iterations, "batch_size": s["batch_size"], "eps": s["eps"], "steps": s["steps"],
         "wall_seconds": wall, "cpu_seconds": cpu, "seconds_per_iteration_after_first_block": per_iteration,
         "goal_seconds": GOAL_SECONDS, "meets_goal": wall <= GOAL_SECONDS,

@@ -109,15 +109,11 @@ def main(argv=None) -> int:
 
     from defense.criteria import anp
     from defense.nets import models
-    from defense.pipeline import load as datasets
     from defense.pipeline.finetune import finetune_settings
 
-    cfg = results_files.compose(["model=lab3", f"model.path={args.weights}", "dataset=csaw_extract",
-                                 f"dataset.root={CSAW}"])
-    clean = datasets.load_split(cfg.dataset, cfg.model, "valid").clean
-    index = np.arange(args.images) % len(clean)
-    x = models.scale_pixels(clean.x[index], models.input_divisor(cfg.model)).astype(np.float32)
-    y = np.asarray(clean.y[index], np.int64)
+    cfg, faces = results_files.lab3_clean_faces(args.weights, args.images)
+    x = models.scale_pixels(faces.x, models.input_divisor(cfg.model)).astype(np.float32)
+    y = np.asarray(faces.y, np.int64)
 
     report = {"images": args.images, "image_shape": list(x.shape[1:]), "iterations": args.iterations,
               "epochs": args.epochs, "anp_batch_size": anp.DEFAULTS["batch_size"],

@@ -65,6 +65,22 @@ def ranked_as_a_run(overrides: list[str], out: Path) -> dict:
             "divisor": divisor, "scores": sweep.rank(cfg, model, layers, data["valid"], divisor)}
 
 
+def lab3_clean_faces(weights, images: int, overrides: list[str] = ()):
+    """The config of the Lab 3 network `weights` on the Lab 3 extracts of ../shared/data/csaw (`overrides` added)
+    and `images` of their clean validation faces, the extracts' faces repeated to that count (a timing needs
+    only their number and size): (cfg, LabeledImages)."""
+    import numpy as np
+
+    from defense.data.arrays import LabeledImages
+    from defense.pipeline import load as datasets
+
+    cfg = compose(["model=lab3", f"model.path={weights}", "dataset=csaw_extract", f"dataset.root={CSAW}",
+                   *overrides])
+    clean = datasets.load_split(cfg.dataset, cfg.model, "valid").clean
+    index = np.arange(images) % len(clean)
+    return cfg, LabeledImages("clean_valid", clean.x[index], clean.y[index])
+
+
 def versions() -> dict[str, str]:
     """python, tensorflow, keras, numpy and mlflow of this environment (defense/core/provenance.py)."""
     use_this_checkout()
